@@ -1,0 +1,232 @@
+"""The canonical example schema and the adapters that map input rows onto it.
+
+Every example that flows through a pipeline is a plain dict with these columns:
+
+    id          stable content hash of the conversation (reruns agree, candidates differ)
+    prompt_id   content hash of the prompt alone: rows answering the same instruction share it
+    source      the input's name (job config) or the file stem
+    prompt      instruction text (multi-turn: the earlier turns, "role: content" lines)
+    response    the final assistant turn, the text every loss and score is taken over
+    messages    the whole conversation as [{role, content}], system turn included
+    generator   who wrote the response, when the input says (multi-response pools)
+
+Stages add flat score columns (`score_grape`, `cluster`, `don`, ...) next to these.
+Adapters raise `RowError` with the field at fault; the reader turns that into a
+dead-letter row naming file, line and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("source", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        (
+            "messages",
+            pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+        ),
+        ("generator", pa.string()),
+    ]
+)
+BASE_COLUMNS = tuple(BASE_SCHEMA.names)
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT spells roles its own way.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system"}
+
+
+class RowError(ValueError):
+    """A row that cannot become an example; the message is the dead-letter reason."""
+
+
+def content_hash(obj: Any) -> str:
+    data = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The prompt as one string: the single user turn, or earlier turns as lines."""
+    turns = messages[:-1]
+    non_system = [m for m in turns if m["role"] != "system"]
+    if len(non_system) == 1 and non_system[0]["role"] == "user":
+        return non_system[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+
+
+def make_record(messages: list[dict], source: str, generator: str | None = None) -> dict:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError("messages: the last turn must be the assistant's response")
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        raise RowError("messages: no user turn before the response")
+    return {
+        "id": content_hash(messages),
+        "prompt_id": content_hash(messages[:-1]),
+        "source": source,
+        "prompt": prompt_text(messages),
+        "response": messages[-1]["content"],
+        "messages": messages,
+        "generator": generator,
+    }
+
+
+def _text(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str | None:
+    if name not in row or row[name] is None:
+        if required:
+            raise RowError(f"missing field '{name}'")
+        return None
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}' is {type(value).__name__}, expected text")
+    if not allow_empty and not value.strip():
+        if required:
+            raise RowError(f"empty field '{name}'")
+        return None
+    return value
+
+
+def _single_turn(prompt: str, response: str, system: str | None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+# ---------------------------------------------------------------- adapters
+# Each adapter takes (row, fields, source) -> iterator of records. `fields` maps the
+# adapter's canonical names to the names the input uses (job config `fields:`).
+
+
+def adapt_alpaca(row: dict, f: dict, source: str) -> Iterator[dict]:
+    instruction = _text(row, f.get("instruction", "instruction"))
+    extra = _text(row, f.get("input", "input"), required=False, allow_empty=True)
+    prompt = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+    response = _text(row, f.get("output", "output"))
+    system = _text(row, f.get("system", "system"), required=False)
+    generator = _text(row, f.get("generator", "generator"), required=False)
+    yield make_record(_single_turn(prompt, response, system), source, generator)
+
+
+def adapt_qa(row: dict, f: dict, source: str) -> Iterator[dict]:
+    question = _text(row, f.get("question", "question"))
+    answer = _text(row, f.get("answer", "answer"))
+    yield make_record(_single_turn(question, answer, None), source,
+                      _text(row, f.get("generator", "generator"), required=False))
+
+
+def adapt_prompt_response(row: dict, f: dict, source: str) -> Iterator[dict]:
+    prompt = _text(row, f.get("prompt", "prompt"))
+    response = _text(row, f.get("response", "response"))
+    system = _text(row, f.get("system", "system"), required=False)
+    yield make_record(_single_turn(prompt, response, system), source,
+                      _text(row, f.get("generator", "generator"), required=False))
+
+
+def adapt_messages(row: dict, f: dict, source: str) -> Iterator[dict]:
+    """OpenAI `messages` ({role, content}) and ShareGPT `conversations` ({from, value})."""
+    name = f.get("messages")
+    if name is None:
+        name = "messages" if "messages" in row else "conversations"
+    turns = row.get(name)
+    if turns is None:
+        raise RowError(f"missing field '{name}'")
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"field '{name}' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{name}[{i}] is {type(turn).__name__}, expected an object")
+        if "role" in turn or "content" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            raw_role, content = turn.get("from"), turn.get("value")
+            role = SHAREGPT_ROLES.get(str(raw_role).lower(), raw_role)
+        if role not in ROLES:
+            raise RowError(f"{name}[{i}].role is {role!r}, expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"{name}[{i}].content is {type(content).__name__}, expected text")
+        if not content.strip():
+            raise RowError(f"{name}[{i}].content is empty")
+        messages.append({"role": role, "content": content})
+    generator = _text(row, f.get("generator", "generator"), required=False)
+    yield make_record(messages, source, generator)
+
+
+def adapt_pool_list(row: dict, f: dict, source: str) -> Iterator[dict]:
+    """One row, several candidate responses in a list column (`outputs` by default),
+    optionally named by a parallel list column (`generators`)."""
+    instruction = _text(row, f.get("instruction", "instruction"))
+    extra = _text(row, f.get("input", "input"), required=False, allow_empty=True)
+    prompt = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+    name = f.get("outputs", "outputs")
+    outputs = row.get(name)
+    if outputs is None:
+        raise RowError(f"missing field '{name}'")
+    if not isinstance(outputs, list) or not outputs:
+        raise RowError(f"field '{name}' must be a non-empty list of responses")
+    gen_name = f.get("generators", "generators")
+    generators = row.get(gen_name)
+    if generators is not None and (not isinstance(generators, list) or len(generators) != len(outputs)):
+        raise RowError(f"field '{gen_name}' must be a list as long as '{name}'")
+    records = []
+    for i, out in enumerate(outputs):
+        if not isinstance(out, str):
+            raise RowError(f"{name}[{i}] is {type(out).__name__}, expected text")
+        if not out.strip():
+            raise RowError(f"{name}[{i}] is empty")
+        gen = str(generators[i]) if generators is not None else str(i)
+        records.append(make_record(_single_turn(prompt, out, None), source, gen))
+    yield from records
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    fn: Callable[[dict, dict, str], Iterator[dict]]
+    # canonical field names whose presence identifies the shape (for auto-detection)
+    signature: tuple[str, ...] = field(default=())
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a
+    for a in [
+        Adapter("messages", adapt_messages, ("messages",)),
+        Adapter("sharegpt", adapt_messages, ("conversations",)),
+        Adapter("pool_list", adapt_pool_list, ("instruction", "outputs")),
+        Adapter("alpaca", adapt_alpaca, ("instruction", "output")),
+        Adapter("qa", adapt_qa, ("question", "answer")),
+        Adapter("prompt_response", adapt_prompt_response, ("prompt", "response")),
+    ]
+}
+
+
+def detect_adapter(row: dict, fields: dict) -> Adapter | None:
+    """The first adapter whose (mapped) signature fields are all in the row."""
+    for adapter in ADAPTERS.values():
+        if all(fields.get(k, k) in row for k in adapter.signature):
+            return adapter
+    return None
+
+
+def describe_shapes() -> str:
+    return "; ".join(f"{a.name} ({', '.join(a.signature)})" for a in ADAPTERS.values())
+
+
+def adapt(row: Any, adapter: Adapter, fields: dict, source: str) -> list[dict]:
+    if not isinstance(row, dict):
+        raise RowError(f"row is {type(row).__name__}, expected a JSON object")
+    return list(adapter.fn(row, fields, source))
+
+
+def iter_texts(record: dict) -> Iterable[str]:
+    for m in record["messages"]:
+        yield m["content"]

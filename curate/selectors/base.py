@@ -1,0 +1,31 @@
+"""Contract for selection methods.
+
+A selector is a Beam PTransform over scored records. `expand` returns a dict with
+`kept` and `rejected` PCollections; every rejected record carries `reject_reason`
+(why it was not kept) and every kept record the columns that explain why it was
+(score, rank, cluster, quota...). The pipeline adds `reject_stage`.
+Selectors never load a model: they read score columns, which is what makes
+"score once, select many" possible.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pyarrow as pa
+
+
+class Selector(beam.PTransform):
+    type: str = ""
+    # score columns this selector reads; the pipeline checks they exist before running
+    requires: tuple[str, ...] = ()
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """Columns this selector adds to kept and rejected records."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"type": self.type}
+
+
+def reject(record: dict, reason: str) -> dict:
+    return {**record, "reject_reason": reason}

@@ -1,0 +1,27 @@
+"""Contracts for per-example steps.
+
+A `Scorer` is a model-backed step used through Beam's `RunInference`: it owns how to
+load the model, how to run one batch and which columns it adds; the pipeline composes
+scorers and knows nothing about torch. Its handler's `run_inference` takes a batch of
+record dicts and returns the same records (same order) with its columns added.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+class Scorer:
+    type: str = ""
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """Columns this scorer adds to every record, with their Arrow types."""
+        raise NotImplementedError
+
+    def model_handler(self):
+        """An `apache_beam.ml.inference.base.ModelHandler` over record dicts."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What to record in the manifest (model, template, dtype, ...)."""
+        return {"type": self.type}
