@@ -5,6 +5,7 @@ Every example that flows through a pipeline is a plain dict with these columns:
     id          stable content hash of the conversation (reruns agree, candidates differ)
     prompt_id   content hash of the prompt alone: rows answering the same instruction share it
     source      the input's name (job config) or the file stem
+    origin      where the row was read: "file:line" (":k" for the k-th record of a list row)
     prompt      instruction text (multi-turn: the earlier turns, "role: content" lines)
     response    the final assistant turn, the text every loss and score is taken over
     messages    the whole conversation as [{role, content}], system turn included
@@ -29,6 +30,7 @@ BASE_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("prompt_id", pa.string()),
         ("source", pa.string()),
+        ("origin", pa.string()),
         ("prompt", pa.string()),
         ("response", pa.string()),
         (
@@ -74,6 +76,7 @@ def make_record(messages: list[dict], source: str, generator: str | None = None)
         "id": content_hash(messages),
         "prompt_id": content_hash(messages[:-1]),
         "source": source,
+        "origin": "",  # set by the reader
         "prompt": prompt_text(messages),
         "response": messages[-1]["content"],
         "messages": messages,

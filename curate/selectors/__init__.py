@@ -1,0 +1,24 @@
+"""Selection methods, one module each. `make_selector` builds one from a job step."""
+
+from __future__ import annotations
+
+import importlib
+
+from curate.config import ConfigError
+
+# type -> "module:Class", imported on use so a job only loads what it needs
+SELECTORS = {
+    "random": "curate.selectors.random:RandomSelector",
+}
+
+
+def make_selector(spec: dict):
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind not in SELECTORS:
+        raise ConfigError(f"unknown selector {kind!r}; known: {', '.join(SELECTORS)}")
+    module, cls = SELECTORS[kind].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)(**spec)
+    except TypeError as exc:
+        raise ConfigError(f"selector {kind!r}: {exc}") from None

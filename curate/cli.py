@@ -1,0 +1,144 @@
+"""The `curate` command.
+
+    curate run JOB.yaml [--input PATH ...] [--output DIR] [-- BEAM OPTIONS]
+    curate inspect OUT_DIR
+    curate models prepare
+    curate train --data OUT_DIR --model ID_OR_PATH --output RUN_DIR
+
+Errors a user can fix (a bad job file, an unreadable input, a missing model) print one
+clear line and exit with status 2; a traceback means a bug in curate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from curate.config import ConfigError, InputConfig, load_job
+
+EPILOG = """examples:
+  curate run jobs/random.yaml                       select 1,000 gsm8k rows at random
+  curate run jobs/grape.yaml --output runs/grape    GRAPE on the alpaca_eval pool
+  curate run jobs/random.yaml -- --direct_running_mode=multi_processing --direct_num_workers=2
+  curate inspect runs/random                        counts, columns, scores, examples
+Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "datasets", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args) -> int:
+    job = load_job(args.job)
+    if args.input:
+        job.inputs = [InputConfig(path=p) for p in args.input]
+    if args.output:
+        job.output = args.output
+    from curate.pipeline.build import run_job
+
+    print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
+    manifest = run_job(job, args.beam_args)
+    print_summary(manifest)
+    return 0
+
+
+def print_summary(manifest: dict) -> None:
+    c = manifest["counts"]
+    lines = [f"output        {manifest['output']}",
+             f"read          {c['read']:>9,}",
+             f"  invalid     {c['invalid']:>9,}   (dead_letter.jsonl)",
+             f"  examples    {c['examples']:>9,}"]
+    for stage, n in {**c["filtered"], **c["not_selected"]}.items():
+        lines.append(f"  - {stage:<18}{n:>9,}")
+    lines.append(f"kept          {c['kept']:>9,}   in {c['shards']} shard(s)")
+    lines.append(f"time          {manifest['timings_s']['total']:.1f} s")
+    print("\n".join(lines))
+
+
+def cmd_inspect(args) -> int:
+    from curate.report.inspect import inspect_output
+
+    print(inspect_output(args.out_dir, n_examples=args.examples))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from curate.models import prepare_default_models
+
+    for name, path in prepare_default_models().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from curate.train import run_train
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in ("epochs", "max_steps", "lr", "method", "max_length", "template", "lora_r")
+                 and v is not None}
+    metrics = run_train(args.data, model=args.model, output_dir=args.output, eval_path=args.eval,
+                        **overrides)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curate", description="Select and curate instruction-tuning data with Beam pipelines.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a job: read, validate, filter, score, select, write shards")
+    p.add_argument("job", help="job YAML (see jobs/)")
+    p.add_argument("--input", action="append", help="replace the job's inputs (repeatable; globs ok)")
+    p.add_argument("--output", help="replace the job's output directory")
+    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("inspect", help="counts, columns, score summaries and examples of an output")
+    p.add_argument("out_dir")
+    p.add_argument("--examples", type=int, default=3, help="how many kept examples to show")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("models", help="prepare the embedded default models (convert and cache)")
+    p.add_argument("action", choices=["prepare"])
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("train", help="fine-tune a model (LoRA by default) on curated shards")
+    p.add_argument("--data", required=True, help="a curate output directory or a JSONL file")
+    p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json")
+    p.add_argument("--eval", help="held-out data for loss before/after (directory or JSONL)")
+    p.add_argument("--method", choices=["lora", "full"])
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", dest="max_length", type=int)
+    p.add_argument("--template", choices=["plain", "chat"])
+    p.add_argument("--lora-r", dest="lora_r", type=int)
+    p.set_defaults(fn=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curate: interrupted; no output was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Job config: YAML -> typed objects. The one place for defaults.
+
+A job file looks like (see jobs/ for real ones):
+
+    name: gsm8k-random
+    inputs:
+      - path: ${CURATE_DATA:-../shared/data}/gsm8k_train.jsonl.gz
+        source: gsm8k            # default: the file name without extensions
+        format: auto             # jsonl | json | parquet | arrow | hf  (auto: by suffix)
+        adapter: auto            # alpaca | qa | messages | sharegpt | pool_list | prompt_response
+        fields: {}               # adapter field -> input field, e.g. {output: answer}
+        limit: null              # read only the first N rows of each file
+    validate: {max_chars: 32000}
+    filters:   [{type: length, unit: chars, min: 1, max: 20000}, {type: dedup}]
+    scorers:   [{type: likelihood, model: default}]
+    selectors: [{type: random, budget: 1000, seed: 0}]
+    output: runs/gsm8k-random
+    beam_args: []
+
+Paths expand `${VAR}` and `${VAR:-default}` from the environment; relative paths are
+relative to the working directory (run jobs from the repository root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hf")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(text: str) -> str:
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set (used in {text!r})")
+            return m.group(2)
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+@dataclass
+class InputConfig:
+    path: str
+    source: str | None = None
+    format: str = "auto"
+    adapter: str = "auto"
+    fields: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+
+
+@dataclass
+class ValidateConfig:
+    max_chars: int = 32_000  # longer examples go to the dead-letter output
+
+
+@dataclass
+class JobConfig:
+    inputs: list[InputConfig]
+    output: str
+    name: str = "curate-job"
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    filters: list[dict] = field(default_factory=list)
+    scorers: list[dict] = field(default_factory=list)
+    selectors: list[dict] = field(default_factory=list)
+    train: dict | None = None
+    shard_rows: int = 50_000
+    beam_args: list[str] = field(default_factory=list)
+    source_file: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def _steps(raw: Any, where: str) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of steps")
+    steps = []
+    for i, step in enumerate(raw):
+        if not isinstance(step, dict) or "type" not in step:
+            raise ConfigError(f"{where}[{i}]: each step needs a 'type'")
+        steps.append(dict(step))
+    return steps
+
+
+def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
+    where = source_file or "job"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the job must be a mapping")
+    data = dict(data)
+    raw_inputs = data.pop("inputs", None)
+    if not raw_inputs:
+        raise ConfigError(f"{where}: 'inputs' is required (a list of {{path: ...}})")
+    if isinstance(raw_inputs, (str, dict)):
+        raw_inputs = [raw_inputs]
+    inputs = []
+    for i, item in enumerate(raw_inputs):
+        item = {"path": item} if isinstance(item, str) else item
+        cfg = _build(InputConfig, item, f"{where}: inputs[{i}]")
+        cfg.path = expand_vars(str(cfg.path))
+        if cfg.format not in FORMATS:
+            raise ConfigError(f"{where}: inputs[{i}].format {cfg.format!r} is not one of {FORMATS}")
+        inputs.append(cfg)
+    if "output" not in data:
+        raise ConfigError(f"{where}: 'output' is required (the output directory)")
+    data["output"] = expand_vars(str(data["output"]))
+    validate = _build(ValidateConfig, data.pop("validate", None) or {}, f"{where}: validate")
+    for key in ("filters", "scorers", "selectors"):
+        data[key] = _steps(data.get(key), f"{where}: {key}")
+    job = _build(JobConfig, {**data, "inputs": inputs, "validate": validate}, where)
+    job.source_file = source_file
+    if job.shard_rows < 1:
+        raise ConfigError(f"{where}: shard_rows must be positive")
+    return job
+
+
+def load_job(path: str) -> JobConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_job(data, source_file=path)
+
+
+def parse_budget(value: Any, where: str) -> int | float:
+    """A budget is a count (int >= 0) or a fraction (0 < float <= 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: budget must be a count or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: budget must be >= 0")
+        return value
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{where}: a fractional budget must be in (0, 1], got {value}")
+    return float(value)
+
+
+def resolve_budget(budget: int | float, n: int) -> int:
+    """The exact number of rows a budget asks for out of n (fractions round half up)."""
+    if isinstance(budget, float):
+        return min(n, int(budget * n + 0.5))
+    return min(n, budget)

@@ -1,0 +1,258 @@
+"""Job -> Beam pipeline -> published output directory with a manifest.
+
+    read -> validate (dead letter) -> filters -> scorers -> selectors -> shards
+                                        \\__________ rejected rows (with reasons) __/
+
+Output directory:
+    data-*.arrow, dataset_info.json, state.json   the kept examples (load_from_disk)
+    rejected/                                     filtered and unselected examples, with
+                                                  reject_stage and reject_reason
+    dead_letter.jsonl                             rows that could not become examples
+    manifest.json                                 config, versions, counts, timings
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from importlib import metadata
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from curate import __version__, records
+from curate.config import ConfigError, JobConfig
+from curate.pipeline.readers import DEAD, ReadInputs, plan_inputs
+from curate.pipeline.sink import WriteJsonl, WriteShards, publish, staging_dir
+from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
+
+log = logging.getLogger(__name__)
+
+# Beam's DirectRunner tries Prism first, which downloads a binary; the in-process
+# FnApiRunner is the same local engine without that (and honours direct_running_mode).
+LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
+VERSIONED = ("apache-beam", "torch", "transformers", "datasets", "pyarrow", "faiss-cpu",
+             "scikit-learn", "peft", "numpy")
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    args = list(beam_args)
+    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), None)
+    if runner is None:
+        args.append(f"--runner={LOCAL_RUNNER}")
+    elif runner.lower() in ("directrunner", "direct", "local"):
+        args = [a for a in args if not a.startswith("--runner=")] + [f"--runner={LOCAL_RUNNER}"]
+    return PipelineOptions(args)
+
+
+def _versions() -> dict:
+    out = {"curate": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def output_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
+    schema = records.BASE_SCHEMA
+    for name, dtype in columns.items():
+        if name in schema.names:
+            raise ConfigError(f"two steps write the column {name!r}; give one of them a prefix or name")
+        schema = schema.append(pa.field(name, dtype))
+    return schema
+
+
+class Plan:
+    """Everything the driver decides before the pipeline runs."""
+
+    def __init__(self, job: JobConfig):
+        from curate.selectors import make_selector
+
+        self.job = job
+        self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
+        self.filters = make_filter_steps(job.filters)
+        self.scorers = []
+        if job.scorers:
+            from curate.transforms import make_scorer
+
+            self.scorers = [make_scorer(dict(s)) for s in job.scorers]
+        self.selectors = [make_selector(dict(s)) for s in job.selectors]
+        columns: dict[str, pa.DataType] = {}
+        for step in self.scorers + self.selectors:
+            for name, dtype in step.output_columns().items():
+                if name in columns or name in records.BASE_COLUMNS:
+                    raise ConfigError(f"two steps write the column {name!r}; set a prefix on one")
+                columns[name] = dtype
+            for need in getattr(step, "requires", ()):
+                if need not in columns:
+                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
+                                      f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
+        # reject_stage names, in pipeline order
+        self.filter_stages = list(dict.fromkeys(f"filter:{f.type}" for f in self.filters))
+        self.selector_stages = [f"select:{s.type}" if len(self.selectors) == 1 else f"select{i}:{s.type}"
+                                for i, s in enumerate(self.selectors)]
+        self.schema = output_schema(columns)
+        self.rejected_schema = output_schema({**columns, **REJECT_COLUMNS})
+
+    def describe(self) -> dict:
+        return {
+            "inputs": [{"path": t.path, "source": t.source, "format": t.format, "adapter": t.adapter}
+                       for t in self.tasks],
+            "filters": [{"type": f.type, **{k: v for k, v in vars(f).items() if not k.startswith("_") and
+                                             k not in ("label", "side_inputs", "pipeline")
+                                             and isinstance(v, (int, float, str, type(None)))}}
+                        for f in self.filters],
+            "scorers": [s.describe() for s in self.scorers],
+            "selectors": [s.describe() for s in self.selectors],
+        }
+
+
+def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
+    read = p | "ReadInputs" >> ReadInputs(plan.tasks)
+    recs = read["records"]
+    rejected = []
+
+    # consecutive per-example filters share one step; dedup is its own global step
+    pending = []
+
+    def flush_filters(recs, i):
+        if not pending:
+            return recs
+        out = recs | f"Filter{i}" >> beam.ParDo(ApplyFilters(list(pending))).with_outputs(REJECTED, main="kept")
+        rejected.append(out[REJECTED])
+        pending.clear()
+        return out.kept
+
+    for i, step in enumerate(plan.filters):
+        if isinstance(step, ExactDedup):
+            recs = flush_filters(recs, i)
+            out = recs | f"Dedup{i}" >> step
+            rejected.append(out[REJECTED])
+            recs = out.kept
+        else:
+            pending.append(step)
+    recs = flush_filters(recs, len(plan.filters))
+
+    if plan.scorers:
+        from apache_beam.ml.inference.base import RunInference
+
+        for i, scorer in enumerate(plan.scorers):
+            recs = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
+
+    for i, selector in enumerate(plan.selectors):
+        out = recs | f"Select{i}:{selector.type}" >> selector
+        stage = plan.selector_stages[i]
+        rejected.append(out["rejected"] | f"Stage{i}" >> beam.Map(lambda r, s=stage: {**r, "reject_stage": s}))
+        recs = out["kept"]
+
+    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows)
+    all_rejected = (rejected | "AllRejected" >> beam.Flatten()) if rejected else (
+        p | "NoRejected" >> beam.Create([]))
+    rejected_info = all_rejected | "WriteRejected" >> WriteShards(
+        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
+    dead_n = read[DEAD] | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
+    examples_n = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
+    by_stage = (all_rejected
+                | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
+                | "CountByStage" >> beam.combiners.Count.PerElement()
+                | "StageCounts" >> beam.combiners.ToDict())
+
+    def write_counts(kept, rejected, dead, examples, stages):
+        stages = {**{s: 0 for s in plan.filter_stages + plan.selector_stages}, **stages}
+        counts = {
+            "read": examples + dead,
+            "invalid": dead,
+            "examples": examples,
+            "filtered": {k: v for k, v in stages.items() if k.startswith("filter:")},
+            "not_selected": {k: v for k, v in stages.items() if k.startswith("select")},
+            "kept": kept["rows"],
+            "rejected_rows_written": rejected["rows"],
+            "shards": kept["shards"],
+        }
+        with FileSystems.create(FileSystems.join(staging, "_counts.json")) as fh:
+            fh.write(json.dumps(counts).encode())
+
+    (p | "Once" >> beam.Create([None])
+       | "WriteCounts" >> beam.Map(
+           lambda _, k, r, d, e, s: write_counts(k, r, d, e, s),
+           beam.pvalue.AsSingleton(kept_info), beam.pvalue.AsSingleton(rejected_info),
+           beam.pvalue.AsSingleton(dead_n), beam.pvalue.AsSingleton(examples_n),
+           beam.pvalue.AsSingleton(by_stage)))
+
+
+def check_counts(counts: dict) -> None:
+    """The manifest's promise: nothing is lost silently."""
+    dropped = sum(counts["filtered"].values()) + sum(counts["not_selected"].values())
+    if counts["read"] != counts["invalid"] + counts["examples"]:
+        raise RuntimeError(f"counts do not add up (read != invalid + examples): {counts}")
+    if counts["examples"] != dropped + counts["kept"]:
+        raise RuntimeError(f"counts do not add up (examples != filtered + not_selected + kept): {counts}")
+    if counts["rejected_rows_written"] != dropped:
+        raise RuntimeError(f"rejected rows written differ from the rows dropped: {counts}")
+
+
+def _beam_metrics(result) -> dict:
+    out = {}
+    try:
+        res = result.metrics().query()
+    except Exception:  # some runners do not report metrics
+        return out
+    for c in res.get("counters", []):
+        out[f"{c.key.metric.namespace}/{c.key.metric.name}"] = c.committed if c.committed is not None else c.attempted
+    for d in res.get("distributions", []):
+        v = d.committed or d.attempted
+        if v is not None and v.count:
+            out[f"{d.key.metric.namespace}/{d.key.metric.name}"] = {"count": v.count, "sum": v.sum,
+                                                                     "mean": v.sum / v.count, "max": v.max}
+    return out
+
+
+def run_job(job: JobConfig, beam_args: list[str] | None = None) -> dict:
+    """Plan, run and publish a job; returns the manifest."""
+    t0 = time.time()
+    plan = Plan(job)
+    t_plan = time.time()
+    staging = staging_dir(job.output)
+    options = pipeline_options(list(job.beam_args) + list(beam_args or []))
+    log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
+    try:
+        p = beam.Pipeline(options=options)
+        build(p, plan, staging)
+        result = p.run()
+        result.wait_until_finish()
+        t_run = time.time()
+        with FileSystems.open(FileSystems.join(staging, "_counts.json")) as fh:
+            counts = json.loads(fh.read())
+        FileSystems.delete([FileSystems.join(staging, "_counts.json")])
+        check_counts(counts)
+        manifest = {
+            "name": job.name,
+            "job_file": job.source_file,
+            "job": job.to_dict(),
+            "output": job.output,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),
+            "runner": options.get_all_options()["runner"],
+            "plan": plan.describe(),
+            "counts": counts,
+            "timings_s": {"plan": round(t_plan - t0, 3), "pipeline": round(t_run - t_plan, 3),
+                          "total": round(time.time() - t0, 3)},
+            "metrics": _beam_metrics(result),
+        }
+        # manifest.json is written last: its presence marks a complete output
+        with FileSystems.create(FileSystems.join(staging, "manifest.json")) as fh:
+            fh.write(json.dumps(manifest, indent=2, default=str).encode())
+        publish(staging, job.output)
+        return manifest
+    except BaseException:
+        if "://" not in staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise

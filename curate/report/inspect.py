@@ -1,0 +1,69 @@
+"""`curate inspect OUT_DIR`: what a run kept and why, as text."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.config import ConfigError
+from curate.records import BASE_COLUMNS
+
+
+def _load(path: str):
+    import datasets
+
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise ConfigError(f"{path}: not a curate output (no state.json); did the run finish?")
+    return datasets.load_from_disk(path)
+
+
+def summarise_column(table: pa.Table, name: str) -> str | None:
+    col = table.column(name)
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+        valid = pc.drop_null(col)
+        if len(valid) == 0:
+            return f"{name:<22} all null"
+        q = pc.quantile(valid, q=[0.0, 0.5, 1.0])
+        return (f"{name:<22} mean {pc.mean(valid).as_py():>10.4g}  min {q[0].as_py():>10.4g}  "
+                f"median {q[1].as_py():>10.4g}  max {q[2].as_py():>10.4g}")
+    if pa.types.is_boolean(col.type):
+        return f"{name:<22} true {pc.sum(col).as_py() or 0} of {len(col)}"
+    return None
+
+
+def inspect_output(path: str, n_examples: int = 3) -> str:
+    ds = _load(path)
+    table = ds.data.table
+    out = [f"{path}: {len(ds):,} kept examples, {len(table.column_names)} columns"]
+    manifest_path = os.path.join(path, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as fh:
+            m = json.load(fh)
+        c = m["counts"]
+        out.append(f"counts: read {c['read']:,} = invalid {c['invalid']:,} + examples {c['examples']:,}; "
+                   f"filtered {sum(c['filtered'].values()):,} {c['filtered'] or ''}; "
+                   f"not selected {sum(c['not_selected'].values()):,} {c['not_selected'] or ''}; "
+                   f"kept {c['kept']:,}")
+        out.append("steps: " + ", ".join(s["type"] for k in ("scorers", "selectors")
+                                         for s in m["plan"][k]) if any(m["plan"][k] for k in ("scorers", "selectors")) else "steps: none")
+    out.append("sources: " + ", ".join(f"{k} {v:,}" for k, v in Counter(table.column("source").to_pylist()).most_common()))
+    extra = [c for c in table.column_names if c not in BASE_COLUMNS]
+    if extra:
+        out.append("score columns:")
+        for name in extra:
+            line = summarise_column(table, name)
+            if line:
+                out.append("  " + line)
+    if "cluster" in table.column_names:
+        sizes = Counter(table.column("cluster").to_pylist())
+        out.append(f"clusters covered: {len(sizes)}; largest {sizes.most_common(5)}")
+    for row in ds.select(range(min(n_examples, len(ds)))):
+        scores = {k: row[k] for k in extra if isinstance(row[k], (int, float, bool))}
+        out.append(f"--- {row['id']} ({row['origin']}) {json.dumps(scores)}")
+        out.append(f"  prompt:   {row['prompt'][:200]!r}")
+        out.append(f"  response: {row['response'][:200]!r}")
+    return "\n".join(out)

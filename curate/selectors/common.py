@@ -1,0 +1,80 @@
+"""Global cut-offs shared by selectors: keep the top `budget` records by a key.
+
+Only keys travel to one place, never records: a count budget uses Beam's
+`Top.Largest` (a combiner tree holding `budget` keys per worker); a fractional budget
+needs the total first, so the keys are counted, then sorted in one worker (a few tens
+of bytes per row) to find the exact cut-off. Keys must be unique (end them with the
+record's origin) so the kept count is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import apache_beam as beam
+
+from curate.config import resolve_budget
+
+KEPT, REJECTED = "kept", "rejected"
+
+
+def _cutoff_from_top(top: list, budget: int) -> dict:
+    if budget == 0:
+        return {"keep": "none", "key": None}
+    if len(top) < budget:
+        return {"keep": "all", "key": None}
+    return {"keep": "from", "key": top[-1]}
+
+
+def _cutoff_from_all(keys: list, n: int, budget: float) -> dict:
+    k = resolve_budget(budget, n)
+    keys = sorted(keys, reverse=True)
+    return _cutoff_from_top(keys[:k], k) if k < n else {"keep": "all", "key": None}
+
+
+def passes(key, cutoff: dict) -> bool:
+    if cutoff["keep"] == "all":
+        return True
+    if cutoff["keep"] == "none":
+        return False
+    return key >= cutoff["key"]
+
+
+class KeepTop(beam.PTransform):
+    """Split records into the `budget` with the largest `key_fn(record)` and the rest.
+
+    `explain(record, key, cutoff, kept) -> (record, reason)` annotates each record;
+    it runs in a Map with the cut-off as a side input.
+    """
+
+    def __init__(self, key_fn: Callable[[dict], tuple], budget: int | float,
+                 explain: Callable[[dict, tuple, dict, bool], tuple[dict, str | None]]):
+        super().__init__()
+        self.key_fn, self.budget, self.explain = key_fn, budget, explain
+
+    def expand(self, pcoll):
+        key_fn, budget, explain = self.key_fn, self.budget, self.explain
+        keys = pcoll | "Keys" >> beam.Map(key_fn)
+        if isinstance(budget, int):
+            cutoff = (keys
+                      | "Top" >> beam.combiners.Top.Largest(budget)
+                      | "Cutoff" >> beam.Map(_cutoff_from_top, budget))
+        else:
+            n = keys | "Count" >> beam.combiners.Count.Globally()
+            cutoff = (keys
+                      | "All" >> beam.combiners.ToList()
+                      | "Cutoff" >> beam.Map(lambda ks, n: _cutoff_from_all(ks, n, budget),
+                                             n=beam.pvalue.AsSingleton(n)))
+
+        def split(record, cutoff):
+            key = key_fn(record)
+            kept = passes(key, cutoff)
+            record, reason = explain(record, key, cutoff, kept)
+            if kept:
+                yield record
+            else:
+                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_reason": reason})
+
+        out = pcoll | "Split" >> beam.FlatMap(split, cutoff=beam.pvalue.AsSingleton(cutoff)).with_outputs(
+            REJECTED, main=KEPT)
+        return {KEPT: out[KEPT], REJECTED: out[REJECTED]}

@@ -1,0 +1,55 @@
+"""Random selection: the seeded baseline every other method is compared with.
+
+Each record gets a key u = hash(seed, id, origin) in [0, 1); the `budget` records
+with the smallest keys are kept. The key depends only on the record and the seed, so
+a rerun, a different runner or a different sharding keeps exactly the same rows, and
+a smaller budget keeps a subset of a larger one (nested selections).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+from curate.config import parse_budget
+from curate.selectors.base import Selector
+from curate.selectors.common import KeepTop
+
+
+def random_key(seed: int, record: dict) -> float:
+    digest = hashlib.blake2b(f"{seed}\x00{record['id']}\x00{record['origin']}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class RandomSelector(Selector):
+    type = "random"
+
+    def __init__(self, budget: int | float, seed: int = 0):
+        super().__init__()
+        self.budget = parse_budget(budget, "random selector")
+        self.seed = int(seed)
+
+    def output_columns(self):
+        return {"random_key": pa.float64()}
+
+    def describe(self):
+        return {"type": self.type, "budget": self.budget, "seed": self.seed}
+
+    def expand(self, pcoll):
+        seed = self.seed
+
+        def key(record):
+            # smaller random key is better; negate so KeepTop's "largest" keeps it
+            return (-random_key(seed, record), record["origin"], record["id"])
+
+        def explain(record, k, cutoff, kept):
+            record = {**record, "random_key": -k[0]}
+            if kept:
+                return record, None
+            if cutoff["keep"] == "none":
+                return record, "budget is 0"
+            return record, f"random key {-k[0]:.6f} above the cut-off {-cutoff['key'][0]:.6f} (seed {seed})"
+
+        return pcoll | KeepTop(key, self.budget, explain)

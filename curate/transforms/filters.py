@@ -1,0 +1,164 @@
+"""Per-example filters and exact dedup.
+
+As in DataTrove, the mechanics live once in `ApplyFilters` (the loop, the rejected
+output with its reason, the counters); a concrete filter only answers "keep?" with
+None, or the reason it drops the example. Exact dedup is a global decision, so it is
+its own transform (group by normalised text, keep the smallest id).
+"""
+
+from __future__ import annotations
+
+import re
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from curate.config import ConfigError
+
+REJECTED = "rejected"
+
+
+class Filter:
+    type = ""
+
+    def setup(self) -> None:
+        """Load what the filter needs once per worker (tokenizers...)."""
+
+    def reason_to_drop(self, record: dict) -> str | None:
+        raise NotImplementedError
+
+
+class LengthFilter(Filter):
+    """Keep examples whose length (prompt + response) lies in [min, max].
+
+    unit: chars, words, or tokens (with `tokenizer`, a model name or path; default the
+    embedded LM's tokenizer). `field`: "all" (default), "prompt" or "response".
+    """
+
+    type = "length"
+
+    def __init__(self, min: int = 1, max: int | None = None, unit: str = "chars",
+                 field: str = "all", tokenizer: str = "default"):
+        if unit not in ("chars", "words", "tokens"):
+            raise ConfigError(f"length filter: unit must be chars, words or tokens, not {unit!r}")
+        if field not in ("all", "prompt", "response"):
+            raise ConfigError(f"length filter: field must be all, prompt or response, not {field!r}")
+        self.min, self.max, self.unit, self.field, self.tokenizer_name = min, max, unit, field, tokenizer
+        self._tokenizer = None
+
+    def setup(self):
+        if self.unit == "tokens" and self._tokenizer is None:
+            from curate.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+
+    def _text(self, record: dict) -> str:
+        if self.field == "prompt":
+            return record["prompt"]
+        if self.field == "response":
+            return record["response"]
+        return "\n".join(m["content"] for m in record["messages"])
+
+    def measure(self, record: dict) -> int:
+        text = self._text(record)
+        if self.unit == "chars":
+            return len(text)
+        if self.unit == "words":
+            return len(text.split())
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def reason_to_drop(self, record: dict) -> str | None:
+        n = self.measure(record)
+        if n < self.min:
+            return f"too short: {n} {self.unit} < min {self.min}"
+        if self.max is not None and n > self.max:
+            return f"too long: {n} {self.unit} > max {self.max}"
+        return None
+
+
+FILTERS = {cls.type: cls for cls in (LengthFilter,)}
+
+
+class ApplyFilters(beam.DoFn):
+    """Runs filters in order; the first that objects rejects the example, with its reason."""
+
+    def __init__(self, filters: list[Filter]):
+        self.filters = filters
+
+    def setup(self):
+        for f in self.filters:
+            f.setup()
+        self.dropped = {f.type: Metrics.counter("filters", f"dropped_{f.type}") for f in self.filters}
+
+    def process(self, record: dict):
+        for f in self.filters:
+            reason = f.reason_to_drop(record)
+            if reason is not None:
+                self.dropped[f.type].inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": f"filter:{f.type}",
+                                                          "reject_reason": reason})
+                return
+        yield record
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text.strip().lower())
+
+
+def dedup_key(record: dict, key: str) -> str:
+    if key == "prompt":
+        return normalise(record["prompt"])
+    return "\x00".join(normalise(m["content"]) for m in record["messages"])
+
+
+class ExactDedup(beam.PTransform):
+    """Keep one example per normalised text (the smallest id, then origin: deterministic).
+
+    key: "prompt_response" (default: the whole conversation) or "prompt". Never use
+    "prompt" on a multi-response pool: it would keep one candidate per instruction.
+    """
+
+    type = "dedup"
+
+    def __init__(self, key: str = "prompt_response"):
+        super().__init__()
+        if key not in ("prompt_response", "prompt"):
+            raise ConfigError(f"dedup: key must be prompt_response or prompt, not {key!r}")
+        self.key = key
+
+    def expand(self, pcoll):
+        key = self.key
+
+        def split(group):
+            _, recs = group
+            recs = sorted(recs, key=lambda r: (r["id"], r["origin"]))
+            yield recs[0]
+            for r in recs[1:]:
+                yield beam.pvalue.TaggedOutput(REJECTED, {
+                    **r, "reject_stage": "filter:dedup",
+                    "reject_reason": f"duplicate of {recs[0]['id']} ({recs[0]['origin']})"})
+
+        return (pcoll
+                | "Key" >> beam.Map(lambda r: (dedup_key(r, key), r))
+                | "Group" >> beam.GroupByKey()
+                | "Keep" >> beam.FlatMap(split).with_outputs(REJECTED, main="kept"))
+
+
+def make_filter_steps(specs: list[dict]) -> list[Filter | ExactDedup]:
+    steps = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("type")
+        try:
+            if kind == "dedup":
+                steps.append(ExactDedup(**spec))
+            elif kind in FILTERS:
+                steps.append(FILTERS[kind](**spec))
+            else:
+                raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: dedup, {', '.join(FILTERS)}")
+        except TypeError as exc:
+            raise ConfigError(f"filters[{i}] ({kind}): {exc}") from None
+    return steps
