@@ -7,6 +7,10 @@ import pathlib
 
 import pytest
 
+# no network here or in CI: fail fast instead of retrying the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 SHARED_DATA = pathlib.Path(os.environ.get("CURATE_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 _CORPUS = [
@@ -74,3 +78,13 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only with CURATE_SLOW=1 (make test-all)."""
+    if os.environ.get("CURATE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set CURATE_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

