@@ -1,0 +1,17 @@
+"""The SFT/PEFT trainer stage: `train` (library), `run_train` (what `curate train` calls).
+
+S2L and the diversity method's refinement reuse it: `train(..., cfg=TrainConfig(
+num_checkpoints=T))` then `list_checkpoints(output_dir)` and `load_checkpoint_model`.
+"""
+
+from curate.train.checkpoints import (evenly_spaced_steps, list_checkpoints,
+                                      load_checkpoint_model)
+from curate.train.data import load_records, read_jsonl_records, tokenize
+from curate.train.loss import evaluate_loss, generate_samples, response_nll
+from curate.train.trainer import TrainConfig, load_model, run_train, train
+
+__all__ = [
+    "TrainConfig", "train", "run_train", "evaluate_loss", "generate_samples", "response_nll",
+    "list_checkpoints", "load_checkpoint_model", "evenly_spaced_steps", "load_records",
+    "read_jsonl_records", "tokenize", "load_model",
+]

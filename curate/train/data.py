@@ -1,0 +1,254 @@
+"""Training data: read records, tokenise them with `curate.formatting.encode`, and plan
+the batches of a run.
+
+The batch plan is a pure function of (token lengths, seed, epoch, batch settings), so a
+resumed run recomputes exactly the plan of the interrupted one and continues at its step
+index: the "data-order state" of a checkpoint is just the step and a fingerprint of the
+plan's inputs.
+
+Batches are length-grouped to cut padding, the way Hugging Face's LengthGroupedSampler
+does it: shuffle, cut the permutation into mega-batches of `MEGABATCH` micro-batches,
+sort each mega-batch by length, split it into micro-batches (a fixed number of examples,
+or a padded-token budget), then shuffle the micro-batches inside the mega-batch so the
+run sees no long-to-short trend.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from curate.formatting import encode
+from curate.records import RowError, adapt, detect_adapter, describe_shapes, prompt_text
+
+log = logging.getLogger("curate.train")
+
+MEGABATCH = 32  # micro-batches per length-sorted group
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_records(data: Any, limit: int | None = None, source: str | None = None) -> Sequence[dict]:
+    """Records from a `datasets.Dataset`, a `save_to_disk` directory (what `curate run`
+    writes), a JSONL(.gz) file of records / alpaca / question-answer / messages rows, or a
+    list of record dicts. `limit` takes the first N."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                split = "train" if "train" in ds else next(iter(ds))
+                ds = ds[split]
+            data = ds
+        elif path.is_file():
+            return read_jsonl_records(path, limit=limit, source=source)
+        else:
+            raise FileNotFoundError(f"training data not found: {path}")
+    if hasattr(data, "select") and hasattr(data, "column_names"):  # datasets.Dataset
+        if limit is not None:
+            data = data.select(range(min(limit, len(data))))
+        return data
+    records = list(data)
+    return records[:limit] if limit is not None else records
+
+
+def read_jsonl_records(path: str | os.PathLike, limit: int | None = None,
+                       source: str | None = None) -> list[dict]:
+    """Canonical records from a JSONL(.gz) file through the `curate.records` adapters.
+
+    The shape is detected on the first row; a row that does not fit it is skipped with a
+    warning naming file, line and reason (the pipeline's dead-letter output is where such
+    rows are kept; the trainer only reads)."""
+    path = Path(path)
+    source = source or path.name.split(".")[0]
+    opener = gzip.open if path.suffix == ".gz" else open
+    records: list[dict] = []
+    adapter = None
+    skipped = 0
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped += 1
+                log.warning("%s:%d: skipped: invalid JSON (%s)", path, line_no, e)
+                continue
+            if adapter is None:
+                if isinstance(row, dict) and {"prompt", "response", "messages"} <= row.keys():
+                    adapter = "record"
+                else:
+                    adapter = detect_adapter(row, {}) if isinstance(row, dict) else None
+                    if adapter is None:
+                        raise RowError(f"{path}:{line_no}: unknown row shape with fields "
+                                       f"{sorted(row) if isinstance(row, dict) else type(row).__name__}; "
+                                       f"expected one of: {describe_shapes()}")
+            try:
+                if adapter == "record":
+                    records.append(row)
+                else:
+                    records.extend(adapt(row, adapter, {}, source))
+            except RowError as e:
+                skipped += 1
+                log.warning("%s:%d: skipped: %s", path, line_no, e)
+    if skipped:
+        log.warning("%s: %d rows skipped", path, skipped)
+    return records[:limit] if limit is not None else records
+
+
+def _as_record(row: dict) -> dict:
+    if row.get("prompt") is None and row.get("messages"):
+        row = dict(row, prompt=prompt_text(row["messages"]), response=row["messages"][-1]["content"])
+    return row
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+@dataclass
+class Tokenized:
+    """Token ids of a set of examples, with the response span of each."""
+
+    input_ids: list[list[int]]
+    prompt_lens: list[int]
+    ids: list[str]
+    n_truncated: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+
+    @property
+    def response_lens(self) -> np.ndarray:
+        return self.lengths - np.asarray(self.prompt_lens, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for ids, p in zip(self.input_ids, self.prompt_lens):
+            h.update(np.asarray(ids + [-1, p], dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def tokenize(records: Iterable[dict], tokenizer, template: str, max_length: int) -> Tokenized:
+    input_ids, prompt_lens, ids, truncated = [], [], [], 0
+    for i, row in enumerate(records):
+        row = _as_record(row)
+        enc = encode(row, tokenizer, template, max_length)
+        input_ids.append(enc.input_ids)
+        prompt_lens.append(enc.prompt_len)
+        ids.append(str(row.get("id") or i))
+        truncated += enc.truncated
+    return Tokenized(input_ids, prompt_lens, ids, truncated)
+
+
+# ---------------------------------------------------------------- batch planning
+
+
+def _split(order: np.ndarray, lengths: np.ndarray, batch_size: int,
+           batch_tokens: int | None) -> list[list[int]]:
+    if batch_tokens is None:
+        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    batches, cur, cur_max = [], [], 0
+    for idx in order.tolist():
+        new_max = max(cur_max, int(lengths[idx]))
+        if cur and new_max * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, new_max = [], int(lengths[idx])
+        cur.append(idx)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def micro_batches(lengths: np.ndarray, *, seed: int, epoch: int, batch_size: int,
+                  batch_tokens: int | None = None, group_by_length: bool = True,
+                  shuffle: bool = True) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices), deterministic in its inputs.
+
+    `batch_tokens`, when set, caps padded tokens (examples x longest) per micro-batch
+    instead of a fixed `batch_size`."""
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if not group_by_length:
+        return _split(order, lengths, batch_size, batch_tokens)
+    if not shuffle:  # evaluation: one global sort, longest first (memory errors show at once)
+        order = order[np.argsort(-lengths[order], kind="stable")]
+        return _split(order, lengths, batch_size, batch_tokens)
+    per_batch = batch_size if batch_tokens is None else max(1, batch_tokens // max(1, int(np.median(lengths))))
+    mega = MEGABATCH * per_batch
+    out: list[list[int]] = []
+    for start in range(0, n, mega):
+        chunk = order[start:start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches = _split(chunk, lengths, batch_size, batch_tokens)
+        out.extend(batches[i] for i in rng.permutation(len(batches)))
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: its epoch and its micro-batches (gradient accumulation)."""
+
+    epoch: int
+    micro_batches: tuple[tuple[int, ...], ...]
+
+
+def plan_steps(lengths: np.ndarray, *, seed: int, epochs: int, max_steps: int | None,
+               batch_size: int, batch_tokens: int | None, grad_accum: int,
+               group_by_length: bool = True) -> list[Step]:
+    """The whole run's optimizer steps. `max_steps`, when set, decides the length of the
+    run (more epochs are planned if needed, as in HF Trainer); otherwise `epochs` do."""
+    if len(lengths) == 0:
+        return []
+    steps: list[Step] = []
+    epoch = 0
+    while True:
+        if max_steps is None and epoch >= epochs:
+            break
+        mbs = micro_batches(lengths, seed=seed, epoch=epoch, batch_size=batch_size,
+                            batch_tokens=batch_tokens, group_by_length=group_by_length)
+        for i in range(0, len(mbs), grad_accum):
+            steps.append(Step(epoch, tuple(tuple(b) for b in mbs[i:i + grad_accum])))
+            if max_steps is not None and len(steps) >= max_steps:
+                return steps
+        epoch += 1
+    return steps
+
+
+def collate(tok: Tokenized, indices: Sequence[int], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on prompt and
+    padding, so the loss is taken over response tokens only)."""
+    import torch
+
+    width = max(len(tok.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(indices), width), dtype=torch.long)
+    labels = torch.full((len(indices), width), -100, dtype=torch.long)
+    for row, i in enumerate(indices):
+        ids = tok.input_ids[i]
+        p = tok.prompt_lens[i]
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, :len(ids)] = t
+        attention[row, :len(ids)] = 1
+        labels[row, p:len(ids)] = t[p:]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "prompt_lens": torch.tensor([tok.prompt_lens[i] for i in indices])}
