@@ -9,6 +9,7 @@ from curate.config import ConfigError
 # type -> "module:Class", imported on use so a job only loads what it needs
 SELECTORS = {
     "random": "curate.selectors.random:RandomSelector",
+    "grape": "curate.selectors.grape:GrapeSelector",
 }
 
 
