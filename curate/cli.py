@@ -1,7 +1,10 @@
 """The `curate` command.
 
     curate run JOB.yaml [--input PATH ...] [--output DIR] [-- BEAM OPTIONS]
+    curate score JOB.yaml [--output DIR]
+    curate select --scores DIR --method M [--budget B] [--set KEY=VALUE] [--output DIR]
     curate inspect OUT_DIR
+    curate report OUT_DIR
     curate models prepare
     curate train --data OUT_DIR --model ID_OR_PATH --output RUN_DIR
 
@@ -23,6 +26,8 @@ EPILOG = """examples:
   curate run jobs/random.yaml                       select 1,000 gsm8k rows at random
   curate run jobs/grape.yaml --output runs/grape    GRAPE on the alpaca_eval pool
   curate run jobs/random.yaml -- --direct_running_mode=multi_processing --direct_num_workers=2
+  curate score jobs/grape.yaml --output runs/pool-scores      score once (loads the model)
+  curate select --scores runs/pool-scores --method grape     select many (no model)
   curate inspect runs/random                        counts, columns, scores, examples
 Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
 
@@ -48,6 +53,48 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    job = load_job(args.job)
+    if not job.scorers:
+        raise ConfigError(f"{args.job}: no scorers to run")
+    import dataclasses
+
+    from curate.pipeline.build import run_pipeline, scores_key
+    from curate.pipeline.readers import plan_inputs
+
+    out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
+    key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
+    manifest = run_pipeline(dataclasses.replace(job, selectors=[], output=out), args.beam_args,
+                            extra={"scores_key": key})
+    print_summary(manifest)
+    return 0
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def cmd_select(args) -> int:
+    from curate.config import JobConfig
+    from curate.pipeline.build import select_from_scores
+
+    step = {"type": args.method}
+    if args.budget is not None:
+        step["budget"] = _parse_value(args.budget)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        step[key] = _parse_value(value)
+    output = args.output or f"{args.scores.rstrip('/')}-{args.method}"
+    job = JobConfig(inputs=[], output=output, name=f"select-{args.method}", selectors=[step])
+    manifest = select_from_scores(job, args.scores, args.beam_args)
+    print_summary(manifest)
+    return 0
+
+
 def print_summary(manifest: dict) -> None:
     c = manifest["counts"]
     lines = [f"output        {manifest['output']}",
@@ -65,6 +112,13 @@ def cmd_inspect(args) -> int:
     from curate.report.inspect import inspect_output
 
     print(inspect_output(args.out_dir, n_examples=args.examples))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from curate.report.html import render_report
+
+    print(render_report(args.out_dir))
     return 0
 
 
@@ -102,10 +156,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser("score", help="run a job's readers, filters and scorers; write the scored rows")
+    p.add_argument("job")
+    p.add_argument("--output", help="where to write scores (default: the job's `scores:`, or OUTPUT-scores)")
+    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("select", help="select from scores written by `curate score`, without models")
+    p.add_argument("--scores", required=True, help="a `curate score` output directory")
+    p.add_argument("--method", required=True, help="selector type: random, grape, donod, ...")
+    p.add_argument("--budget", help="a count (1000) or a fraction (0.1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other selector options (repeatable)")
+    p.add_argument("--output", help="output directory (default: SCORES-METHOD)")
+    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    p.set_defaults(fn=cmd_select)
+
     p = sub.add_parser("inspect", help="counts, columns, score summaries and examples of an output")
     p.add_argument("out_dir")
     p.add_argument("--examples", type=int, default=3, help="how many kept examples to show")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("report", help="(re)write OUT_DIR/report.html with plots")
+    p.add_argument("out_dir")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("models", help="prepare the embedded default models (convert and cache)")
     p.add_argument("action", choices=["prepare"])

@@ -13,6 +13,8 @@ A job file looks like (see jobs/ for real ones):
     validate: {max_chars: 32000}
     filters:   [{type: length, unit: chars, min: 1, max: 20000}, {type: dedup}]
     scorers:   [{type: likelihood, model: default}]
+    scores: runs/gsm8k-scores      # optional: keep scores here, re-use them when inputs,
+                                   # filters and scorers are unchanged (score once, select many)
     selectors: [{type: random, budget: 1000, seed: 0}]
     output: runs/gsm8k-random
     beam_args: []
@@ -77,6 +79,7 @@ class JobConfig:
     scorers: list[dict] = field(default_factory=list)
     selectors: list[dict] = field(default_factory=list)
     train: dict | None = None
+    scores: str | None = None  # score once, select many: where scored rows are kept and re-used
     shard_rows: int = 50_000
     beam_args: list[str] = field(default_factory=list)
     source_file: str | None = None
@@ -129,6 +132,8 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     if "output" not in data:
         raise ConfigError(f"{where}: 'output' is required (the output directory)")
     data["output"] = expand_vars(str(data["output"]))
+    if data.get("scores"):
+        data["scores"] = expand_vars(str(data["scores"]))
     validate = _build(ValidateConfig, data.pop("validate", None) or {}, f"{where}: validate")
     for key in ("filters", "scorers", "selectors"):
         data[key] = _steps(data.get(key), f"{where}: {key}")

@@ -191,6 +191,18 @@ def adapt_pool_list(row: dict, f: dict, source: str) -> Iterator[dict]:
     yield from records
 
 
+def adapt_curate(row: dict, f: dict, source: str) -> Iterator[dict]:
+    """A row of a curate output (scores from `curate score`): passed through unchanged,
+    score columns included, after checking the canonical columns are sound."""
+    for name in ("id", "prompt_id", "prompt", "response"):
+        _text(row, name)
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise RowError("field 'messages' must be a non-empty list of {role, content}")
+    yield dict(row)
+
+
 @dataclass(frozen=True)
 class Adapter:
     name: str
@@ -202,6 +214,7 @@ class Adapter:
 ADAPTERS: dict[str, Adapter] = {
     a.name: a
     for a in [
+        Adapter("curate", adapt_curate, ("id", "prompt_id", "messages", "origin")),
         Adapter("messages", adapt_messages, ("messages",)),
         Adapter("sharegpt", adapt_messages, ("conversations",)),
         Adapter("pool_list", adapt_pool_list, ("instruction", "outputs")),

@@ -13,6 +13,8 @@ Output directory:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -22,11 +24,12 @@ from importlib import metadata
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate import __version__, records
-from curate.config import ConfigError, JobConfig
+from curate.config import ConfigError, InputConfig, JobConfig
 from curate.pipeline.readers import DEAD, ReadInputs, plan_inputs
 from curate.pipeline.sink import WriteJsonl, WriteShards, publish, staging_dir
 from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
@@ -85,7 +88,9 @@ class Plan:
 
             self.scorers = [make_scorer(dict(s)) for s in job.scorers]
         self.selectors = [make_selector(dict(s)) for s in job.selectors]
-        columns: dict[str, pa.DataType] = {}
+        columns = self.input_columns()
+        written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
+        columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them
         for step in self.scorers + self.selectors:
             for name, dtype in step.output_columns().items():
                 if name in columns or name in records.BASE_COLUMNS:
@@ -101,6 +106,19 @@ class Plan:
                                 for i, s in enumerate(self.selectors)]
         self.schema = output_schema(columns)
         self.rejected_schema = output_schema({**columns, **REJECT_COLUMNS})
+
+    def input_columns(self) -> dict[str, pa.DataType]:
+        """Score columns already present in inputs that are curate outputs (`curate select`)."""
+        import datasets
+
+        columns: dict[str, pa.DataType] = {}
+        for task in self.tasks:
+            if task.adapter == "curate" and task.format == "arrow" and not task.path.endswith(".arrow"):
+                schema = datasets.load_from_disk(task.path).features.arrow_schema
+                for f in schema:
+                    if f.name not in records.BASE_COLUMNS and f.name not in REJECT_COLUMNS:
+                        columns.setdefault(f.name, f.type)
+        return columns
 
     def describe(self) -> dict:
         return {
@@ -215,8 +233,67 @@ def _beam_metrics(result) -> dict:
     return out
 
 
+def scores_key(job: JobConfig, tasks) -> str:
+    """What the scores depend on: input contents, validation, filters, scorers, version."""
+    h = hashlib.sha256()
+    for task in tasks:
+        h.update(task.path.encode())
+        if task.format != "hf":
+            paths = ([m.path for m in FileSystems.match([task.path.rstrip("/") + "/**"])[0].metadata_list]
+                     if task.format == "arrow" and not task.path.endswith(".arrow") else [task.path])
+            for path in sorted(paths):
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    h.update(json.dumps([job.validate.max_chars, job.filters, job.scorers, __version__],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def read_manifest(path: str) -> dict | None:
+    try:
+        with FileSystems.open(FileSystems.join(path, "manifest.json"),
+                              compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            return json.loads(fh.read())
+    except Exception:  # absent or unreadable: treat as no output
+        return None
+
+
 def run_job(job: JobConfig, beam_args: list[str] | None = None) -> dict:
-    """Plan, run and publish a job; returns the manifest."""
+    """Run a job and publish its output; returns the manifest.
+
+    With `scores:` set and scorers in the job, the scored rows are written there once
+    and re-used by later runs whose inputs, filters and scorers are unchanged; the
+    selection then runs from them without loading a model.
+    """
+    if not (job.scores and job.scorers):
+        return run_pipeline(job, beam_args)
+    tasks = plan_inputs(job.inputs, job.validate.max_chars)
+    key = scores_key(job, tasks)
+    previous = read_manifest(job.scores)
+    if previous and previous.get("scores_key") == key:
+        log.info("re-using scores in %s (key %s)", job.scores, key)
+        scoring = previous
+    else:
+        log.info("scoring into %s (key %s)", job.scores, key)
+        scoring = run_pipeline(dataclasses.replace(job, selectors=[], output=job.scores), beam_args,
+                               extra={"scores_key": key})
+    return select_from_scores(job, job.scores, beam_args, scoring=scoring)
+
+
+def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None) -> dict:
+    """Run `job`'s selectors over a scored curate output, no model loaded."""
+    select_job = dataclasses.replace(
+        job, inputs=[InputConfig(path=scores, format="arrow", adapter="curate")],
+        filters=[], scorers=[], scores=None)
+    scoring = scoring or read_manifest(scores) or {}
+    return run_pipeline(select_job, beam_args, extra={
+        "scores_from": scores, "scores_key": scoring.get("scores_key"),
+        "scoring_counts": scoring.get("counts"), "scoring_plan": scoring.get("plan")})
+
+
+def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None) -> dict:
+    """Plan, run and publish one pipeline; returns the manifest."""
     t0 = time.time()
     plan = Plan(job)
     t_plan = time.time()
@@ -246,7 +323,15 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None) -> dict:
             "timings_s": {"plan": round(t_plan - t0, 3), "pipeline": round(t_run - t_plan, 3),
                           "total": round(time.time() - t0, 3)},
             "metrics": _beam_metrics(result),
+            **(extra or {}),
         }
+        if "://" not in staging:
+            try:
+                from curate.report.html import render_report
+
+                render_report(staging, manifest)
+            except Exception as exc:  # a report problem must not lose a finished run
+                log.warning("report.html not written: %s", exc)
         # manifest.json is written last: its presence marks a complete output
         with FileSystems.create(FileSystems.join(staging, "manifest.json")) as fh:
             fh.write(json.dumps(manifest, indent=2, default=str).encode())

@@ -267,7 +267,8 @@ class ReadFile(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, str(exc), _raw(row)))
                 continue
             for k, rec in enumerate(recs):
-                rec["origin"] = origin if len(recs) == 1 else f"{origin}:{k}"
+                if task.adapter != "curate":  # a curate row keeps its first origin
+                    rec["origin"] = origin if len(recs) == 1 else f"{origin}:{k}"
                 reason = validate_record(rec, task.max_chars)
                 if reason:
                     yield beam.pvalue.TaggedOutput(DEAD, dead_letter(rec["origin"], reason,

@@ -1,0 +1,188 @@
+"""report.html: what a run read, dropped and kept, with plots, in one self-contained file.
+
+Sections: the counts funnel, per-source mix before and after, score histograms (kept
+vs. not selected), cluster sizes when a `cluster` column exists, and a few kept and
+dropped examples per stage. Plots are matplotlib PNGs embedded as base64, so the file
+can be mailed or opened from a bucket. Only the needed columns are read from the
+memory-mapped shards, so the report stays cheap on large outputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections import Counter
+
+import pyarrow as pa
+
+from curate.records import BASE_COLUMNS
+
+SKIP_PLOT = {"random_key", "reject_stage", "reject_reason", "cluster", "n_response_tokens"}
+
+
+def _load_table(path: str) -> pa.Table | None:
+    if not os.path.exists(os.path.join(path, "state.json")):
+        return None
+    import datasets
+
+    return datasets.load_from_disk(path).data.table
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _funnel(counts: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    labels = ["read", "invalid"] + list(counts["filtered"]) + list(counts["not_selected"]) + ["kept"]
+    values = ([counts["read"], counts["invalid"]] + list(counts["filtered"].values())
+              + list(counts["not_selected"].values()) + [counts["kept"]])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 0.8))
+    colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
+    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    for i, v in enumerate(values[::-1]):
+        ax.text(v, i, f" {v:,}", va="center")
+    ax.set_xlabel("examples")
+    ax.set_title("counts funnel")
+    return _png(fig)
+
+
+def _sources(kept: pa.Table, rejected: pa.Table | None) -> str:
+    import matplotlib.pyplot as plt
+
+    after = Counter(kept.column("source").to_pylist())
+    before = Counter(after)
+    if rejected is not None and len(rejected):
+        before.update(rejected.column("source").to_pylist())
+    names = [n for n, _ in before.most_common()]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    total_b, total_a = sum(before.values()) or 1, sum(after.values()) or 1
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [before[n] / total_b for n in names], width=0.4, label="before (all examples)")
+    ax.bar([i + 0.2 for i in x], [after[n] / total_a for n in names], width=0.4, label="kept")
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
+    ax.set_ylabel("share")
+    ax.set_title("source mix before and after")
+    ax.legend()
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{before[n]:,}</td><td>{after[n]:,}</td></tr>" for n in names)
+    return _png(fig) + f"<table><tr><th>source</th><th>before</th><th>kept</th></tr>{rows}</table>"
+
+
+def _numeric_columns(table: pa.Table) -> list[str]:
+    return [f.name for f in table.schema
+            if f.name not in BASE_COLUMNS and f.name not in SKIP_PLOT
+            and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
+
+
+def _histograms(kept: pa.Table, rejected: pa.Table | None) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    parts = []
+    for name in _numeric_columns(kept):
+        k = np.array([v for v in kept.column(name).to_pylist() if v is not None], dtype=float)
+        r = np.array([], dtype=float)
+        if rejected is not None and name in rejected.column_names:
+            r = np.array([v for v in rejected.column(name).to_pylist() if v is not None], dtype=float)
+        k, r = k[np.isfinite(k)], r[np.isfinite(r)]
+        if not len(k) and not len(r):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 2.6))
+        both = np.concatenate([k, r])
+        bins = np.histogram_bin_edges(both, bins=40)
+        if len(r):
+            ax.hist(r, bins=bins, alpha=0.6, label=f"dropped ({len(r):,})", color="#c44e52")
+        ax.hist(k, bins=bins, alpha=0.7, label=f"kept ({len(k):,})", color="#55a868")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+        parts.append(_png(fig))
+    return "".join(parts) or "<p>no score columns</p>"
+
+
+def _clusters(kept: pa.Table, rejected: pa.Table | None) -> str:
+    import matplotlib.pyplot as plt
+
+    if "cluster" not in kept.column_names:
+        return ""
+    k = Counter(kept.column("cluster").to_pylist())
+    allc = Counter(k)
+    if rejected is not None and "cluster" in rejected.column_names:
+        allc.update(c for c in rejected.column("cluster").to_pylist() if c is not None)
+    ids = sorted(allc, key=lambda c: -allc[c])
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    ax.bar(range(len(ids)), [allc[c] for c in ids], label="cluster size", color="#8da0cb")
+    ax.bar(range(len(ids)), [k.get(c, 0) for c in ids], label="kept", color="#55a868")
+    ax.set_xlabel("clusters, largest first")
+    ax.set_title(f"cluster sizes and budgets ({len(k)} of {len(allc)} clusters covered)")
+    ax.legend()
+    return "<h2>Clusters</h2>" + _png(fig)
+
+
+def _examples(kept: pa.Table, rejected: pa.Table | None, n: int = 3) -> str:
+    def card(row: dict, extra: str = "") -> str:
+        scores = {k: v for k, v in row.items() if k not in BASE_COLUMNS and k not in ("reject_stage", "reject_reason")
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return (f"<div class='ex'><div class='meta'>{html.escape(row['id'])} · {html.escape(row['origin'])} · "
+                f"{html.escape(json.dumps(scores)[:300])}{extra}</div>"
+                f"<b>prompt</b><pre>{html.escape(row['prompt'][:600])}</pre>"
+                f"<b>response</b><pre>{html.escape(row['response'][:600])}</pre></div>")
+
+    out = ["<h3>kept</h3>"] + [card(r) for r in kept.slice(0, n).to_pylist()]
+    if rejected is not None and len(rejected):
+        stages = rejected.column("reject_stage").to_pylist()
+        for stage in dict.fromkeys(stages):
+            idx = [i for i, s in enumerate(stages) if s == stage][:n]
+            out.append(f"<h3>dropped by {html.escape(stage)}</h3>")
+            for i in idx:
+                row = rejected.slice(i, 1).to_pylist()[0]
+                out.append(card(row, f"<br><span class='why'>{html.escape(row['reject_reason'] or '')}</span>"))
+    return "".join(out)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:.2em 0 .8em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+.ex{border-left:3px solid #ccc;padding-left:.8em;margin-bottom:1em}.meta{color:#666;font-size:.85em}
+.why{color:#c44e52}img{margin:4px}"""
+
+
+def render_report(out_dir: str, manifest: dict | None = None) -> str:
+    """Write out_dir/report.html from the shards and the manifest; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if manifest is None:
+        with open(os.path.join(out_dir, "manifest.json")) as fh:
+            manifest = json.load(fh)
+    counts = manifest["counts"]
+    kept = _load_table(out_dir)
+    rejected = _load_table(os.path.join(out_dir, "rejected"))
+    title = html.escape(manifest.get("name", os.path.basename(out_dir.rstrip("/"))))
+    steps = manifest.get("plan", {})
+    step_text = ", ".join(s["type"] for k in ("filters", "scorers", "selectors") for s in steps.get(k, []))
+    body = [f"<h1>curate report: {title}</h1>",
+            f"<p>{counts['read']:,} read, {counts['invalid']:,} invalid, {counts['kept']:,} kept. "
+            f"Steps: {html.escape(step_text or 'none')}.</p>",
+            "<h2>Counts</h2>", _funnel(counts),
+            "<h2>Sources</h2>", _sources(kept, rejected),
+            "<h2>Scores</h2>", _histograms(kept, rejected),
+            _clusters(kept, rejected),
+            "<h2>Examples</h2>", _examples(kept, rejected)]
+    if manifest.get("scoring_counts"):
+        body.insert(2, f"<p>Scores re-used from <code>{html.escape(manifest['scores_from'])}</code>: "
+                       f"{html.escape(json.dumps(manifest['scoring_counts']))}</p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    path = os.path.join(out_dir, "report.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return path
