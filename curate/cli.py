@@ -7,6 +7,7 @@
     curate report OUT_DIR
     curate models prepare
     curate train --data OUT_DIR --model ID_OR_PATH --output RUN_DIR
+    curate prune --method magnitude|wanda|layer_drop --output DIR [--model M] [--sparsity S]
 
 Errors a user can fix (a bad job file, an unreadable input, a missing model) print one
 clear line and exit with status 2; a traceback means a bug in curate.
@@ -50,7 +51,19 @@ def cmd_run(args) -> int:
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
     manifest = run_job(job, args.beam_args)
     print_summary(manifest)
+    if job.train:
+        from curate.train import run_train
+
+        opts = dict(job.train)
+        out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
+        print(f"curate run: training on {job.output} -> {out}", file=sys.stderr)
+        metrics = run_train(job.output, output_dir=out, **opts)
+        _print_train(metrics)
     return 0
+
+
+def _print_train(metrics: dict) -> None:
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
 
 
 def cmd_score(args) -> int:
@@ -130,6 +143,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from curate.prune import make_pruned_copy, summarise
+
+    layers = None
+    if args.layers:
+        parts = [int(x) for x in args.layers.split(",")]
+        layers = parts[0] if len(parts) == 1 and "," not in args.layers else parts
+    report = make_pruned_copy(args.model, args.method, args.output, sparsity=args.sparsity, layers=layers,
+                              calibration=args.calibration or [], calibration_rows=args.calibration_rows,
+                              max_length=args.max_length, dtype=args.dtype)
+    print(f"{summarise(report)}\nsaved to {report['output']}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from curate.train import run_train
 
@@ -137,8 +164,8 @@ def cmd_train(args) -> int:
                  if k in ("epochs", "max_steps", "lr", "method", "max_length", "template", "lora_r")
                  and v is not None}
     metrics = run_train(args.data, model=args.model, output_dir=args.output, eval_path=args.eval,
-                        **overrides)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+                        limit=args.limit, eval_limit=args.eval_limit, **overrides)
+    _print_train(metrics)
     return 0
 
 
@@ -180,6 +207,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(fn=cmd_report)
 
+    p = sub.add_parser("prune", help="make a pruned copy of a model (magnitude, wanda, layer_drop)")
+    p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "layer_drop"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of decoder linear weights to zero")
+    p.add_argument("--layers", help="layer_drop: N (drop the last N) or i,j,... (drop those; '3,' is one index)")
+    p.add_argument("--calibration", action="append", help="wanda: pool file(s) to draw calibration rows from")
+    p.add_argument("--calibration-rows", dest="calibration_rows", type=int, default=64)
+    p.add_argument("--max-length", dest="max_length", type=int, default=512, help="calibration tokens per row")
+    p.add_argument("--dtype", default="float32", help="dtype to prune and save in (default float32)")
+    p.add_argument("--output", required=True, help="directory for the pruned model (HF layout)")
+    p.set_defaults(fn=cmd_prune)
+
     p = sub.add_parser("models", help="prepare the embedded default models (convert and cache)")
     p.add_argument("action", choices=["prepare"])
     p.set_defaults(fn=cmd_models)
@@ -189,6 +228,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
     p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json")
     p.add_argument("--eval", help="held-out data for loss before/after (directory or JSONL)")
+    p.add_argument("--limit", type=int, help="train on the first N examples")
+    p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N held-out examples")
     p.add_argument("--method", choices=["lora", "full"])
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", dest="max_steps", type=int)
