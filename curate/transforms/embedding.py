@@ -1,0 +1,131 @@
+"""Sentence embeddings: attention-masked mean of the encoder's last hidden states,
+L2-normalised (the sentence-transformers recipe for all-MiniLM-L6-v2, the model PASER
+uses and our default). Diversity clustering and PASER consume the `embedding` column.
+
+Which text is embedded (`field`): "prompt", "response", or "prompt_response" (default;
+the prompt, a blank line, the response: what the Diversify-and-Conquer paper embeds; its
+released code embeds the user turns only, which is `field: prompt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import ClassVar, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from curate.transforms.base import Scorer
+from curate.transforms.handlers import Progress, RecordModelHandler
+from curate.transforms.likelihood import batches_by_token_budget
+
+FIELDS = ("prompt", "response", "prompt_response")
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 16384, "cuda": 131072}
+
+
+def record_text(record: dict, field: str) -> str:
+    if field == "prompt":
+        return record["prompt"]
+    if field == "response":
+        return record["response"]
+    if field == "prompt_response":
+        return f"{record['prompt']}\n\n{record['response']}"
+    raise ValueError(f"unknown embedding field {field!r}; expected one of {', '.join(FIELDS)}")
+
+
+def mean_pool(last_hidden_state, attention_mask):
+    """Masked mean over the sequence, L2-normalised, float32: (batch, dim)."""
+    import torch
+
+    hidden = last_hidden_state.float()
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled, p=2, dim=-1)
+
+
+def embed_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256,
+                max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH["cpu"]) -> np.ndarray:
+    """Unit-norm embeddings of `texts`, (len(texts), dim) float32, in input order."""
+    import torch
+
+    if not texts:
+        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    encodings = tokenizer(list(texts), truncation=True, max_length=max_length)
+    features = [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
+    lengths = [len(f["input_ids"]) for f in features]
+    device = next(model.parameters()).device
+    out = None
+    for batch in batches_by_token_budget(lengths, max_tokens_per_batch):
+        padded = tokenizer.pad([features[i] for i in batch], return_tensors="pt")
+        padded = {k: v.to(device) for k, v in padded.items()}
+        with torch.inference_mode():
+            hidden = model(**padded).last_hidden_state
+            vectors = mean_pool(hidden, padded["attention_mask"]).cpu().numpy()
+        if out is None:
+            out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[batch] = vectors
+    return out
+
+
+class _EmbeddingRunner:
+    def __init__(self, scorer: "EmbeddingScorer"):
+        from curate.models import load_embedder
+
+        self.scorer = scorer
+        self.model, self.tokenizer = load_embedder(
+            scorer.model, device=scorer.device, dtype=scorer.dtype,
+            trust_remote_code=scorer.trust_remote_code)
+        device_type = next(self.model.parameters()).device.type
+        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
+            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
+        self.progress = Progress(f"embedding[{scorer.model}]")
+
+    def score(self, records: list[dict]) -> list[dict]:
+        started = time.perf_counter()
+        texts = [record_text(r, self.scorer.field) for r in records]
+        vectors = embed_texts(self.model, self.tokenizer, texts,
+                              max_length=self.scorer.max_length,
+                              max_tokens_per_batch=self.max_tokens)
+        column = self.scorer.column
+        out = [{**record, column: vector.tolist()} for record, vector in zip(records, vectors)]
+        self.progress.add(len(records), 0, time.perf_counter() - started)
+        return out
+
+
+@dataclasses.dataclass
+class EmbeddingScorer(Scorer):
+    """Adds `column` (default `embedding`): list<float32>, unit L2 norm."""
+
+    type: ClassVar[str] = "embedding"
+
+    model: str = "minilm"
+    field: str = "prompt_response"
+    max_length: int = 256
+    column: str = "embedding"
+    max_tokens_per_batch: Optional[int] = None  # None: by device (DEFAULT_TOKENS_PER_BATCH)
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    min_batch_size: int = 32
+    max_batch_size: int = 1024
+    model_copies: Optional[int] = None
+
+    def __post_init__(self):
+        if self.field not in FIELDS:
+            raise ValueError(f"embedding: unknown field {self.field!r}; "
+                             f"expected one of {', '.join(FIELDS)}")
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.column: pa.list_(pa.float32())}
+
+    def load_runner(self) -> _EmbeddingRunner:
+        return _EmbeddingRunner(self)
+
+    def model_handler(self) -> RecordModelHandler:
+        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
+                                  max_batch_size=self.max_batch_size,
+                                  model_copies=self.model_copies)
+
+    def describe(self) -> dict:
+        return {"type": self.type, **dataclasses.asdict(self)}

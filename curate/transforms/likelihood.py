@@ -1,0 +1,259 @@
+"""Response log-likelihood under a causal LM: the score behind GRAPE (and IFD/perplexity).
+
+For an example encoded by `curate.formatting.encode` (prompt tokens, then response
+tokens), the score is sum_t log p(y_t | x, y_<t) over response tokens only, with its mean
+(GRAPE's length-normalised score) and the token count.
+
+How it is computed, and why
+- Batches are cut by a token budget after sorting by length (`batches_by_token_budget`),
+  so padding is small and memory is bounded by (batch size x longest length).
+- The transformer body runs once per batch (right padding, attention mask). The LM head
+  is applied only to the hidden states that predict response tokens, gathered across the
+  batch: a full `model(ids).logits` costs batch x length x vocab floats (for SmolLM2,
+  49k floats per token) and a head matmul per prompt token, for nothing.
+- Target logit minus logsumexp is taken in float32 over chunks of positions, so the
+  chunk of logits never exceeds `max_logit_elements`, whatever the vocabulary.
+- Heads: a plain linear head (with or without bias, tied or not), optionally followed by
+  the logit transforms transformers models apply after it: `logit_scale` (Cohere,
+  multiplies), `logits_scaling` (Granite, divides) and `final_logit_softcapping`
+  (Gemma 2/3). A model whose head does anything else is not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import ClassVar, Optional, Sequence
+
+import pyarrow as pa
+
+from curate.formatting import TEMPLATES, Encoded, encode
+from curate.transforms.base import Scorer
+from curate.transforms.handlers import Progress, RecordModelHandler
+
+log = logging.getLogger(__name__)
+
+# Token budget per forward pass (batch size x longest length), by device type.
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536}
+# Largest chunk of float32 logits (positions x vocab) held at once: 64 MiB.
+DEFAULT_MAX_LOGIT_ELEMENTS = 1 << 24
+
+
+def batches_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, grouped so that len(batch) * max(length in batch) <= max_tokens.
+
+    Longest first (a batch that does not fit in memory fails at once, not at the end);
+    within a batch the lengths are adjacent in sorted order, so padding is small. An item
+    longer than the budget is a batch of its own.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        if current and (len(current) + 1) * longest > max_tokens:
+            batches.append(current)
+            current = []
+        if not current:
+            longest = max(int(lengths[i]), 1)
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _body_and_head(model):
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings()
+    if body is None or body is model or head is None:
+        raise NotImplementedError(
+            f"{type(model).__name__}: need a causal LM with a separate body (base_model) "
+            "and output head (get_output_embeddings)")
+    return body, head
+
+
+def _post_head(config):
+    """The logit transform the model applies after its head, as a function (or None)."""
+    config = _text_config(config)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if not (scale or divide or cap):
+        return None
+
+    def transform(logits):
+        if scale:
+            logits = logits * scale
+        if divide:
+            logits = logits / divide
+        if cap:
+            logits = (logits / cap).tanh() * cap
+        return logits
+
+    return transform
+
+
+def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 0,
+                      max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
+                      ) -> list[tuple[float, float, int]]:
+    """(sum, mean, count) of response-token log-probs for each encoded example, in order.
+
+    One forward pass over the whole list (the caller cuts batches). The mean of an
+    example with no response tokens is NaN.
+    """
+    import torch
+
+    if not encoded:
+        return []
+    body, head = _body_and_head(model)
+    transform = _post_head(model.config)
+    device = head.weight.device
+    lengths = [len(e.input_ids) for e in encoded]
+    batch, width = len(encoded), max(lengths)
+
+    ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    rows, cols = [], []
+    for i, e in enumerate(encoded):
+        ids[i, : lengths[i]] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, : lengths[i]] = 1
+        # position p predicts token p + 1: response tokens prompt_len..n-1
+        rows.extend([i] * (lengths[i] - e.prompt_len))
+        cols.extend(range(e.prompt_len - 1, lengths[i] - 1))
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    cols_t = torch.tensor(cols, dtype=torch.long)
+    targets = ids[rows_t, cols_t + 1].to(device)
+
+    with torch.inference_mode():
+        # No padding -> no mask: SDPA then takes its plain causal path.
+        attention_mask = mask.to(device) if min(lengths) < width else None
+        hidden = body(input_ids=ids.to(device), attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        picked = hidden[rows_t.to(device), cols_t.to(device)]  # (positions, d)
+        del hidden
+        n_positions = picked.shape[0]
+        chunk = max(1, max_logit_elements // head.weight.shape[0])
+        token_logprobs = torch.empty(n_positions, dtype=torch.float32, device=device)
+        for start in range(0, n_positions, chunk):
+            stop = min(start + chunk, n_positions)
+            logits = head(picked[start:stop]).float()
+            if transform is not None:
+                logits = transform(logits)
+            target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            token_logprobs[start:stop] = target_logit - torch.logsumexp(logits, dim=-1)
+        sums = torch.zeros(batch, dtype=torch.float64, device=device)
+        sums.index_add_(0, rows_t.to(device), token_logprobs.double())
+    counts = [n - e.prompt_len for n, e in zip(lengths, encoded)]
+    sums_list = sums.cpu().tolist()
+    return [(s, s / c if c else float("nan"), c) for s, c in zip(sums_list, counts)]
+
+
+def score_encoded(model, encoded: Sequence[Encoded], *, max_tokens_per_batch: int,
+                  pad_token_id: int = 0, max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
+                  ) -> list[tuple[float, float, int]]:
+    """`response_logprobs` over any number of examples, cut by token budget; input order."""
+    results: list = [None] * len(encoded)
+    lengths = [len(e.input_ids) for e in encoded]
+    for batch in batches_by_token_budget(lengths, max_tokens_per_batch):
+        scored = response_logprobs(model, [encoded[i] for i in batch], pad_token_id=pad_token_id,
+                                   max_logit_elements=max_logit_elements)
+        for i, value in zip(batch, scored):
+            results[i] = value
+    return results
+
+
+class _LikelihoodRunner:
+    """The loaded model plus everything needed to score a batch of records (worker side)."""
+
+    def __init__(self, scorer: "LikelihoodScorer"):
+        from curate.models import load_causal_lm
+
+        self.scorer = scorer
+        self.model, self.tokenizer = load_causal_lm(
+            scorer.model, device=scorer.device, dtype=scorer.dtype,
+            trust_remote_code=scorer.trust_remote_code)
+        device_type = self.model.get_output_embeddings().weight.device.type
+        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
+            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self.columns = scorer.column_names()
+        self.progress = Progress(f"likelihood[{scorer.model}]")
+
+    def score(self, records: list[dict]) -> list[dict]:
+        started = time.perf_counter()
+        encoded = []
+        for record in records:
+            try:
+                encoded.append(encode(record, self.tokenizer, self.scorer.template,
+                                      self.scorer.max_length))
+            except Exception as err:
+                raise ValueError(f"likelihood: cannot encode record {record.get('id')!r}: "
+                                 f"{err}") from err
+        scores = score_encoded(self.model, encoded, max_tokens_per_batch=self.max_tokens,
+                               pad_token_id=self.pad_token_id,
+                               max_logit_elements=self.scorer.max_logit_elements)
+        c_sum, c_mean, c_n, c_trunc = self.columns
+        out = [{**record, c_sum: total, c_mean: mean, c_n: n, c_trunc: e.truncated}
+               for record, e, (total, mean, n) in zip(records, encoded, scores)]
+        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded),
+                          time.perf_counter() - started)
+        return out
+
+
+@dataclasses.dataclass
+class LikelihoodScorer(Scorer):
+    """Log-probability of the response given the prompt under a causal LM.
+
+    Adds `logprob_sum` (float64), `logprob_mean` (float64: GRAPE's score),
+    `n_response_tokens` (int64) and `truncated` (bool), each name preceded by `prefix`.
+    Resources: one model copy per SDK process (or `model_copies` shared ones), plus
+    activations for `max_tokens_per_batch` tokens (default 8192 on CPU, 65536 on CUDA).
+    """
+
+    type: ClassVar[str] = "likelihood"
+
+    model: str = "default"
+    template: str = "plain"
+    max_length: int = 2048
+    max_tokens_per_batch: Optional[int] = None  # None: by device (DEFAULT_TOKENS_PER_BATCH)
+    device: str = "auto"
+    dtype: str = "auto"
+    prefix: str = ""
+    trust_remote_code: bool = False
+    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
+    min_batch_size: int = 32
+    max_batch_size: int = 1024
+    model_copies: Optional[int] = None  # set (e.g. 1 per GPU) to share across processes
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"likelihood: unknown template {self.template!r}; "
+                             f"expected one of {', '.join(TEMPLATES)}")
+        if self.max_length < 2:
+            raise ValueError("likelihood: max_length must be at least 2")
+
+    def column_names(self) -> tuple[str, str, str, str]:
+        p = self.prefix
+        return (f"{p}logprob_sum", f"{p}logprob_mean", f"{p}n_response_tokens", f"{p}truncated")
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return dict(zip(self.column_names(), (pa.float64(), pa.float64(), pa.int64(), pa.bool_())))
+
+    def load_runner(self) -> _LikelihoodRunner:
+        return _LikelihoodRunner(self)
+
+    def model_handler(self) -> RecordModelHandler:
+        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
+                                  max_batch_size=self.max_batch_size,
+                                  model_copies=self.model_copies)
+
+    def describe(self) -> dict:
+        return {"type": self.type, **dataclasses.asdict(self)}
