@@ -158,3 +158,11 @@ def test_load_embedder_gives_bare_encoder(tiny_lm_dir):
     assert not model.training
     assert not hasattr(model, "lm_head")
     assert tokenizer.pad_token is not None
+
+
+def test_load_tokenizer(tiny_lm_dir):
+    from curate.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    assert tokenizer.pad_token == "<pad>"
+    assert tokenizer("two plus two")["input_ids"]

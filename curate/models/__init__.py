@@ -12,6 +12,7 @@ from curate.models.loading import (
     cpu_has_native_bf16,
     load_causal_lm,
     load_embedder,
+    load_tokenizer,
     pick_device,
     pick_dtype,
     resolve_model,
@@ -19,6 +20,6 @@ from curate.models.loading import (
 
 __all__ = [
     "ModelNotFoundError", "cache_root", "cpu_has_native_bf16", "load_causal_lm",
-    "load_embedder", "minilm_path", "pick_device", "pick_dtype", "prepare_default_models",
-    "prepare_smollm2", "resolve_model", "smollm2_gguf",
+    "load_embedder", "load_tokenizer", "minilm_path", "pick_device", "pick_dtype",
+    "prepare_default_models", "prepare_smollm2", "resolve_model", "smollm2_gguf",
 ]

@@ -162,10 +162,19 @@ def _finish_tokenizer(tokenizer, name: str):
     return tokenizer
 
 
+def load_tokenizer(name: str = "default", trust_remote_code: bool = False):
+    """The tokenizer alone (length filters, token counts), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _finish_tokenizer(tokenizer, name)
+
+
 def load_causal_lm(name: str = "default", device: str = "auto", dtype: str = "auto",
                    trust_remote_code: bool = False):
     """(model, tokenizer): the model in eval mode on `device`, tokenizer with a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
     device = pick_device(device)
@@ -173,15 +182,15 @@ def load_causal_lm(name: str = "default", device: str = "auto", dtype: str = "au
     kwargs = {"trust_remote_code": trust_remote_code, **_dtype_kwarg(torch_dtype)}
     model = _from_pretrained(AutoModelForCausalLM, name, path, kwargs)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     log.info("loaded causal LM %s (%s) on %s in %s", name, path, device, torch_dtype)
-    return model, _finish_tokenizer(tokenizer, name)
+    return model, tokenizer
 
 
 def load_embedder(name: str = "minilm", device: str = "auto", dtype: str = "auto",
                   trust_remote_code: bool = False):
     """(model, tokenizer) for sentence embeddings: the bare encoder (AutoModel), eval mode."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     path = resolve_model(name)
     device = pick_device(device)
@@ -189,6 +198,6 @@ def load_embedder(name: str = "minilm", device: str = "auto", dtype: str = "auto
     kwargs = {"trust_remote_code": trust_remote_code, **_dtype_kwarg(torch_dtype)}
     model = _from_pretrained(AutoModel, name, path, kwargs)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     log.info("loaded embedder %s (%s) on %s in %s", name, path, device, torch_dtype)
-    return model, _finish_tokenizer(tokenizer, name)
+    return model, tokenizer
