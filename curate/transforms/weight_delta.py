@@ -56,14 +56,16 @@ selection: NOD is proportional to eta and, for small eta, DON is too (DON ~ eta 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+import time
+from typing import Any, ClassVar, Optional, Sequence
 
 import pyarrow as pa
 
-from curate.formatting import Encoded, encode
+from curate.formatting import TEMPLATES, Encoded, encode
 from curate.transforms.base import Scorer
+from curate.transforms.handlers import Progress
 
 DEFAULT_ETA = 1e-4
 DEFAULT_VOCAB_CHUNK = 8192
@@ -197,6 +199,7 @@ def _check_head(model) -> Any:
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("DON/NOD closed form assumes logits = W h; this LM head has a bias")
     cfg = model.config
+    cfg = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(cfg, name, None)
         if value not in (None, 0, 1, 1.0, False):
@@ -246,125 +249,107 @@ def don_nod_batch(model, encoded: Sequence[Encoded], eta: float, W_norm: float |
     return out
 
 
-def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped so that (batch size x longest length) <= max_tokens, by length.
-
-    Sorting by length keeps padding small; an example longer than the budget goes alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        # sorted ascending, so lengths[i] is the longest of current + [i]
-        if current and lengths[i] * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 # ------------------------------------------------------------------ Beam wrapper
-@dataclass
-class LoadedModel:
-    """What the handler loads once per worker: the model, its tokenizer and ||W||_F."""
-    model: Any
-    tokenizer: Any
-    W_norm: float
+# Token budget per forward pass (batch size x longest length), by device type.
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536}
 
 
-def _default_loader(name: str, device: str, dtype: str):
-    from curate.models import load_causal_lm  # lazy: the heavy imports stay on workers
+class _WeightDeltaRunner:
+    """The loaded model, its tokenizer and ||W||_F: scores batches of records (worker side)."""
 
-    return load_causal_lm(name, device=device, dtype=dtype)
+    def __init__(self, scorer: "WeightDeltaScorer", model=None, tokenizer=None):
+        if model is None:
+            from curate.models import load_causal_lm  # lazy: heavy imports stay on workers
 
-
-try:
-    from apache_beam.ml.inference.base import ModelHandler as _ModelHandler
-except ImportError:  # pragma: no cover - beam is a dependency; keeps the math importable alone
-    _ModelHandler = object
-
-
-class WeightDeltaModelHandler(_ModelHandler):
-    """RunInference handler over record dicts: adds `don`, `nod`, `n_response_tokens`.
-
-    `loader(name, device, dtype) -> (model, tokenizer)` defaults to
-    `curate.models.load_causal_lm`; it must be picklable (a module-level function).
-    Runs on one device with one model copy per worker process; memory beyond the model
-    is the batch's activations (max_tokens_per_batch x hidden size x layers) plus one
-    logits block of time_chunk x vocab_chunk float32 per example being scored.
-    """
-
-    def __init__(self, model: str = "default", template: str = "plain", max_length: int = 1024,
-                 eta: float = DEFAULT_ETA, max_tokens_per_batch: int = 16384,
-                 device: str = "auto", dtype: str = "auto",
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, time_chunk: int = DEFAULT_TIME_CHUNK,
-                 loader: Callable[[str, str, str], tuple[Any, Any]] | None = None,
-                 max_batch_size: int = 64):
-        if _ModelHandler is not object:
-            super().__init__(max_batch_size=max_batch_size)
-        self.model_name, self.template, self.max_length = model, template, int(max_length)
-        self.eta, self.max_tokens_per_batch = float(eta), int(max_tokens_per_batch)
-        self.device, self.dtype = device, dtype
-        self.vocab_chunk, self.time_chunk = int(vocab_chunk), int(time_chunk)
-        self.loader = loader
-
-    def load_model(self) -> LoadedModel:
-        loader = self.loader or _default_loader
-        model, tokenizer = loader(self.model_name, self.device, self.dtype)
-        model.eval()
+            model, tokenizer = load_causal_lm(scorer.model, device=scorer.device, dtype=scorer.dtype,
+                                              trust_remote_code=scorer.trust_remote_code)
+        self.scorer, self.model, self.tokenizer = scorer, model.eval(), tokenizer
         W = _check_head(model)
-        return LoadedModel(model, tokenizer, weight_norm(W, self.vocab_chunk))
+        self.W_norm = weight_norm(W, scorer.vocab_chunk)  # once per model
+        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
+            W.device.type, DEFAULT_TOKENS_PER_BATCH["cpu"])
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.progress = Progress(f"weight_delta[{scorer.model}]")
 
-    def run_inference(self, batch: Sequence[dict], model: LoadedModel,
-                      inference_args: dict | None = None) -> Iterable[dict]:
-        tok = model.tokenizer
-        encoded = [encode(r, tok, self.template, self.max_length) for r in batch]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        results: list[tuple[float, float, int] | None] = [None] * len(batch)
-        for group in token_batches([len(e.input_ids) for e in encoded], self.max_tokens_per_batch):
-            scores = don_nod_batch(model.model, [encoded[i] for i in group], self.eta, model.W_norm,
-                                   pad, self.vocab_chunk, self.time_chunk)
-            for i, s in zip(group, scores):
-                results[i] = s
-        return [{**r, "don": float(don), "nod": float(nod), "n_response_tokens": int(n)}
-                for r, (don, nod, n) in zip(batch, results)]
+    def score(self, records: list[dict]) -> list[dict]:
+        from curate.transforms.likelihood import batches_by_token_budget
 
-    def get_metrics_namespace(self) -> str:
-        return "curate_weight_delta"
+        started = time.perf_counter()
+        s = self.scorer
+        encoded = []
+        for record in records:
+            try:
+                encoded.append(encode(record, self.tokenizer, s.template, s.max_length))
+            except Exception as err:
+                raise ValueError(f"weight_delta: cannot encode record {record.get('id')!r}: {err}") from err
+        results: list = [None] * len(records)
+        for group in batches_by_token_budget([len(e.input_ids) for e in encoded], self.max_tokens):
+            scores = don_nod_batch(self.model, [encoded[i] for i in group], s.eta, self.W_norm,
+                                   self.pad_token_id, s.vocab_chunk, s.time_chunk)
+            for i, value in zip(group, scores):
+                results[i] = value
+        out = [{**r, "don": float(don), "nod": float(nod), "n_response_tokens": int(n)}
+               for r, (don, nod, n) in zip(records, results)]
+        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded),
+                          time.perf_counter() - started)
+        return out
 
 
+@dataclasses.dataclass
 class WeightDeltaScorer(Scorer):
     """DON and NOD of each example (METHODS.md "DONOD"); the `donod` selector ranks them.
 
+    Adds `don` (float64), `nod` (float64) and `n_response_tokens` (int64).
     Options: model ("default" = the embedded SmolLM2-135M-Instruct, or an HF id/path),
     template ("plain" | "chat"), max_length, eta (SGD step size, default 1e-4; see the
-    module docstring), max_tokens_per_batch (padded tokens per forward), device and
-    dtype ("auto": CUDA/bf16 when present, the CPU's best otherwise), vocab_chunk and
-    time_chunk (bound the logits block in memory).
+    module docstring), max_tokens_per_batch (padded tokens per forward; None: 8192 on
+    CPU, 65536 on CUDA), device and dtype ("auto": CUDA/bf16 when present, the CPU's best
+    otherwise), vocab_chunk and time_chunk (bound the logits block).
+    Resources: one model copy per SDK process (or `model_copies` shared ones), the
+    activations of one batch, and per example a time_chunk x vocab_chunk float32 logits
+    block (two of them while its exp is taken) plus T x T float64 Gram matrices.
     """
 
-    type = "weight_delta"
+    type: ClassVar[str] = "weight_delta"
 
-    def __init__(self, model: str = "default", template: str = "plain", max_length: int = 1024,
-                 eta: float = DEFAULT_ETA, max_tokens_per_batch: int = 16384,
-                 device: str = "auto", dtype: str = "auto",
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, time_chunk: int = DEFAULT_TIME_CHUNK):
-        if not eta > 0:
-            raise ValueError(f"weight_delta: eta must be > 0, got {eta}")
-        if max_length < 2:
+    model: str = "default"
+    template: str = "plain"
+    max_length: int = 1024
+    eta: float = DEFAULT_ETA
+    max_tokens_per_batch: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    time_chunk: int = DEFAULT_TIME_CHUNK
+    trust_remote_code: bool = False
+    min_batch_size: int = 32
+    max_batch_size: int = 1024
+    model_copies: Optional[int] = None  # set (e.g. 1 per GPU) to share across processes
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"weight_delta: unknown template {self.template!r}; "
+                             f"expected one of {', '.join(TEMPLATES)}")
+        if self.max_length < 2:
             raise ValueError("weight_delta: max_length must be at least 2")
-        self.options = dict(model=model, template=template, max_length=int(max_length),
-                            eta=float(eta), max_tokens_per_batch=int(max_tokens_per_batch),
-                            device=device, dtype=dtype, vocab_chunk=int(vocab_chunk),
-                            time_chunk=int(time_chunk))
+        if not self.eta > 0:
+            raise ValueError(f"weight_delta: eta must be > 0, got {self.eta}")
+        if self.vocab_chunk < 1 or self.time_chunk < 1:
+            raise ValueError("weight_delta: vocab_chunk and time_chunk must be >= 1")
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {"don": pa.float64(), "nod": pa.float64(), "n_response_tokens": pa.int64()}
 
-    def model_handler(self, loader=None) -> WeightDeltaModelHandler:
-        return WeightDeltaModelHandler(**self.options, loader=loader)
+    def load_runner(self) -> _WeightDeltaRunner:
+        return _WeightDeltaRunner(self)
+
+    def model_handler(self):
+        from curate.transforms.handlers import RecordModelHandler
+
+        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
+                                  max_batch_size=self.max_batch_size, model_copies=self.model_copies)
 
     def describe(self) -> dict:
-        return {"type": self.type, **self.options,
-                "head": "LM head only (tied embeddings: head path only)"}
+        return {"type": self.type, **dataclasses.asdict(self),
+                "head": "LM head only (a tied embedding counts only its head path)"}
