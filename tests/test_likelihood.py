@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import random
 
 import pytest
@@ -222,3 +223,30 @@ def test_smollm2_matches_direct_computation(shared_data):
         _check_close((scored["logprob_sum"], scored["logprob_mean"],
                       scored["n_response_tokens"]), want, tol=1e-4)
         assert -5 < scored["logprob_mean"] < 0 and math.isfinite(scored["logprob_sum"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CURATE_SLOW") != "1", reason="slow: set CURATE_SLOW=1")
+def test_handler_pickles_across_processes(tiny_lm, tiny_lm_dir, tmp_path):
+    """--direct_running_mode=multi_processing: the handler travels to worker processes and
+    each loads its own model, as on Dataflow."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    model, tokenizer = tiny_lm
+    records = _records()
+    scorer = LikelihoodScorer(model=str(tiny_lm_dir), min_batch_size=2, max_batch_size=3)
+    options = PipelineOptions(["--runner=FnApiRunner", "--direct_running_mode=multi_processing",
+                               "--direct_num_workers=2"])
+    with beam.Pipeline(options=options) as p:
+        (p | beam.Create(records) | RunInference(scorer.model_handler())
+         | beam.Map(lambda r: json.dumps([r["id"], r["logprob_sum"], r["logprob_mean"],
+                                          r["n_response_tokens"]]))
+         | beam.io.WriteToText(str(tmp_path / "scores")))
+    rows = [json.loads(line) for f in tmp_path.glob("scores*") for line in f.read_text().splitlines()]
+    got = {row[0]: tuple(row[1:]) for row in rows}
+    assert sorted(got) == sorted(r["id"] for r in records)
+    for r in records:
+        _check_close(got[r["id"]], reference_logprobs(model, encode(r, tokenizer, "plain", 2048)),
+                     tol=1e-4)
