@@ -10,6 +10,7 @@ from curate.config import ConfigError
 SELECTORS = {
     "random": "curate.selectors.random:RandomSelector",
     "grape": "curate.selectors.grape:GrapeSelector",
+    "diversity": "curate.selectors.diversity:DiversitySelector",
 }
 
 
