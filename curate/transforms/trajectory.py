@@ -1,0 +1,287 @@
+"""Loss trajectories for S2L (Yang et al., 2024): every example's mean response-token loss
+at each of a proxy run's T checkpoints, in training-step order.
+
+    trajectory (list<float64>, length T): [loss at step s_1, ..., loss at step s_T],
+                                          s_1 < ... < s_T; NaN (and +-inf) -> 0
+
+The loss is the one the trainer minimises and the authors' `get_trajectories.py` records
+(HF `model(input_ids, labels).loss` per example, prompt tokens masked): the mean over the
+response tokens of -log p(token | everything before it), on the example as
+`curate.formatting.encode` formats it, computed by `curate.transforms.likelihood`
+(`score_encoded`: token-budget batches, LM head only on response positions), so it is
+-`logprob_mean` of the likelihood scorer at that checkpoint.
+
+Checkpoints (`checkpoints:` a directory):
+- a curate trainer run (`checkpoints/step-N/adapter` or `.../model`), found with
+  `curate.train.list_checkpoints`, or
+- any directory of `checkpoint-N/` or `step-N/` subdirectories (HF Trainer's layout, the
+  authors' code), each a peft adapter or a saved model,
+ordered by the step number N, never by name: the released code globs checkpoint
+directories unsorted, so its trajectory coordinates come in filesystem order, and
+`checkpoint-1000` sorts before `checkpoint-500` as a string. `steps: [...]` keeps a
+subset.
+
+Memory: not T models at once. LoRA checkpoints (the default proxy run): the base model
+is loaded once and the T adapters (a few MB each) are put on it with peft under one name
+per step; each batch of records is encoded once and run T times, `set_adapter` switching
+between passes. Full-model checkpoints: one model in memory, its weights replaced from
+the checkpoint's safetensors before each pass (T weight loads per batch, so raise
+`min_batch_size` to amortise them). Either way one pass costs one forward of the proxy;
+a row costs T forwards.
+
+Proxy training from the job (`proxy: {data: ..., <trainer options>}`): before the
+pipeline runs, the driver trains the proxy into `checkpoints` unless that run is already
+complete there (`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
+With `scores:` in the job the trajectories are computed once and `curate select --scores
+DIR --method s2l` re-selects from them without any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import pyarrow as pa
+
+from curate.config import ConfigError
+from curate.formatting import TEMPLATES, encode
+from curate.transforms.base import Scorer
+from curate.transforms.handlers import Progress, RecordModelHandler
+
+log = logging.getLogger(__name__)
+
+_HF_STEP_DIR = re.compile(r"^(?:checkpoint|step)[-_](\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path       # the directory with adapter_config.json (LoRA) or config.json (full)
+    kind: str        # "lora" | "full"
+
+
+def _weights_dir(path: Path) -> tuple[Path, str] | None:
+    for sub in ("adapter", "model", "."):
+        d = path / sub
+        if (d / "adapter_config.json").is_file():
+            return d.resolve(), "lora"
+        if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+            return d.resolve(), "full"
+    return None
+
+
+def discover_checkpoints(root: str | Path, steps: Optional[list[int]] = None) -> list[Checkpoint]:
+    """The checkpoints under `root`, sorted by step (numerically)."""
+    from curate.train import list_checkpoints
+
+    root = Path(root)
+    found = list_checkpoints(root)
+    if not found and root.is_dir():
+        found = [(int(m.group(1)), p) for p in root.iterdir()
+                 if p.is_dir() and (m := _HF_STEP_DIR.match(p.name))]
+    out = []
+    for step, path in sorted(found, key=lambda item: item[0]):
+        weights = _weights_dir(path)
+        if weights is None:
+            raise ConfigError(f"{path}: neither a peft adapter nor a saved model")
+        out.append(Checkpoint(step, *weights))
+    if steps is not None:
+        wanted = {int(s) for s in steps}
+        missing = sorted(wanted - {c.step for c in out})
+        if missing:
+            raise ConfigError(f"{root}: no checkpoint at step(s) {missing}; found "
+                              f"{[c.step for c in out]}")
+        out = [c for c in out if c.step in wanted]
+    kinds = {c.kind for c in out}
+    if len(kinds) > 1:
+        raise ConfigError(f"{root}: a mix of LoRA and full-model checkpoints")
+    return out
+
+
+def finite_or_zero(x: float) -> float:
+    """S2L's NaN -> 0 (and +-inf, which would wreck k-means, likewise)."""
+    return x if math.isfinite(x) else 0.0
+
+
+class _TrajectoryRunner:
+    """Worker side: the proxy (base + T adapters, or one model reloaded per checkpoint)."""
+
+    def __init__(self, scorer: "TrajectoryScorer", checkpoints: list[Checkpoint]):
+        from curate.models import load_causal_lm
+        from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH
+
+        self.scorer, self.checkpoints = scorer, checkpoints
+        self.kind = checkpoints[0].kind
+        base = scorer.model if self.kind == "lora" else str(checkpoints[0].path)
+        model, self.tokenizer = load_causal_lm(base, device=scorer.device, dtype=scorer.dtype,
+                                               trust_remote_code=scorer.trust_remote_code)
+        if self.kind == "lora":
+            from peft import PeftModel
+
+            names = [self.adapter_name(c) for c in checkpoints]
+            model = PeftModel.from_pretrained(model, str(checkpoints[0].path), adapter_name=names[0])
+            for c, name in zip(checkpoints[1:], names[1:]):
+                model.load_adapter(str(c.path), adapter_name=name)
+            model.eval()
+            self.peft = model
+            # the transformer with the LoRA layers in place: what response_logprobs runs
+            self.model = model.get_base_model()
+        else:
+            self.peft, self.model = None, model
+        device_type = self.model.get_output_embeddings().weight.device.type
+        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
+            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self.progress = Progress(f"trajectory[{len(checkpoints)} checkpoints]")
+
+    @staticmethod
+    def adapter_name(c: Checkpoint) -> str:
+        return f"step-{c.step}"
+
+    def use(self, c: Checkpoint) -> None:
+        if self.kind == "lora":
+            self.peft.set_adapter(self.adapter_name(c))
+        else:
+            _load_full(self.model, c.path)
+
+    def losses(self, encoded) -> list[list[float]]:
+        """[example][checkpoint] mean response-token loss, checkpoints in step order."""
+        from curate.transforms.likelihood import score_encoded
+
+        per_ckpt = []
+        for c in self.checkpoints:
+            self.use(c)
+            scored = score_encoded(self.model, encoded, max_tokens_per_batch=self.max_tokens,
+                                   pad_token_id=self.pad_token_id,
+                                   max_logit_elements=self.scorer.max_logit_elements)
+            per_ckpt.append([finite_or_zero(-mean) for _, mean, _ in scored])
+        return [list(row) for row in zip(*per_ckpt)]
+
+    def score(self, records: list[dict]) -> list[dict]:
+        started = time.perf_counter()
+        encoded = []
+        for record in records:
+            try:
+                encoded.append(encode(record, self.tokenizer, self.scorer.template,
+                                      self.scorer.max_length))
+            except Exception as err:
+                raise ValueError(f"trajectory: cannot encode record {record.get('id')!r}: "
+                                 f"{err}") from err
+        column = self.scorer.column
+        out = [{**r, column: t} for r, t in zip(records, self.losses(encoded))]
+        self.progress.add(len(records), len(self.checkpoints) * sum(len(e.input_ids) for e in encoded),
+                          time.perf_counter() - started)
+        return out
+
+
+def _load_full(model, path: Path) -> None:
+    """Weights of a saved model directory (`*.safetensors`) into `model`, in place."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: weights do not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+
+
+@dataclasses.dataclass
+class TrajectoryScorer(Scorer):
+    """S2L loss trajectories: adds `trajectory` (list<float64>, one loss per checkpoint).
+
+    Options: `checkpoints` (the proxy run directory), `model` (the base the LoRA
+    adapters were trained on), `proxy` (trainer options plus `data`: train the proxy into
+    `checkpoints` first unless that run is complete there), `steps` (a subset of
+    checkpoint steps), template / max_length (as the proxy was trained: the defaults
+    match `train_proxy`'s), batching and device as the likelihood scorer.
+    Resources: one base model + T adapters per SDK process (or `model_copies` shared),
+    activations for `max_tokens_per_batch` tokens; T forward passes per row.
+    """
+
+    type: ClassVar[str] = "trajectory"
+
+    checkpoints: str = "runs/s2l-proxy"
+    model: str = "default"
+    proxy: Optional[dict] = None
+    steps: Optional[list] = None
+    template: str = "plain"
+    max_length: int = 512
+    column: str = "trajectory"
+    max_tokens_per_batch: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_logit_elements: int = 1 << 24
+    min_batch_size: int = 32
+    max_batch_size: int = 1024
+    model_copies: Optional[int] = None
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"trajectory: unknown template {self.template!r}; expected one of "
+                             f"{', '.join(TEMPLATES)}")
+        if self.proxy is not None and not isinstance(self.proxy, dict):
+            raise ValueError("trajectory: proxy must be a mapping of trainer options with 'data'")
+        if self.proxy is not None and "data" not in self.proxy:
+            raise ValueError("trajectory: proxy needs 'data': the pool to train on "
+                             "(in a job, `data: *pool` re-uses `inputs: &pool [...]`)")
+        self._proxy_metrics: dict | None = None
+        self._found: list[Checkpoint] | None = None
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.column: pa.list_(pa.float64())}
+
+    def prepare(self) -> list[Checkpoint]:
+        """Driver side, before the pipeline: train the proxy if asked, find the checkpoints."""
+        if self._found is not None:
+            return self._found
+        if self.proxy is not None:
+            from curate.train.proxy import train_proxy
+
+            options = {k: v for k, v in self.proxy.items() if k != "data"}
+            log.info("trajectory: proxy run in %s", self.checkpoints)
+            m = train_proxy(self.proxy["data"], self.checkpoints, model=self.model,
+                            template=self.template, max_length=self.max_length, **options)
+            self._proxy_metrics = {k: m.get(k) for k in (
+                "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
+                "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
+        found = discover_checkpoints(self.checkpoints, self.steps)
+        if not found:
+            raise ConfigError(f"trajectory: no checkpoints in {self.checkpoints}; train a proxy "
+                              f"there (`proxy:` option, or `curate train ... --output DIR` with "
+                              f"checkpoints) or point `checkpoints:` at one")
+        log.info("trajectory: %d checkpoints at steps %s", len(found), [c.step for c in found])
+        self._found = found
+        return found
+
+    def load_runner(self, checkpoints: list[Checkpoint]) -> _TrajectoryRunner:
+        return _TrajectoryRunner(self, checkpoints)
+
+    def model_handler(self) -> RecordModelHandler:
+        import functools
+
+        found = self.prepare()
+        return RecordModelHandler(functools.partial(self.load_runner, found), self.type,
+                                  min_batch_size=self.min_batch_size,
+                                  max_batch_size=self.max_batch_size,
+                                  model_copies=self.model_copies)
+
+    def describe(self) -> dict:
+        out = {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        if self._found is not None:
+            out["checkpoint_steps"] = [c.step for c in self._found]
+            out["checkpoint_kind"] = self._found[0].kind
+        if self._proxy_metrics is not None:
+            out["proxy_run"] = self._proxy_metrics
+        return out
