@@ -161,6 +161,16 @@ def test_full_finetune_from_jsonl_and_saved_dataset(tmp_path, tiny_lm_dir):
     assert ev["loss"] == pytest.approx(m["eval_after"]["loss"], rel=1e-5)
 
 
+def test_bf16_path_keeps_float32_master_weights(tmp_path, tiny_lm_dir):
+    # What runs on a GPU (or an AMX CPU): bf16 base, float32 adapter, bf16 autocast.
+    data = _records(4)
+    m = train(data, TrainConfig(model=str(tiny_lm_dir), dtype="bf16", lr=1e-2, max_length=48,
+                                **FAST), tmp_path, eval_data=data, progress=False)
+    assert m["compute_dtype"] == "bfloat16"
+    assert np.isfinite(m["eval_after"]["loss"]) and np.isfinite(m["train_loss_last"])
+    assert {t.dtype for t in _adapter_weights(tmp_path).values()} == {torch.float32}
+
+
 # ---------------------------------------------------------------- resume
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"               # "auto" | "bf16" | "fp32"
     trust_remote_code: bool = False
+    threads: int | None = None        # torch CPU threads (process-wide); None leaves torch's
     log_every: int = 10
 
     def __post_init__(self):
@@ -113,7 +114,8 @@ class TrainConfig:
                      "eval_batch_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("max_steps", "batch_tokens", "save_every", "eval_every", "num_checkpoints"):
+        for name in ("max_steps", "batch_tokens", "save_every", "eval_every", "num_checkpoints",
+                     "threads"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 or unset")
@@ -273,6 +275,10 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     `output_dir/model/` (full), `checkpoints/step-XXXXXX/`, `metrics.json`.
     """
     wall_start = time.perf_counter()
+    if cfg.threads:
+        # On a CPU shared with other work, one thread per process can beat two several times
+        # over: OpenMP's barriers wait for whichever thread the scheduler has parked.
+        torch.set_num_threads(cfg.threads)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
