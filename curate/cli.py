@@ -148,7 +148,7 @@ def cmd_prune(args) -> int:
 
     layers = None
     if args.layers:
-        parts = [int(x) for x in args.layers.split(",")]
+        parts = [int(x) for x in args.layers.split(",") if x.strip()]
         layers = parts[0] if len(parts) == 1 and "," not in args.layers else parts
     report = make_pruned_copy(args.model, args.method, args.output, sparsity=args.sparsity, layers=layers,
                               calibration=args.calibration or [], calibration_rows=args.calibration_rows,
