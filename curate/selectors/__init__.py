@@ -11,6 +11,7 @@ SELECTORS = {
     "random": "curate.selectors.random:RandomSelector",
     "grape": "curate.selectors.grape:GrapeSelector",
     "diversity": "curate.selectors.diversity:DiversitySelector",
+    "paser": "curate.selectors.paser:PaserSelector",
     "s2l": "curate.selectors.s2l:S2LSelector",
 }
 
