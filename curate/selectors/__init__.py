@@ -13,6 +13,7 @@ SELECTORS = {
     "diversity": "curate.selectors.diversity:DiversitySelector",
     "paser": "curate.selectors.paser:PaserSelector",
     "s2l": "curate.selectors.s2l:S2LSelector",
+    "donod": "curate.selectors.topsis:DonodSelector",
 }
 
 
