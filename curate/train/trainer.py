@@ -307,7 +307,9 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     eval_tok = None
     if eval_data is not None:
         eval_tok = tokenize(load_records(eval_data), tokenizer, cfg.template, cfg.max_length)
-    eval_records = list(load_records(eval_data, limit=cfg.n_samples)) if eval_data is not None and cfg.n_samples else []
+    eval_records = []
+    if eval_data is not None and cfg.n_samples:
+        eval_records = list(load_records(eval_data, limit=cfg.n_samples))
 
     plan = plan_steps(tok.lengths, seed=cfg.seed, epochs=cfg.epochs, max_steps=cfg.max_steps,
                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens,
