@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # the trainer's defaults, except: no periodic checkpoints (one short run per round)
 _TRAIN_DEFAULTS = {"save_every": None, "keep_checkpoints": 0}
+# base models loaded in this process, shared by the rounds' steps (never trained in place)
+_BASE_MODELS: dict = {}
 
 
 @dataclass
@@ -205,7 +207,10 @@ class TrainGenerateScore:
             method = self.cfg.train.get("method", "lora")
             # LoRA trains over a frozen base in the compute dtype; full fine-tuning in fp32
             load_dtype = dtype if method == "lora" else "float32"
-            self._base = load_model(self.cfg.model, device=device, dtype=load_dtype)
+            key = (self.cfg.model, device, str(load_dtype))
+            if key not in _BASE_MODELS:
+                _BASE_MODELS[key] = load_model(self.cfg.model, device=device, dtype=load_dtype)
+            self._base = _BASE_MODELS[key]
         return self._base
 
     def _load_reward(self):
