@@ -117,6 +117,12 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def matmul_flops(dtype_name: str, n: int = 2048, min_seconds: float = 2.0,
                  max_seconds_per_call: float = 2.0) -> dict:
     """FLOP/s of n x n matmuls. Grows from 256 to n, stopping early where one call would
@@ -134,12 +140,13 @@ def matmul_flops(dtype_name: str, n: int = 2048, min_seconds: float = 2.0,
             break
         size *= 2
     a @ b
-    calls, started = 0, time.perf_counter()
+    calls, started, cpu_started = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - started < min_seconds:
         a @ b
         calls += 1
-    seconds = time.perf_counter() - started
-    return {"n": size, "calls": calls, "flops": 2 * size ** 3 * calls / seconds}
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    work = 2 * size ** 3 * calls
+    return {"n": size, "calls": calls, "flops": work / seconds, "flops_per_cpu_s": work / cpu}
 
 
 # ---------------------------------------------------------------- the methods (worker side)
@@ -254,10 +261,10 @@ def run_method(spec: dict) -> dict:
 
     run([records[warm]], [encoded[warm]])  # warm-up, untimed
     with _PeakRSS() as rss:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         deadline[0] = started + cap
         scores = run(records, encoded)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     done = len(scores)
     tokens = sum(len(e.input_ids) for e in encoded[:done])
     return {
@@ -265,6 +272,7 @@ def run_method(spec: dict) -> dict:
         "complete": done == len(records), "tokens": tokens,
         "mean_tokens_per_row": sum(len(e.input_ids) for e in encoded) / len(encoded), "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
+        "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu if cpu else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "scoring_rss_increase_mb": (rss.peak - rss.start) / 2**20,
         "n_params": sum(p.numel() for p in model.parameters()),
@@ -343,6 +351,10 @@ def main(argv=None) -> int:
     result = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "md")},
               "machine": machine_info(), "load_average_start": load_average()}
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+        result["machine"]["torch_threads"] = args.threads
     print("machine:", result["machine"], "load:", result["load_average_start"], flush=True)
     result["matmul"] = {d: matmul_flops(d) for d in ("float32", "bfloat16")}
     print("matmul GFLOP/s:", {d: round(v["flops"] / 1e9, 1) for d, v in result["matmul"].items()},
@@ -359,14 +371,18 @@ def main(argv=None) -> int:
             r = in_fresh_process({**base, "method": method, "records": records})
             flops = result["matmul"][r["dtype"]]["flops"]
             r["fraction_of_limit"] = r["tokens_per_s"] * 2 * r["n_params"] / flops
+            r["fraction_of_limit_cpu"] = (r["tokens_per_cpu_s"] * 2 * r["n_params"]
+                                          / result["matmul"][r["dtype"]]["flops_per_cpu_s"])
             entry["methods"][method] = r
             print(f"{name:>24} {method:>16} {r['dtype']:>9} {r['tokens_per_s']:8.1f} tok/s "
+                  f"{r['tokens_per_cpu_s']:8.1f} tok/CPU-s "
                   f"rows {r['rows_done']}/{r['rows']} rss {r['peak_rss_mb']:.0f} MB", flush=True)
         methods = entry["methods"]
         if "loop_fp32" in methods:
             ref = methods["loop_fp32"]
             for r in methods.values():
                 r["speedup_vs_loop_fp32"] = r["tokens_per_s"] / ref["tokens_per_s"]
+                r["cpu_speedup_vs_loop_fp32"] = r["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
                 r["max_abs_diff_mean_vs_loop_fp32"] = max_abs_diff(r["scores"], ref["scores"])
         entry["mean_tokens_per_row"] = next(iter(methods.values()))["mean_tokens_per_row"]
         result["rowsets"][name] = entry
@@ -418,22 +434,31 @@ def markdown(result: dict) -> str:
         "numbers as lower bounds and compare methods within a run.",
         "",
         "Matmul rate: " + ", ".join(
-            f"{d} {v['flops'] / 1e9:.1f} GFLOP/s ({v['n']}x{v['n']})"
-            for d, v in result["matmul"].items()),
+            f"{d} {v['flops'] / 1e9:.1f} GFLOP/s wall, {v['flops_per_cpu_s'] / 1e9:.1f} GFLOP "
+            f"per CPU-second ({v['n']}x{v['n']})" for d, v in result["matmul"].items()) + ".",
+        "",
+        "tokens/s is wall-clock; tokens/CPU-s divides by the CPU time the process used, which "
+        "on a shared machine is the steadier measure of work per token (with --threads 1 it is "
+        "close to what one dedicated core would do). Fractions of the matmul limit are "
+        "tokens x 2 x n_params over the matmul rate of the same dtype, each measured the same "
+        "way (wall / CPU).",
         "",
     ]
     for name, entry in result["rowsets"].items():
         lines += [f"## {name}: {entry['rows']} rows, {entry['mean_tokens_per_row']:.0f} tokens "
                   "per row on average", "",
-                  "| method | dtype | rows done | tokens | tokens/s | x loop_fp32 | fraction of matmul limit "
-                  "| peak RSS MB | RSS increase while scoring MB | max abs diff of mean vs loop_fp32 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | dtype | rows done | tokens | tokens/s | x loop_fp32 | tokens/CPU-s "
+                  "| x loop_fp32 (CPU) | fraction of limit (wall / CPU) | peak RSS MB "
+                  "| RSS increase while scoring MB | max abs diff of mean vs loop_fp32 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, r in entry["methods"].items():
             diff = r.get("max_abs_diff_mean_vs_loop_fp32")
             lines.append(
                 f"| {method} | {r['dtype']} | {r['rows_done']}/{r['rows']} | {r['tokens']} | "
                 f"{r['tokens_per_s']:.1f} | {r.get('speedup_vs_loop_fp32', float('nan')):.2f} | "
-                f"{r['fraction_of_limit']:.3f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['tokens_per_cpu_s']:.1f} | {r.get('cpu_speedup_vs_loop_fp32', float('nan')):.2f} | "
+                f"{r['fraction_of_limit']:.3f} / {r['fraction_of_limit_cpu']:.3f} | "
+                f"{r['peak_rss_mb']:.0f} | "
                 f"{r['scoring_rss_increase_mb']:.0f} | "
                 f"{'n/a' if diff is None else f'{diff:.2e}'} |")
         lines.append("")
