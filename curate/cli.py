@@ -114,7 +114,11 @@ def print_summary(manifest: dict) -> None:
              f"read          {c['read']:>9,}",
              f"  invalid     {c['invalid']:>9,}   (dead_letter.jsonl)",
              f"  examples    {c['examples']:>9,}"]
-    for stage, n in {**c["filtered"], **c["not_selected"]}.items():
+    for stage, n in c["filtered"].items():
+        lines.append(f"  - {stage:<18}{n:>9,}")
+    for stage, n in c.get("score_failed", {}).items():
+        lines.append(f"  - {stage:<18}{n:>9,}   failed (dead_letter.jsonl)")
+    for stage, n in c["not_selected"].items():
         lines.append(f"  - {stage:<18}{n:>9,}")
     lines.append(f"kept          {c['kept']:>9,}   in {c['shards']} shard(s)")
     lines.append(f"time          {manifest['timings_s']['total']:.1f} s")

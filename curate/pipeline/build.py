@@ -1,13 +1,15 @@
 """Job -> Beam pipeline -> published output directory with a manifest.
 
     read -> validate (dead letter) -> filters -> scorers -> selectors -> shards
-                                        \\__________ rejected rows (with reasons) __/
+                                           \\         \\__ rejected rows (with reasons)
+                                            \\__ rows a scorer failed on: dead letter
 
 Output directory:
     data-*.arrow, dataset_info.json, state.json   the kept examples (load_from_disk)
     rejected/                                     filtered and unselected examples, with
                                                   reject_stage and reject_reason
-    dead_letter.jsonl                             rows that could not become examples
+    dead_letter.jsonl                             rows that could not become examples,
+                                                  and examples a scorer failed on
     manifest.json                                 config, versions, counts, timings
 """
 
@@ -18,7 +20,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from importlib import metadata
 
@@ -30,9 +31,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate import __version__, records
 from curate.config import ConfigError, InputConfig, JobConfig
-from curate.pipeline.readers import DEAD, ReadInputs, plan_inputs
-from curate.pipeline.sink import WriteJsonl, WriteShards, publish, staging_dir
+from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
+from curate.pipeline.sink import WriteJsonl, WriteShards, publish, remove_tree, staging_dir
 from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
+from curate.transforms.handlers import SCORE_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,18 @@ log = logging.getLogger(__name__)
 # FnApiRunner is the same local engine without that (and honours direct_running_mode).
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
+SCORE_FAILED = "score_failed"
+READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
 VERSIONED = ("apache-beam", "torch", "transformers", "datasets", "pyarrow", "faiss-cpu",
              "scikit-learn", "peft", "numpy")
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Options from `--flag=value` strings; a later flag wins (the job's come first, then
+    the command line's)."""
     args = list(beam_args)
-    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), None)
+    runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+    runner = runners[-1] if runners else None
     if runner is None:
         args.append(f"--runner={LOCAL_RUNNER}")
     elif runner.lower() in ("directrunner", "direct", "local"):
@@ -102,6 +109,9 @@ class Plan:
                                       f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
         # reject_stage names, in pipeline order
         self.filter_stages = list(dict.fromkeys(f"filter:{f.type}" for f in self.filters))
+        types = [s.type for s in self.scorers]
+        self.scorer_stages = [f"score:{t}" if types.count(t) == 1 else f"score{i}:{t}"
+                              for i, t in enumerate(types)]
         self.selector_stages = [f"select:{s.type}" if len(self.selectors) == 1 else f"select{i}:{s.type}"
                                 for i, s in enumerate(self.selectors)]
         self.schema = output_schema(columns)
@@ -109,13 +119,10 @@ class Plan:
 
     def input_columns(self) -> dict[str, pa.DataType]:
         """Score columns already present in inputs that are curate outputs (`curate select`)."""
-        import datasets
-
         columns: dict[str, pa.DataType] = {}
         for task in self.tasks:
             if task.adapter == "curate" and task.format == "arrow" and not task.path.endswith(".arrow"):
-                schema = datasets.load_from_disk(task.path).features.arrow_schema
-                for f in schema:
+                for f in arrow_dir_schema(task.path):
                     if f.name not in records.BASE_COLUMNS and f.name not in REJECT_COLUMNS:
                         columns.setdefault(f.name, f.type)
         return columns
@@ -159,11 +166,18 @@ def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
             pending.append(step)
     recs = flush_filters(recs, len(plan.filters))
 
+    # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
+    # dead letter right after that scorer, so later steps only see complete rows
+    score_failed = []
     if plan.scorers:
         from apache_beam.ml.inference.base import RunInference
 
         for i, scorer in enumerate(plan.scorers):
-            recs = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
+            scored = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
+            out = scored | f"ScoreFailures{i}" >> beam.FlatMap(
+                route_score_failure, plan.scorer_stages[i]).with_outputs(SCORE_FAILED, main="scored")
+            score_failed.append(out[SCORE_FAILED])
+            recs = out.scored
 
     for i, selector in enumerate(plan.selectors):
         out = recs | f"Select{i}:{selector.type}" >> selector
@@ -176,23 +190,31 @@ def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
         p | "NoRejected" >> beam.Create([]))
     rejected_info = all_rejected | "WriteRejected" >> WriteShards(
         FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
-    dead_n = read[DEAD] | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
+    dead = ([read[DEAD]] + score_failed) | "AllDeadLetter" >> beam.Flatten()
+    dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
     examples_n = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
     by_stage = (all_rejected
                 | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
                 | "CountByStage" >> beam.combiners.Count.PerElement()
                 | "StageCounts" >> beam.combiners.ToDict())
+    dead_by_stage = (dead
+                     | "DeadStageOf" >> beam.Map(lambda r: r.get("stage", READ_STAGE))
+                     | "CountDeadByStage" >> beam.combiners.Count.PerElement()
+                     | "DeadStageCounts" >> beam.combiners.ToDict())
 
-    def write_counts(kept, rejected, dead, examples, stages):
+    def write_counts(kept, rejected, dead, examples, stages, dead_stages):
         stages = {**{s: 0 for s in plan.filter_stages + plan.selector_stages}, **stages}
+        invalid = dead_stages.get(READ_STAGE, 0)
         counts = {
-            "read": examples + dead,
-            "invalid": dead,
+            "read": examples + invalid,
+            "invalid": invalid,
             "examples": examples,
             "filtered": {k: v for k, v in stages.items() if k.startswith("filter:")},
+            "score_failed": {s: dead_stages.get(s, 0) for s in plan.scorer_stages},
             "not_selected": {k: v for k, v in stages.items() if k.startswith("select")},
             "kept": kept["rows"],
             "rejected_rows_written": rejected["rows"],
+            "dead_letter_rows_written": dead,
             "shards": kept["shards"],
         }
         with FileSystems.create(FileSystems.join(staging, "_counts.json")) as fh:
@@ -200,21 +222,36 @@ def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
 
     (p | "Once" >> beam.Create([None])
        | "WriteCounts" >> beam.Map(
-           lambda _, k, r, d, e, s: write_counts(k, r, d, e, s),
+           lambda _, k, r, d, e, s, ds: write_counts(k, r, d, e, s, ds),
            beam.pvalue.AsSingleton(kept_info), beam.pvalue.AsSingleton(rejected_info),
            beam.pvalue.AsSingleton(dead_n), beam.pvalue.AsSingleton(examples_n),
-           beam.pvalue.AsSingleton(by_stage)))
+           beam.pvalue.AsSingleton(by_stage), beam.pvalue.AsSingleton(dead_by_stage)))
+
+
+def route_score_failure(record: dict, stage: str):
+    """A scored record onward; one its scorer failed on to the dead letter, with why."""
+    error = record.get(SCORE_ERROR)
+    if error is None:
+        yield record
+    else:
+        yield beam.pvalue.TaggedOutput(SCORE_FAILED, {
+            "origin": record["origin"], "id": record["id"], "stage": stage, "reason": error,
+            "raw": record["prompt"][:200]})
 
 
 def check_counts(counts: dict) -> None:
     """The manifest's promise: nothing is lost silently."""
     dropped = sum(counts["filtered"].values()) + sum(counts["not_selected"].values())
+    failed = sum(counts["score_failed"].values())
     if counts["read"] != counts["invalid"] + counts["examples"]:
         raise RuntimeError(f"counts do not add up (read != invalid + examples): {counts}")
-    if counts["examples"] != dropped + counts["kept"]:
-        raise RuntimeError(f"counts do not add up (examples != filtered + not_selected + kept): {counts}")
+    if counts["examples"] != dropped + failed + counts["kept"]:
+        raise RuntimeError("counts do not add up (examples != filtered + score_failed + not_selected "
+                           f"+ kept): {counts}")
     if counts["rejected_rows_written"] != dropped:
         raise RuntimeError(f"rejected rows written differ from the rows dropped: {counts}")
+    if counts["dead_letter_rows_written"] != counts["invalid"] + failed:
+        raise RuntimeError(f"dead-letter rows written differ from invalid + score_failed: {counts}")
 
 
 def _beam_metrics(result) -> dict:
@@ -338,6 +375,8 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         publish(staging, job.output)
         return manifest
     except BaseException:
-        if "://" not in staging:
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            remove_tree(staging)
+        except Exception as exc:  # never hide the run's own error behind a cleanup one
+            log.warning("could not remove the staging directory %s: %s", staging, exc)
         raise

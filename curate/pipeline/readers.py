@@ -207,23 +207,38 @@ def _parquet_rows(path: str):
         yield f"{name}:?", None, f"unreadable Parquet file: {exc}"
 
 
+def arrow_dir_files(path: str) -> list[str]:
+    """The shard files of a `save_to_disk` directory, in order (from its state.json)."""
+    with FileSystems.open(FileSystems.join(path.rstrip("/"), "state.json"),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        state = json.loads(fh.read())
+    return [FileSystems.join(path.rstrip("/"), f["filename"]) for f in state["_data_files"]]
+
+
+def arrow_dir_schema(path: str):
+    """The Arrow schema of a `save_to_disk` directory (from its dataset_info.json)."""
+    import datasets
+
+    with FileSystems.open(FileSystems.join(path.rstrip("/"), "dataset_info.json"),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        info = json.loads(fh.read())
+    return datasets.Features.from_dict(info["features"]).arrow_schema
+
+
 def _arrow_rows(path: str):
     import pyarrow as pa
 
+    # shards are read through FileSystems (not datasets.load_from_disk), so a directory
+    # on gs:// reads like a local one
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    if path.endswith(".arrow"):
-        with _open(path) as fh:
-            table = pa.ipc.open_stream(fh.read()).read_all()
-        batches = table.to_batches()
-    else:
-        import datasets
-
-        batches = datasets.load_from_disk(path).data.table.to_batches()
+    shards = [path] if path.endswith(".arrow") else arrow_dir_files(path)
     i = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            i += 1
-            yield f"{name}:row {i}", row, None
+    for shard in shards:
+        with _open(shard) as fh:
+            for batch in pa.ipc.open_stream(fh):
+                for row in batch.to_pylist():
+                    i += 1
+                    yield f"{name}:row {i}", row, None
 
 
 def _hf_rows(path: str):

@@ -23,6 +23,7 @@ import uuid
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -148,21 +149,39 @@ class WriteJsonl(beam.PTransform):
 # ---------------------------------------------------------------- publishing
 
 def staging_dir(output: str) -> str:
-    parent, name = os.path.split(output.rstrip("/"))
-    return os.path.join(parent, f".{name}.tmp-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    parent, name = FileSystems.split(output.rstrip("/"))
+    return FileSystems.join(parent, f".{name}.tmp-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def list_tree(path: str) -> list[str]:
+    """Every file under `path` (a directory, or a prefix on an object store), sorted."""
+    try:
+        found = FileSystems.match([FileSystems.join(path.rstrip("/"), "**")])[0].metadata_list
+    except BeamIOError:  # nothing there
+        return []
+    return sorted(m.path for m in found)
+
+
+def remove_tree(path: str) -> None:
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    files = list_tree(path)
+    if files:
+        FileSystems.delete(files)
 
 
 def publish(staging: str, output: str) -> None:
     """Make the finished staging directory the output, replacing an older one.
 
     Local paths: two renames (the old output is moved aside first, then removed).
-    Remote (gs://): Beam copies and deletes; `manifest.json` is written last inside
-    staging, so a reader that finds it knows the directory is complete.
+    Remote (gs://): object stores cannot rename a directory, so the old output is
+    deleted (its manifest.json first, so it stops looking complete) and the new files
+    are moved one by one, `manifest.json` last: a reader that finds it knows the
+    directory is complete.
     """
     if "://" in output:
-        if FileSystems.exists(output):
-            FileSystems.delete([output])
-        FileSystems.rename([staging], [output])
+        _publish_remote(staging, output)
         return
     old = None
     if os.path.exists(output):
@@ -171,3 +190,22 @@ def publish(staging: str, output: str) -> None:
     os.rename(staging, output)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_remote(staging: str, output: str) -> None:
+    output = output.rstrip("/")
+    manifest = FileSystems.join(output, "manifest.json")
+    old = list_tree(output)
+    if manifest in old:
+        FileSystems.delete([manifest])
+    rest = [f for f in old if f != manifest]
+    if rest:
+        FileSystems.delete(rest)
+    prefix = staging.rstrip("/") + "/"
+    files = list_tree(staging)
+    staged_manifest = FileSystems.join(staging, "manifest.json")
+    if staged_manifest not in files:
+        raise RuntimeError(f"{staging}: no manifest.json; refusing to publish an incomplete run")
+    files = [f for f in files if f != staged_manifest]
+    FileSystems.rename(files, [FileSystems.join(output, f[len(prefix):]) for f in files])
+    FileSystems.rename([staged_manifest], [manifest])  # alone, after the rest: a batch has no order

@@ -43,9 +43,11 @@ def _png(fig) -> str:
 def _funnel(counts: dict) -> str:
     import matplotlib.pyplot as plt
 
-    labels = ["read", "invalid"] + list(counts["filtered"]) + list(counts["not_selected"]) + ["kept"]
+    failed = counts.get("score_failed", {})  # absent in manifests older than it
+    labels = (["read", "invalid"] + list(counts["filtered"]) + [f"{s} failed" for s in failed]
+              + list(counts["not_selected"]) + ["kept"])
     values = ([counts["read"], counts["invalid"]] + list(counts["filtered"].values())
-              + list(counts["not_selected"].values()) + [counts["kept"]])
+              + list(failed.values()) + list(counts["not_selected"].values()) + [counts["kept"]])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 0.8))
     colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
     ax.barh(labels[::-1], values[::-1], color=colors[::-1])
@@ -169,8 +171,10 @@ def render_report(out_dir: str, manifest: dict | None = None) -> str:
     title = html.escape(manifest.get("name", os.path.basename(out_dir.rstrip("/"))))
     steps = manifest.get("plan", {})
     step_text = ", ".join(s["type"] for k in ("filters", "scorers", "selectors") for s in steps.get(k, []))
+    failed = counts.get("score_failed")  # one entry per scorer; none without scorers
+    failed_text = f"{sum(failed.values()):,} failed in a scorer (dead letter), " if failed else ""
     body = [f"<h1>curate report: {title}</h1>",
-            f"<p>{counts['read']:,} read, {counts['invalid']:,} invalid, {counts['kept']:,} kept. "
+            f"<p>{counts['read']:,} read, {counts['invalid']:,} invalid, {failed_text}{counts['kept']:,} kept. "
             f"Steps: {html.escape(step_text or 'none')}.</p>",
             "<h2>Counts</h2>", _funnel(counts),
             "<h2>Sources</h2>", _sources(kept, rejected),

@@ -44,10 +44,14 @@ def inspect_output(path: str, n_examples: int = 3) -> str:
         with open(manifest_path) as fh:
             m = json.load(fh)
         c = m["counts"]
-        out.append(f"counts: read {c['read']:,} = invalid {c['invalid']:,} + examples {c['examples']:,}; "
-                   f"filtered {sum(c['filtered'].values()):,} {c['filtered'] or ''}; "
-                   f"not selected {sum(c['not_selected'].values()):,} {c['not_selected'] or ''}; "
-                   f"kept {c['kept']:,}")
+        failed = c.get("score_failed")  # one entry per scorer; none without scorers
+        parts = [f"read {c['read']:,} = invalid {c['invalid']:,} + examples {c['examples']:,}",
+                 f"filtered {sum(c['filtered'].values()):,} {c['filtered'] or ''}"]
+        if failed:
+            parts.append(f"score failed {sum(failed.values()):,} {failed} (dead letter)")
+        parts += [f"not selected {sum(c['not_selected'].values()):,} {c['not_selected'] or ''}",
+                  f"kept {c['kept']:,}"]
+        out.append("counts: " + "; ".join(parts))
         out.append("steps: " + ", ".join(s["type"] for k in ("scorers", "selectors")
                                          for s in m["plan"][k]) if any(m["plan"][k] for k in ("scorers", "selectors")) else "steps: none")
     out.append("sources: " + ", ".join(f"{k} {v:,}" for k, v in Counter(table.column("source").to_pylist()).most_common()))

@@ -10,17 +10,49 @@ do. Without it (the default) each SDK worker process loads its own copy, shared 
 threads in that process (Beam's `shared.Shared`): right for CPU workers, where every
 process needs the cores anyway. For a GPU worker with several SDK processes set
 `model_copies=1` (one model per GPU, not per process).
+
+Fault tolerance lives here too, because every scorer's batches pass through
+`run_inference`: a batch that runs out of memory is split in half and each half retried
+(recursively), and a batch that fails for any other reason is bisected the same way to
+find the row(s) at fault. A single row that still fails is not fatal: it comes back with
+`SCORE_ERROR` set (the scorer and the exception) and no score columns, and the pipeline
+sends it to the dead-letter output instead of the selectors.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 log = logging.getLogger(__name__)
+
+# set on a record whose scoring failed on its own: "<scorer> failed: <Type>: <message>"
+SCORE_ERROR = "_score_error"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or MPS/CPU allocator) out of memory, or a Python MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # no torch import just to classify an error
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    # the failed batch's tensors are garbage once its traceback is gone; hand the cached
+    # blocks back so the halves start from a clean allocator
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class RecordModelHandler(ModelHandler):
@@ -41,7 +73,37 @@ class RecordModelHandler(ModelHandler):
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[dict]:
-        return model.score(list(batch))
+        records = list(batch)
+        out = self._score_or_split(records, model)
+        if len(records) > 1 and all(SCORE_ERROR in r for r in out):
+            # every row failing on its own is a broken scorer or setting, not bad rows:
+            # fail the run rather than dead-letter the whole pool
+            raise RuntimeError(f"{self._name}: every row of a batch of {len(records)} failed, "
+                               f"e.g. {out[0][SCORE_ERROR]}")
+        return out
+
+    def _score_or_split(self, records: list[dict], model) -> list[dict]:
+        try:
+            return list(model.score(records))
+        except Exception as exc:
+            # keep only the text: leaving the handler drops the traceback, and with it the
+            # failed batch's tensors, before the halves run
+            error = f"{type(exc).__name__}: {exc}"
+            out_of_memory = is_out_of_memory(exc)
+        if out_of_memory:
+            _free_accelerator_memory()
+        if len(records) == 1:
+            Metrics.counter(self.get_metrics_namespace(), "rows_failed").inc()
+            record = records[0]
+            log.warning("%s: row %s (%s) failed, sent to the dead letter: %s", self._name,
+                        record.get("id"), record.get("origin"), error)
+            return [{**record, SCORE_ERROR: f"scorer {self._name} failed: {error}"[:2000]}]
+        half = len(records) // 2
+        Metrics.counter(self.get_metrics_namespace(), "batches_split").inc()
+        log.warning("%s: a batch of %d rows %s; retrying as %d + %d rows", self._name, len(records),
+                    "ran out of memory" if out_of_memory else f"failed ({error[:200]})",
+                    half, len(records) - half)
+        return self._score_or_split(records[:half], model) + self._score_or_split(records[half:], model)
 
     def get_metrics_namespace(self) -> str:
         return f"curate.{self._name}"
