@@ -17,10 +17,12 @@ A job file looks like (see jobs/ for real ones):
                                    # filters and scorers are unchanged (score once, select many)
     selectors: [{type: random, budget: 1000, seed: 0}]
     output: runs/gsm8k-random
-    beam_args: []
+    beam_args: []                  # Beam pipeline options for this job, `--flag=value`
+                                   # (runner, project, workers: see jobs/dataflow/);
+                                   # options after `--` on the command line come later and win
 
-Paths expand `${VAR}` and `${VAR:-default}` from the environment; relative paths are
-relative to the working directory (run jobs from the repository root).
+Paths and beam_args expand `${VAR}` and `${VAR:-default}` from the environment; relative
+paths are relative to the working directory (run jobs from the repository root).
 """
 
 from __future__ import annotations
@@ -111,6 +113,23 @@ def _steps(raw: Any, where: str) -> list[dict]:
     return steps
 
 
+def _beam_args(raw: Any, where: str) -> list[str]:
+    """Beam pipeline options as `--flag=value` strings; a malformed one is an error here,
+    because Beam would drop it with only a log line."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: beam_args must be a list of '--flag=value' strings, "
+                          f"got {type(raw).__name__}")
+    out = []
+    for i, arg in enumerate(raw):
+        if not isinstance(arg, str) or not arg.startswith("--") or " " in arg.split("=", 1)[0]:
+            raise ConfigError(f"{where}: beam_args[{i}] {arg!r}: expected one '--flag=value' string, "
+                              f"e.g. '--runner=DataflowRunner'")
+        out.append(expand_vars(arg))
+    return out
+
+
 def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     where = source_file or "job"
     if not isinstance(data, dict):
@@ -137,6 +156,7 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     validate = _build(ValidateConfig, data.pop("validate", None) or {}, f"{where}: validate")
     for key in ("filters", "scorers", "selectors"):
         data[key] = _steps(data.get(key), f"{where}: {key}")
+    data["beam_args"] = _beam_args(data.get("beam_args"), where)
     job = _build(JobConfig, {**data, "inputs": inputs, "validate": validate}, where)
     job.source_file = source_file
     if job.shard_rows < 1:

@@ -1,0 +1,383 @@
+"""Job files and remote paths: every job under jobs/ and jobs/dataflow/ parses and builds
+its Beam graph (without running it or loading a model), the Dataflow jobs carry what
+Dataflow needs, and a run whose inputs and output are on an object store goes through
+Beam's FileSystems only (an in-memory GCS-like store stands in for gs://, which Beam
+cannot fake offline)."""
+
+import gzip
+import hashlib
+import io
+import json
+import pathlib
+
+import apache_beam as beam
+import pyarrow as pa
+import pytest
+from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata, FileSystem
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from curate.config import ConfigError, load_job, parse_job
+from curate.pipeline.build import LOCAL_RUNNER, Plan, build, pipeline_options, run_job
+from curate.pipeline.readers import plan_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LOCAL_JOBS = sorted(ROOT.glob("jobs/*.yaml"))
+DATAFLOW_JOBS = sorted(ROOT.glob("jobs/dataflow/*.yaml"))
+METHODS = {"random", "grape", "s2l", "donod", "diversity", "paser"}
+GPU = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
+PLACEHOLDER_VARS = ("GCP_PROJECT", "GCP_REGION", "CURATE_BUCKET", "CURATE_IMAGE")
+VALID_SETTINGS = {"GCP_PROJECT": "curate-test-project", "GCP_REGION": "us-central1",
+                  "CURATE_BUCKET": "gs://curate-test-bucket",
+                  "CURATE_IMAGE": "us-central1-docker.pkg.dev/curate-test-project/curate/worker:0.1"}
+
+
+@pytest.fixture(autouse=True)
+def placeholders(monkeypatch):
+    """The Dataflow jobs as shipped: every ${VAR:-YOUR_...} falls back to its placeholder."""
+    for var in PLACEHOLDER_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _ids(paths):
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+# ---------------------------------------------------------------- tiny stand-in inputs
+
+def _tiny_rows(name: str) -> list[dict]:
+    """A few rows in the shape of the shared data file called `name`."""
+    if name.startswith("gsm8k"):
+        return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}
+                for i in range(8)]
+    if name.startswith("alpaca_eval_pool"):
+        return [{"instruction": f"Describe topic {i}", "output": f"Model {g} on topic {i}.", "generator": f"m{g}"}
+                for i in range(4) for g in range(3)]
+    return [{"instruction": f"Task {i} from {name}", "input": "", "output": f"Done {i}."} for i in range(8)]
+
+
+def _write_tiny_input(path: pathlib.Path) -> str:
+    text = "".join(json.dumps(r) + "\n" for r in _tiny_rows(path.name)).encode()
+    path.write_bytes(gzip.compress(text) if path.name.endswith(".gz") else text)
+    return str(path)
+
+
+def _fake_proxy_run(root: pathlib.Path) -> str:
+    """Two LoRA checkpoints in the HF layout: enough to plan, never loaded here."""
+    for step in (1, 2):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    return str(root)
+
+
+def localise(job, tmp_path):
+    """The job with its inputs, outputs and driver-side model paths made local and tiny.
+
+    What stays as written: every scorer's and selector's options, the filters, the
+    beam_args. Models are only named here; workers load them at run time.
+    """
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for spec in job.inputs:
+        spec.path = _write_tiny_input(data / spec.path.rsplit("/", 1)[-1])
+    job.output = str(tmp_path / "out")
+    job.scores = job.scores and str(tmp_path / "scores")
+    for scorer in job.scorers:
+        if scorer["type"] == "trajectory":  # the driver lists the proxy's checkpoints
+            scorer["checkpoints"] = _fake_proxy_run(tmp_path / "proxy")
+            scorer.pop("proxy", None)  # training it is a driver step before the graph
+    for selector in job.selectors:
+        if selector.get("work_dir"):
+            selector["work_dir"] = str(tmp_path / "work")
+    return job
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Building a graph must not load a model: that happens in the workers."""
+    import transformers
+
+    import curate.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded while building the pipeline graph")
+
+    for name in ("load_causal_lm", "load_embedder"):
+        monkeypatch.setattr(curate.models, name, refuse)
+    for cls in (transformers.PreTrainedModel, transformers.AutoModel, transformers.AutoModelForCausalLM,
+                transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------- every job builds
+
+@pytest.mark.parametrize("path", LOCAL_JOBS + DATAFLOW_JOBS, ids=_ids(LOCAL_JOBS + DATAFLOW_JOBS))
+def test_job_builds_its_pipeline_graph(path, tmp_path, no_model_loading, monkeypatch):
+    dataflow = path in DATAFLOW_JOBS
+    if dataflow:  # what a user sets; Beam rejects the YOUR_* placeholders (as it should)
+        for var, value in VALID_SETTINGS.items():
+            monkeypatch.setenv(var, value)
+    job = localise(load_job(str(path)), tmp_path)
+    plan = Plan(job)
+    # a Dataflow job builds under its own options: DataflowRunner constructed and the
+    # options validated, never run (dry_run: no GCS check from the validator)
+    options = pipeline_options(job.beam_args + ["--dry_run=True"]) if dataflow else PipelineOptions()
+    p = beam.Pipeline(options=options)
+    if dataflow:
+        assert type(p.runner).__name__ == "DataflowRunner"
+    build(p, plan, str(tmp_path / "staging"))
+
+    proto = p.to_runner_api()  # what a runner is sent: every step pickles
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    for i, scorer in enumerate(job.scorers):
+        assert f"Score{i}:{scorer['type']}" in names and f"ScoreFailures{i}" in names
+    for i, selector in enumerate(job.selectors):
+        assert f"Select{i}:{selector['type']}" in names
+    assert {"ReadInputs", "WriteKept", "WriteRejected", "WriteDeadLetter", "WriteCounts"} <= names
+    assert not (tmp_path / "staging").exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the Dataflow jobs
+
+def test_one_dataflow_job_per_method():
+    assert {p.stem for p in DATAFLOW_JOBS} == METHODS
+    for path in DATAFLOW_JOBS:
+        assert [s["type"] for s in load_job(str(path)).selectors] == [path.stem]
+
+
+@pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
+def test_dataflow_job_settings(path):
+    job = load_job(str(path))
+    remote = [spec.path for spec in job.inputs] + [job.output] + ([job.scores] if job.scores else [])
+    assert all(p.startswith("gs://YOUR_BUCKET/") for p in remote)
+    assert all(spec.limit is None for spec in job.inputs)  # full size
+
+    options = pipeline_options(job.beam_args).get_all_options()
+    for arg in job.beam_args:  # Beam drops an unknown flag with a log line only
+        assert arg[2:].split("=", 1)[0] in options, f"{arg}: not a Beam pipeline option"
+    assert options["runner"] == "DataflowRunner"
+    assert options["project"] == "YOUR_PROJECT" and options["region"] == "YOUR_REGION"
+    assert options["temp_location"].startswith("gs://YOUR_BUCKET/")
+    assert options["sdk_container_image"].endswith("/curate/worker:0.1")
+    assert "use_runner_v2" in options["experiments"]
+    gpu = GPU in (options["dataflow_service_options"] or [])
+    assert gpu == bool(job.scorers)  # GPU exactly where a model scorer runs
+    for scorer in job.scorers:
+        assert scorer.get("model_copies") == 1  # one model per GPU, not per SDK process
+        for key in ("model", "pruned_model", "checkpoints"):
+            name = scorer.get(key)
+            assert name is None or name in ("default", "minilm") or name.startswith("/opt/curate/models/")
+
+
+def test_placeholders_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CURATE_BUCKET", "gs://my-bucket")
+    monkeypatch.setenv("GCP_PROJECT", "my-project")
+    job = load_job(str(ROOT / "jobs/dataflow/grape.yaml"))
+    assert job.inputs[0].path == "gs://my-bucket/data/alpaca_eval_pool.jsonl.gz"
+    assert job.output == "gs://my-bucket/runs/grape"
+    assert "--project=my-project" in job.beam_args and "--temp_location=gs://my-bucket/tmp" in job.beam_args
+
+
+def test_dockerfile_matches_the_launcher():
+    """The worker's Beam SDK must be the launcher's; the image carries the job files and
+    the models the jobs name by path."""
+    import apache_beam
+
+    dockerfile = (ROOT / "jobs/dataflow/Dockerfile").read_text()
+    assert f"ARG BEAM_VERSION={apache_beam.__version__}" in dockerfile
+    assert '"apache-beam[gcp]==${BEAM_VERSION}"' in dockerfile
+    assert "COPY jobs/dataflow/models /opt/curate/models" in dockerfile
+    assert (ROOT / "jobs/dataflow/README.md").is_file()
+
+
+# ---------------------------------------------------------------- beam_args
+
+def test_beam_args_are_checked():
+    base = {"inputs": ["x.jsonl"], "output": "out"}
+    assert parse_job({**base, "beam_args": ["--runner=DataflowRunner", "--save_main_session"]}).beam_args == [
+        "--runner=DataflowRunner", "--save_main_session"]
+    assert parse_job(base).beam_args == []
+    for bad in ("--runner=DataflowRunner", ["runner=DataflowRunner"], ["--project my-project"], [3]):
+        with pytest.raises(ConfigError, match="beam_args"):
+            parse_job({**base, "beam_args": bad})
+
+
+def test_command_line_options_win_over_the_job():
+    job_args = ["--runner=DataflowRunner", "--max_num_workers=4", "--experiments=use_runner_v2"]
+    options = pipeline_options(job_args + ["--runner=DirectRunner", "--max_num_workers=2"]).get_all_options()
+    assert options["runner"] == LOCAL_RUNNER  # the local engine, not Prism
+    assert options["max_num_workers"] == 2 and options["experiments"] == ["use_runner_v2"]
+
+
+# ---------------------------------------------------------------- remote paths
+
+_OBJECTS: dict[str, bytes] = {}  # path -> content, shared by every instance (Beam makes many)
+
+
+class _Upload(io.BytesIO):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def close(self):
+        if not self.closed:
+            _OBJECTS[self.path] = self.getvalue()  # visible once complete, as on GCS
+        super().close()
+
+
+class MemoryObjectStore(FileSystem):
+    """`memgs://bucket/key`: flat keys, no directories, and a rename or open of a key
+    that is not there fails, as on GCS. Nothing under it exists on the local disk, so a
+    local-only call (os.path, open, glob) on such a path cannot pass for a working one."""
+
+    @classmethod
+    def scheme(cls):
+        return "memgs"
+
+    def join(self, basepath, *paths):
+        for p in paths:
+            basepath = basepath.rstrip("/") + "/" + p.lstrip("/")
+        return basepath
+
+    def split(self, path):
+        head, _, tail = path.rstrip("/").rpartition("/")
+        return head, tail
+
+    def mkdirs(self, path):
+        pass
+
+    def has_dirs(self):
+        return False
+
+    def _list(self, prefix):
+        for path, data in sorted(_OBJECTS.items()):
+            if path.startswith(prefix):
+                yield FileMetadata(path, len(data), 0.0)
+
+    def create(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+        compression_type = FileSystem._get_compression_type(path, compression_type)
+        raw = _Upload(path)
+        return raw if compression_type == CompressionTypes.UNCOMPRESSED else CompressedFile(raw, compression_type)
+
+    def open(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+        if path not in _OBJECTS:
+            raise BeamIOError("Open failed", {path: FileNotFoundError(path)})
+        raw = io.BytesIO(_OBJECTS[path])
+        compression_type = FileSystem._get_compression_type(path, compression_type)
+        return raw if compression_type == CompressionTypes.UNCOMPRESSED else CompressedFile(raw, compression_type)
+
+    def copy(self, sources, destinations):
+        missing = [s for s in sources if s not in _OBJECTS]
+        if missing:
+            raise BeamIOError("Copy operation failed", {s: FileNotFoundError(s) for s in missing})
+        for s, d in zip(sources, destinations):
+            _OBJECTS[d] = _OBJECTS[s]
+
+    def rename(self, sources, destinations):
+        self.copy(sources, destinations)
+        for s in sources:
+            del _OBJECTS[s]
+
+    def exists(self, path):
+        return path in _OBJECTS
+
+    def size(self, path):
+        return len(_OBJECTS[path])
+
+    def last_updated(self, path):
+        return 0.0
+
+    def checksum(self, path):
+        return hashlib.md5(_OBJECTS[path]).hexdigest()
+
+    def metadata(self, path):
+        return FileMetadata(path, len(_OBJECTS[path]), 0.0)
+
+    def delete(self, paths):
+        for path in paths:
+            _OBJECTS.pop(path, None)
+
+
+@pytest.fixture
+def store():
+    _OBJECTS.clear()
+    yield _OBJECTS
+    _OBJECTS.clear()
+
+
+def _upload(path, rows, lines=()):
+    text = "".join(json.dumps(r) + "\n" for r in rows) + "".join(line + "\n" for line in lines)
+    _OBJECTS[path] = gzip.compress(text.encode())
+
+
+def test_plan_inputs_globs_and_reads_through_filesystems(store):
+    _upload("memgs://bucket/data/gsm8k_train.jsonl.gz", _tiny_rows("gsm8k_train"))
+    _upload("memgs://bucket/data/codealpaca.jsonl.gz", _tiny_rows("codealpaca"))
+    _upload("memgs://bucket/other/ignored.jsonl.gz", _tiny_rows("codealpaca"))
+    tasks = plan_inputs(parse_job({"inputs": ["memgs://bucket/data/*.jsonl.gz"], "output": "o"}).inputs, 32_000)
+    assert [(t.path, t.source, t.format, t.adapter) for t in tasks] == [
+        ("memgs://bucket/data/codealpaca.jsonl.gz", "codealpaca", "jsonl", "alpaca"),
+        ("memgs://bucket/data/gsm8k_train.jsonl.gz", "gsm8k_train", "jsonl", "qa")]
+    with pytest.raises(ConfigError, match="no file matches"):
+        plan_inputs(parse_job({"inputs": ["memgs://bucket/none/*.jsonl"], "output": "o"}).inputs, 32_000)
+
+
+def _listing(prefix):
+    return sorted(p[len(prefix):] for p in _OBJECTS if p.startswith(prefix))
+
+
+def _kept_rows(out):
+    state = json.loads(_OBJECTS[f"{out}/state.json"])
+    rows = []
+    for f in state["_data_files"]:
+        rows += pa.ipc.open_stream(_OBJECTS[f"{out}/{f['filename']}"]).read_all().to_pylist()
+    return rows
+
+
+def test_run_with_inputs_and_output_on_an_object_store(store, tiny_lm_dir):
+    """Read (glob, gzip, a broken line), score, keep the scores, select, publish, then
+    re-select from the stored scores into the same output: all on memgs://."""
+    _upload("memgs://bucket/data/gsm8k_train.jsonl.gz", _tiny_rows("gsm8k_train"), lines=['{"broken'])
+    _upload("memgs://bucket/data/codealpaca.jsonl.gz", _tiny_rows("codealpaca"))
+    spec = {"inputs": ["memgs://bucket/data/*.jsonl.gz"], "output": "memgs://bucket/runs/random",
+            "scores": "memgs://bucket/runs/scores",
+            "scorers": [{"type": "likelihood", "model": str(tiny_lm_dir), "dtype": "float32"}],
+            "selectors": [{"type": "random", "budget": 5, "seed": 0}]}
+    first = run_job(parse_job(spec))
+    scored = first["scoring_counts"]
+    assert (scored["read"], scored["invalid"], scored["examples"], scored["kept"]) == (17, 1, 16, 16)
+    assert json.loads(_OBJECTS["memgs://bucket/runs/scores/dead_letter.jsonl"])["origin"] == \
+        "gsm8k_train.jsonl.gz:9"
+    out = "memgs://bucket/runs/random/"
+    assert _listing(out) == ["data-00000-of-00001.arrow", "dataset_info.json", "dead_letter.jsonl",
+                             "manifest.json", "rejected/data-00000-of-00001.arrow",
+                             "rejected/dataset_info.json", "rejected/state.json", "state.json"]
+    assert first["counts"]["kept"] == 5
+    assert json.loads(_OBJECTS[out + "manifest.json"])["counts"] == first["counts"]
+    kept = _kept_rows(out.rstrip("/"))
+    assert len(kept) == 5 and all(r["logprob_mean"] is not None for r in kept)
+    assert not [p for p in _OBJECTS if ".tmp-" in p]  # no staging left behind
+
+    # the second run re-uses the stored scores (read back as Arrow through FileSystems)
+    # and replaces the first output
+    second = run_job(parse_job({**spec, "selectors": [{"type": "random", "budget": 7, "seed": 0}]}))
+    assert second["scores_key"] == first["scores_key"] and second["counts"]["kept"] == 7
+    assert len(_kept_rows(out.rstrip("/"))) == 7
+    assert json.loads(_OBJECTS[out + "manifest.json"])["counts"]["kept"] == 7
+    assert not [p for p in _OBJECTS if ".tmp-" in p]
+
+
+def test_a_failed_remote_run_leaves_no_staging(store, monkeypatch):
+    """A run that fails after its pipeline wrote everything (here: the counts check)
+    publishes nothing and removes its staging objects."""
+    _upload("memgs://bucket/data/gsm8k_train.jsonl.gz", _tiny_rows("gsm8k_train"))
+
+    def counts_do_not_add_up(counts):
+        assert _listing("memgs://bucket/runs/") != []  # the staging directory is full
+        raise RuntimeError("counts do not add up")
+
+    monkeypatch.setattr("curate.pipeline.build.check_counts", counts_do_not_add_up)
+    job = parse_job({"inputs": ["memgs://bucket/data/gsm8k_train.jsonl.gz"], "output": "memgs://bucket/runs/x",
+                     "selectors": [{"type": "random", "budget": 3}]})
+    with pytest.raises(RuntimeError, match="counts do not add up"):
+        run_job(job)
+    assert sorted(_OBJECTS) == ["memgs://bucket/data/gsm8k_train.jsonl.gz"]
