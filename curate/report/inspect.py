@@ -35,6 +35,42 @@ def summarise_column(table: pa.Table, name: str) -> str | None:
     return None
 
 
+# per-cluster values a selector writes on every row of a cluster (the same on each row)
+CLUSTER_COLUMNS = ("cluster_size", "cluster_budget", "cluster_quota", "cluster_weight", "cds")
+
+
+def _rejected_table(path: str) -> pa.Table | None:
+    rejected = os.path.join(path, "rejected")
+    if not os.path.exists(os.path.join(rejected, "state.json")):
+        return None
+    import datasets
+
+    return datasets.load_from_disk(rejected).data.table
+
+
+def cluster_table(kept: pa.Table, rejected: pa.Table | None, max_rows: int = 20) -> list[str]:
+    """Per cluster: rows in the pool (kept + rejected by the selector), rows kept, and the
+    selector's per-cluster columns (budget, quota, degradation), largest clusters first."""
+    kept_n = Counter(kept.column("cluster").to_pylist())
+    pool_n = Counter(kept_n)
+    if rejected is not None and "cluster" in rejected.column_names:
+        pool_n.update(c for c in rejected.column("cluster").to_pylist() if c is not None)
+    columns = [c for c in CLUSTER_COLUMNS if c in kept.column_names]
+    values: dict = {}
+    for row in kept.select(["cluster"] + columns).to_pylist():
+        values.setdefault(row["cluster"], row)
+    lines = [f"clusters: {len(kept_n)} of {len(pool_n)} covered",
+             "  " + "".join(f"{h:>15}" for h in ["cluster", "pool rows", "kept"] + columns)]
+    order = sorted(pool_n, key=lambda c: (-pool_n[c], c))
+    for c in order[:max_rows]:
+        cells = [c, pool_n[c], kept_n.get(c, 0)] + [values.get(c, {}).get(k) for k in columns]
+        lines.append("  " + "".join(f"{v:>15.4g}" if isinstance(v, float) else f"{str(v):>15}"
+                                    for v in cells))
+    if len(order) > max_rows:
+        lines.append(f"  ... {len(order) - max_rows} smaller clusters")
+    return lines
+
+
 def inspect_output(path: str, n_examples: int = 3) -> str:
     ds = _load(path)
     table = ds.data.table
@@ -63,8 +99,7 @@ def inspect_output(path: str, n_examples: int = 3) -> str:
             if line:
                 out.append("  " + line)
     if "cluster" in table.column_names:
-        sizes = Counter(table.column("cluster").to_pylist())
-        out.append(f"clusters covered: {len(sizes)}; largest {sizes.most_common(5)}")
+        out += cluster_table(table, _rejected_table(path))
     for row in ds.select(range(min(n_examples, len(ds)))):
         scores = {k: row[k] for k in extra if isinstance(row[k], (int, float, bool))}
         out.append(f"--- {row['id']} ({row['origin']}) {json.dumps(scores)}")
