@@ -48,11 +48,11 @@ import pyarrow as pa
 
 from curate.formatting import TEMPLATES, Encoded, encode
 from curate.transforms.base import Scorer
+from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
 from curate.transforms.handlers import Progress, RecordModelHandler
 
 LN2 = math.log(2.0)
 MAX_LOGITS_PER_CHUNK = 1 << 22
-DEFAULT_TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536}
 
 
 # ------------------------------------------------------------------ pure math
@@ -161,7 +161,6 @@ def score_pairs(original, pruned, encoded: Sequence[Encoded], *, max_tokens_per_
                 pad_token_id: int = 0, heads: tuple[LogitHead, LogitHead] | None = None,
                 max_logit_elements: int = MAX_LOGITS_PER_CHUNK) -> list[tuple[float, int, int]]:
     """`degradation_batch` over any number of examples, cut by token budget; input order."""
-    from curate.transforms.likelihood import batches_by_token_budget
 
     heads = heads or (LogitHead(original), LogitHead(pruned))
     results: list = [None] * len(encoded)
@@ -212,8 +211,8 @@ class DegradationScorer(Scorer):
     Options: pruned_model (required: a path or id, e.g. made by `curate prune`), model
     ("default" = the embedded SmolLM2-135M-Instruct, or an HF id/path), template
     ("plain" | "chat"), max_length, max_tokens_per_batch (padded tokens per forward of
-    each model; None: 8192 on CPU, 65536 on CUDA), device and dtype ("auto"),
-    max_logit_elements (float32 logits per JSD chunk per model, default 2^22).
+    each model; None: one example per forward on CPU, 65536 tokens on CUDA), device and
+    dtype ("auto"), max_logit_elements (float32 logits per JSD chunk per model, default 2^22).
     Resources: both models on one device per worker (or `model_copies` shared ones).
     """
 

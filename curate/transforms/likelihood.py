@@ -34,8 +34,12 @@ from curate.transforms.handlers import Progress, RecordModelHandler
 
 log = logging.getLogger(__name__)
 
-# Token budget per forward pass (batch size x longest length), by device type.
-DEFAULT_TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536}
+# Token budget per forward pass (batch size x longest length), by device type. On CPU a
+# budget of 1 puts every example in a forward of its own: a padded batch needs an attention
+# mask, which takes SDPA off its fused causal kernel, and cost 30-50% more CPU per token
+# than unpadded single rows with SmolLM2 in bf16 (benchmarks/RESULTS_scorer.md); on a GPU
+# batching is what fills the device.
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 1, "cuda": 65536}
 # Largest chunk of float32 logits (positions x vocab) held at once: 64 MiB.
 DEFAULT_MAX_LOGIT_ELEMENTS = 1 << 24
 
@@ -215,7 +219,8 @@ class LikelihoodScorer(Scorer):
     Adds `logprob_sum` (float64), `logprob_mean` (float64: GRAPE's score),
     `n_response_tokens` (int64) and `truncated` (bool), each name preceded by `prefix`.
     Resources: one model copy per SDK process (or `model_copies` shared ones), plus
-    activations for `max_tokens_per_batch` tokens (default 8192 on CPU, 65536 on CUDA).
+    activations for `max_tokens_per_batch` tokens (default: one example per forward on
+    CPU, 65536 tokens on CUDA).
     """
 
     type: ClassVar[str] = "likelihood"

@@ -65,6 +65,7 @@ import pyarrow as pa
 
 from curate.formatting import TEMPLATES, Encoded, encode
 from curate.transforms.base import Scorer
+from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
 from curate.transforms.handlers import Progress
 
 DEFAULT_ETA = 1e-4
@@ -250,8 +251,6 @@ def don_nod_batch(model, encoded: Sequence[Encoded], eta: float, W_norm: float |
 
 
 # ------------------------------------------------------------------ Beam wrapper
-# Token budget per forward pass (batch size x longest length), by device type.
-DEFAULT_TOKENS_PER_BATCH = {"cpu": 8192, "cuda": 65536}
 
 
 class _WeightDeltaRunner:
@@ -273,7 +272,6 @@ class _WeightDeltaRunner:
         self.progress = Progress(f"weight_delta[{scorer.model}]")
 
     def score(self, records: list[dict]) -> list[dict]:
-        from curate.transforms.likelihood import batches_by_token_budget
 
         started = time.perf_counter()
         s = self.scorer
@@ -303,8 +301,8 @@ class WeightDeltaScorer(Scorer):
     Adds `don` (float64), `nod` (float64) and `n_response_tokens` (int64).
     Options: model ("default" = the embedded SmolLM2-135M-Instruct, or an HF id/path),
     template ("plain" | "chat"), max_length, eta (SGD step size, default 1e-4; see the
-    module docstring), max_tokens_per_batch (padded tokens per forward; None: 8192 on
-    CPU, 65536 on CUDA), device and dtype ("auto": CUDA/bf16 when present, the CPU's best
+    module docstring), max_tokens_per_batch (padded tokens per forward; None: one example
+    per forward on CPU, 65536 on CUDA), device and dtype ("auto": CUDA/bf16 when present, the CPU's best
     otherwise), vocab_chunk and time_chunk (bound the logits block).
     Resources: one model copy per SDK process (or `model_copies` shared ones), the
     activations of one batch, and per example a time_chunk x vocab_chunk float32 logits
