@@ -121,7 +121,8 @@ def _detect_adapter(path: str, fmt: str, fields: dict) -> str:
 # ---------------------------------------------------------------- raw rows
 
 def iter_rows(path: str, fmt: str, limit: int | None = None) -> Iterator[tuple[str, object, str | None]]:
-    """(origin, row, error) for each row; error is the dead-letter reason when row is None."""
+    """(origin, row, error) for each row. With an error (the dead-letter reason), row is
+    None or, for a line that is not JSON, its raw text."""
     readers = {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows,
                "arrow": _arrow_rows, "hf": _hf_rows}
     n = 0
@@ -162,10 +163,12 @@ def _jsonl_rows(path: str):
                 except UnicodeDecodeError as exc:
                     yield origin, None, f"invalid UTF-8 at byte {exc.start}"
                     continue
+                text = text.rstrip("\r\n")  # so a cut-off line's error is at its own end
                 try:
                     yield origin, json.loads(text), None
                 except json.JSONDecodeError as exc:
-                    yield origin, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+                    # the unparsed text goes along as the dead-letter row's `raw`
+                    yield origin, text, f"malformed JSON: {exc.msg} at column {exc.colno}"
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         yield f"{name}:{line_no + 1}", None, f"file unreadable after line {line_no}: {type(exc).__name__}: {exc}"
 
@@ -273,8 +276,8 @@ class ReadFile(beam.DoFn):
     def process(self, task: FileTask):
         adapter = records.ADAPTERS[task.adapter]
         for origin, row, error in iter_rows(task.path, task.format, task.limit):
-            if error is not None:
-                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, error))
+            if error is not None:  # `row` is then None, or the raw text that failed to parse
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, error, row))
                 continue
             try:
                 recs = records.adapt(row, adapter, task.fields, task.source)
