@@ -30,7 +30,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import random
 import sys
 import threading
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.machine import machine_info  # noqa: E402
 from curate.formatting import encode  # noqa: E402
 from curate.records import adapt, ADAPTERS  # noqa: E402
 from curate.selectors.topsis import topsis_closeness  # noqa: E402
@@ -341,18 +341,7 @@ def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()[0],
-            "matmul_gflops_per_cpu_s": round(matmul_gflops(), 1)}
+    return {**machine_info(), "matmul_gflops_per_cpu_s": round(matmul_gflops(), 1)}
 
 
 def markdown(res: dict) -> str:

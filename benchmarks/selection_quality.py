@@ -64,7 +64,6 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import random
 import shlex
 import statistics
@@ -78,6 +77,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 log = logging.getLogger("selection_quality")
 
@@ -864,33 +865,6 @@ def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def machine_info(opts: Options) -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from curate.models import cpu_has_native_bf16
-
-        bf16 = cpu_has_native_bf16()
-    except Exception:  # noqa: BLE001 - informational only
-        bf16 = None
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_native_bf16": bf16, "python": platform.python_version(),
-            "load_average_start": round(os.getloadavg()[0], 2)}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def settings_lines(opts: Options) -> list[str]:
     sc = opts.scale
     return [
@@ -967,7 +941,7 @@ def run(opts: Options) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     clock = Clock(pathlib.Path(opts.work_dir) / "stage_times.json")
-    machine = machine_info(opts)
+    machine = machine_info()
     clock.say(f"selection quality, scale {opts.scale_name}: methods {','.join(opts.methods)}, "
               f"seeds {list(opts.seeds)}, work dir {opts.work_dir}")
     data = build_data(opts, clock)
