@@ -36,7 +36,6 @@ import math
 import multiprocessing
 import os
 import pathlib
-import platform
 import random
 import resource
 import sys
@@ -45,6 +44,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("CURATE_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ("loop_fp32", "loop_bf16", "padded_unsorted", "scorer")
@@ -91,31 +92,6 @@ def grape_rows(n_instructions: int, seed: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- machine
-
-def machine_info() -> dict:
-    import torch
-
-    info = {"cpu": platform.processor() or "unknown", "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from curate.models.loading import cpu_has_native_bf16
-
-    info["native_bf16"] = cpu_has_native_bf16()
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
-
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process so far (all its threads)."""
