@@ -36,7 +36,8 @@ Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --proje
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "datasets", "absl"):
+    # faiss logs its SIMD-variant probes as INFO lines that read like import errors
+    for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "datasets", "absl", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
