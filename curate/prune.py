@@ -336,6 +336,18 @@ def calibration_ids(recs: Sequence[dict], tokenizer, template: str = "plain",
     return [encode(r, tokenizer, template, max_length).input_ids for r in recs]
 
 
+def check_prune_output(output_dir: str) -> None:
+    """Only an empty directory or an earlier pruned copy (prune.json) may be replaced."""
+    from curate.config import ConfigError
+
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(
+            os.path.join(output_dir, "prune.json")):
+        raise ConfigError(f"{output_dir} exists and is not a pruned copy made by curate (no prune.json); "
+                          f"refusing to replace it: choose another --output")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"{output_dir} is an existing file; refusing to replace it")
+
+
 def save_pruned(model, tokenizer, output_dir: str, report: dict) -> str:
     """Write the pruned model as a normal HF directory, atomically (temp dir, then rename)."""
     output_dir = os.path.abspath(output_dir)
@@ -350,6 +362,7 @@ def save_pruned(model, tokenizer, output_dir: str, report: dict) -> str:
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "prune.json"), "w") as fh:
             json.dump(report, fh, indent=2, default=str)
+        check_prune_output(output_dir)  # again: something may have appeared while pruning
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
@@ -380,6 +393,7 @@ def make_pruned_copy(model: str, method: str, output: str, sparsity: float = 0.5
 
     if method not in METHODS:
         raise ConfigError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
+    check_prune_output(output)
     if method == "wanda" and not calibration:
         raise ConfigError("wanda needs calibration data from the pool: --calibration FILE (jsonl, globs ok)")
     if method == "layer_drop" and layers is None:

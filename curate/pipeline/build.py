@@ -32,7 +32,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curate import __version__, records
 from curate.config import ConfigError, InputConfig, JobConfig
 from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
-from curate.pipeline.sink import WriteJsonl, WriteShards, publish, remove_tree, staging_dir
+from curate.pipeline.sink import (WriteJsonl, WriteShards, check_output, publish, read_manifest,
+                                  remove_stale_staging, remove_tree, staging_dir)
 from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
 from curate.transforms.handlers import SCORE_ERROR
 
@@ -271,10 +272,12 @@ def _beam_metrics(result) -> dict:
 
 
 def scores_key(job: JobConfig, tasks) -> str:
-    """What the scores depend on: input contents, validation, filters, scorers, version."""
+    """What the scored rows depend on: every input setting that changes which rows exist
+    or what they hold (path, source, format, adapter, fields, limit), the input contents,
+    validation, filters, scorers and the curate version."""
     h = hashlib.sha256()
     for task in tasks:
-        h.update(task.path.encode())
+        h.update(json.dumps(dataclasses.asdict(task), sort_keys=True, default=str).encode())
         if task.format != "hf":
             paths = ([m.path for m in FileSystems.match([task.path.rstrip("/") + "/**"])[0].metadata_list]
                      if task.format == "arrow" and not task.path.endswith(".arrow") else [task.path])
@@ -282,30 +285,25 @@ def scores_key(job: JobConfig, tasks) -> str:
                 with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
-    h.update(json.dumps([job.validate.max_chars, job.filters, job.scorers, __version__],
+    h.update(json.dumps([dataclasses.asdict(job.validate), job.filters, job.scorers, __version__],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
 
-def read_manifest(path: str) -> dict | None:
-    try:
-        with FileSystems.open(FileSystems.join(path, "manifest.json"),
-                              compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            return json.loads(fh.read())
-    except Exception:  # absent or unreadable: treat as no output
-        return None
-
-
-def run_job(job: JobConfig, beam_args: list[str] | None = None) -> dict:
+def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool = False) -> dict:
     """Run a job and publish its output; returns the manifest.
 
     With `scores:` set and scorers in the job, the scored rows are written there once
     and re-used by later runs whose inputs, filters and scorers are unchanged; the
-    selection then runs from them without loading a model.
+    selection then runs from them without loading a model. Both outputs are checked
+    before any work (`check_output`).
     """
     if not (job.scores and job.scorers):
-        return run_pipeline(job, beam_args)
+        return run_pipeline(job, beam_args, overwrite=overwrite)
     tasks = plan_inputs(job.inputs, job.validate.max_chars)
+    inputs = [t.path for t in tasks]
+    check_output(job.scores, inputs, overwrite)
+    check_output(job.output, inputs + [job.scores], overwrite)
     key = scores_key(job, tasks)
     previous = read_manifest(job.scores)
     if previous and previous.get("scores_key") == key:
@@ -314,27 +312,34 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None) -> dict:
     else:
         log.info("scoring into %s (key %s)", job.scores, key)
         scoring = run_pipeline(dataclasses.replace(job, selectors=[], output=job.scores), beam_args,
-                               extra={"scores_key": key})
-    return select_from_scores(job, job.scores, beam_args, scoring=scoring)
+                               extra={"scores_key": key}, overwrite=overwrite)
+    return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite)
 
 
-def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None) -> dict:
-    """Run `job`'s selectors over a scored curate output, no model loaded."""
+def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None,
+                       overwrite: bool = False) -> dict:
+    """Run `job`'s selectors over a scored curate output, no model loaded. The manifest
+    names the inputs the scores were made from, not only the scores directory."""
     select_job = dataclasses.replace(
         job, inputs=[InputConfig(path=scores, format="arrow", adapter="curate")],
         filters=[], scorers=[], scores=None)
     scoring = scoring or read_manifest(scores) or {}
-    return run_pipeline(select_job, beam_args, extra={
+    return run_pipeline(select_job, beam_args, overwrite=overwrite, extra={
+        **({"inputs": scoring["inputs"]} if scoring.get("inputs") else {}),
         "scores_from": scores, "scores_key": scoring.get("scores_key"),
         "scoring_counts": scoring.get("counts"), "scoring_plan": scoring.get("plan")})
 
 
-def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None) -> dict:
+def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None,
+                 overwrite: bool = False) -> dict:
     """Plan, run and publish one pipeline; returns the manifest."""
     t0 = time.time()
     plan = Plan(job)
-    t_plan = time.time()
+    inputs = [t.path for t in plan.tasks]
+    check_output(job.output, inputs, overwrite)
+    remove_stale_staging(job.output)
     staging = staging_dir(job.output)
+    t_plan = time.time()
     options = pipeline_options(list(job.beam_args) + list(beam_args or []))
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
     try:
@@ -351,6 +356,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             "name": job.name,
             "job_file": job.source_file,
             "job": job.to_dict(),
+            "inputs": [dataclasses.asdict(i) for i in job.inputs],
             "output": job.output,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),
@@ -372,7 +378,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         # manifest.json is written last: its presence marks a complete output
         with FileSystems.create(FileSystems.join(staging, "manifest.json")) as fh:
             fh.write(json.dumps(manifest, indent=2, default=str).encode())
-        publish(staging, job.output)
+        publish(staging, job.output, overwrite, inputs)
         return manifest
     except BaseException:
         try:

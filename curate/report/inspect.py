@@ -16,8 +16,8 @@ from curate.records import BASE_COLUMNS
 def _load(path: str):
     import datasets
 
-    if not os.path.exists(os.path.join(path, "state.json")):
-        raise ConfigError(f"{path}: not a curate output (no state.json); did the run finish?")
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        raise ConfigError(f"{path}: not a published curate output (no manifest.json); did the run finish?")
     return datasets.load_from_disk(path)
 
 
