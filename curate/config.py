@@ -27,8 +27,11 @@ paths are relative to the working directory (run jobs from the repository root).
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -90,6 +93,69 @@ class JobConfig:
         return asdict(self)
 
 
+# ---------------------------------------------------------------- option types
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a type annotation (unions, Optional, list/tuple/dict of,
+    Literal; an int is a valid float, a bool is not a number). Unknown hints pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is typing.Callable or origin is typing.Callable:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args else Any
+        return all(_matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        k, v = args if len(args) == 2 else (Any, Any)
+        return all(_matches(a, k) and _matches(b, v) for a, b in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null",
+             dict: "a mapping"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}" if args else "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_option_types(target: Any, options: dict, where: str) -> None:
+    """A ConfigError naming the key when a value does not fit `target`'s annotation
+    (`target`: a dataclass or a function such as a step's __init__), so `seed: abc` is one
+    clear line instead of a traceback from deep inside a step."""
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that cannot be resolved here: nothing to check against
+        return
+    for key, value in options.items():
+        if key in hints and key != "return" and not _matches(value, hints[key]):
+            raise ConfigError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}")
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -97,6 +163,7 @@ def _build(cls, data: Any, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_option_types(cls, data, where)
     return cls(**data)
 
 
@@ -143,13 +210,16 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     inputs = []
     for i, item in enumerate(raw_inputs):
         item = {"path": item} if isinstance(item, str) else item
+        if isinstance(item, dict) and not isinstance(item.get("path"), str):
+            raise ConfigError(f"{where}: inputs[{i}].path must be text (a file, glob or directory), "
+                              f"got {item.get('path')!r}")
         cfg = _build(InputConfig, item, f"{where}: inputs[{i}]")
         cfg.path = expand_vars(str(cfg.path))
         if cfg.format not in FORMATS:
             raise ConfigError(f"{where}: inputs[{i}].format {cfg.format!r} is not one of {FORMATS}")
         inputs.append(cfg)
-    if "output" not in data:
-        raise ConfigError(f"{where}: 'output' is required (the output directory)")
+    if not isinstance(data.get("output"), str) or not data["output"].strip():
+        raise ConfigError(f"{where}: 'output' is required: the output directory, as text")
     data["output"] = expand_vars(str(data["output"]))
     if data.get("scores"):
         data["scores"] = expand_vars(str(data["scores"]))
@@ -160,7 +230,13 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     job = _build(JobConfig, {**data, "inputs": inputs, "validate": validate}, where)
     job.source_file = source_file
     if job.shard_rows < 1:
-        raise ConfigError(f"{where}: shard_rows must be positive")
+        raise ConfigError(f"{where}: shard_rows must be positive, got {job.shard_rows}")
+    if job.validate.max_chars < 1:
+        raise ConfigError(f"{where}: validate.max_chars must be positive, got {job.validate.max_chars}")
+    for i, cfg in enumerate(job.inputs):
+        if cfg.limit is not None and cfg.limit < 1:
+            raise ConfigError(f"{where}: inputs[{i}].limit must be a positive number of rows "
+                              f"(or absent for all), got {cfg.limit}")
     return job
 
 

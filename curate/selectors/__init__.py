@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from curate.config import ConfigError
+from curate.config import ConfigError, check_option_types
 
 # type -> "module:Class", imported on use so a job only loads what it needs
 SELECTORS = {
@@ -22,8 +22,10 @@ def make_selector(spec: dict):
     kind = spec.pop("type")
     if kind not in SELECTORS:
         raise ConfigError(f"unknown selector {kind!r}; known: {', '.join(SELECTORS)}")
-    module, cls = SELECTORS[kind].split(":")
+    module, name = SELECTORS[kind].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    check_option_types(cls.__init__, spec, f"selector {kind!r}")
     try:
-        return getattr(importlib.import_module(module), cls)(**spec)
+        return cls(**spec)
     except TypeError as exc:
         raise ConfigError(f"selector {kind!r}: {exc}") from None

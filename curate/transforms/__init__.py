@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from curate.config import ConfigError
+from curate.config import ConfigError, check_option_types
 
 from curate.transforms.base import Scorer
 from curate.transforms.degradation import DegradationScorer
@@ -40,6 +40,7 @@ def make_scorer(cfg: dict) -> Scorer:
     if unknown:
         raise ConfigError(f"scorer {kind!r}: unknown option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed)}")
+    check_option_types(cls, options, f"scorer {kind!r}")
     return cls(**options)
 
 

@@ -13,7 +13,7 @@ import re
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from curate.config import ConfigError
+from curate.config import ConfigError, check_option_types
 
 REJECTED = "rejected"
 
@@ -152,13 +152,12 @@ def make_filter_steps(specs: list[dict]) -> list[Filter | ExactDedup]:
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("type")
+        cls = ExactDedup if kind == "dedup" else FILTERS.get(kind)
+        if cls is None:
+            raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: dedup, {', '.join(FILTERS)}")
+        check_option_types(cls.__init__, spec, f"filters[{i}] ({kind})")
         try:
-            if kind == "dedup":
-                steps.append(ExactDedup(**spec))
-            elif kind in FILTERS:
-                steps.append(FILTERS[kind](**spec))
-            else:
-                raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: dedup, {', '.join(FILTERS)}")
+            steps.append(cls(**spec))
         except TypeError as exc:
             raise ConfigError(f"filters[{i}] ({kind}): {exc}") from None
     return steps
