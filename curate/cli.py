@@ -1,6 +1,6 @@
 """The `curate` command.
 
-    curate run JOB.yaml [--input PATH ...] [--output DIR] [-- BEAM OPTIONS]
+    curate run JOB.yaml [--input PATH ...] [--output DIR] [--overwrite] [-- BEAM OPTIONS]
     curate score JOB.yaml [--output DIR]
     curate select --scores DIR --method M [--budget B] [--set KEY=VALUE] [--output DIR]
     curate inspect OUT_DIR
@@ -9,8 +9,11 @@
     curate train --data OUT_DIR --model ID_OR_PATH --output RUN_DIR
     curate prune --method magnitude|wanda|layer_drop --output DIR [--model M] [--sparsity S]
 
-Errors a user can fix (a bad job file, an unreadable input, a missing model) print one
-clear line and exit with status 2; a traceback means a bug in curate.
+Errors a user can fix (a bad job file, an unreadable input, a missing model, an output
+that would replace someone's data) print one clear line and exit with status 2; a
+system error while running (disk full, permission denied) prints one line and exits 1;
+SIGINT and SIGTERM remove the run's staging directory and exit 130 / 143. A traceback
+means a bug in curate.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from curate.config import ConfigError, InputConfig, load_job
@@ -50,7 +54,7 @@ def cmd_run(args) -> int:
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
-    manifest = run_job(job, args.beam_args)
+    manifest = run_job(job, args.beam_args, overwrite=args.overwrite)
     print_summary(manifest)
     if job.train:
         from curate.train import run_train
@@ -79,7 +83,7 @@ def cmd_score(args) -> int:
     out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
     key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
     manifest = run_pipeline(dataclasses.replace(job, selectors=[], output=out), args.beam_args,
-                            extra={"scores_key": key})
+                            extra={"scores_key": key}, overwrite=args.overwrite)
     print_summary(manifest)
     return 0
 
@@ -104,7 +108,7 @@ def cmd_select(args) -> int:
         step[key] = _parse_value(value)
     output = args.output or f"{args.scores.rstrip('/')}-{args.method}"
     job = JobConfig(inputs=[], output=output, name=f"select-{args.method}", selectors=[step])
-    manifest = select_from_scores(job, args.scores, args.beam_args)
+    manifest = select_from_scores(job, args.scores, args.beam_args, overwrite=args.overwrite)
     print_summary(manifest)
     return 0
 
@@ -174,6 +178,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output path even if it is not a curate output "
+                        "(never an input, and never the working or home directory)")
+    p.set_defaults(beam_args=[])
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate", description="Select and curate instruction-tuning data with Beam pipelines.",
@@ -185,13 +196,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job YAML (see jobs/)")
     p.add_argument("--input", action="append", help="replace the job's inputs (repeatable; globs ok)")
     p.add_argument("--output", help="replace the job's output directory")
-    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    _output_options(p)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("score", help="run a job's readers, filters and scorers; write the scored rows")
     p.add_argument("job")
     p.add_argument("--output", help="where to write scores (default: the job's `scores:`, or OUTPUT-scores)")
-    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    _output_options(p)
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("select", help="select from scores written by `curate score`, without models")
@@ -200,7 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="a count (1000) or a fraction (0.1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other selector options (repeatable)")
     p.add_argument("--output", help="output directory (default: SCORES-METHOD)")
-    p.add_argument("beam_args", nargs="*", help="Beam pipeline options, after `--`")
+    _output_options(p)
     p.set_defaults(fn=cmd_select)
 
     p = sub.add_parser("inspect", help="counts, columns, score summaries and examples of an output")
@@ -246,17 +257,50 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the run cleans up as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(curate's own arguments, Beam options): everything after the first `--` goes to
+    Beam, so curate's options may stand before or after the job file."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    own, beam_args = split_beam_args(list(sys.argv[1:] if argv is None else argv))
+    args = make_parser().parse_args(own)
+    if beam_args:
+        if not hasattr(args, "beam_args"):
+            print(f"curate: error: {args.command} takes no Beam options (after --)", file=sys.stderr)
+            return 2
+        args.beam_args = beam_args
     _setup_logging(args.verbose)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine said no: disk full, permission denied, read-only
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("curate: interrupted; no output was published", file=sys.stderr)
         return 130
+    except Terminated:
+        print("curate: terminated; no output was published", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
