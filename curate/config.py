@@ -85,7 +85,7 @@ class JobConfig:
     selectors: list[dict] = field(default_factory=list)
     train: dict | None = None
     scores: str | None = None  # score once, select many: where scored rows are kept and re-used
-    shard_rows: int = 50_000
+    shard_rows: int = 50_000  # rows per output shard, about (rows are spread by a hash)
     beam_args: list[str] = field(default_factory=list)
     source_file: str | None = None
 
