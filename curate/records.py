@@ -5,11 +5,17 @@ Every example that flows through a pipeline is a plain dict with these columns:
     id          stable content hash of the conversation (reruns agree, candidates differ)
     prompt_id   content hash of the prompt alone: rows answering the same instruction share it
     source      the input's name (job config) or the file stem
-    origin      where the row was read: "file:line" (":k" for the k-th record of a list row)
+    origin      where the row was read: "file:line" (":k" for the k-th record of a list row);
+                file is the path relative to the common parent directory of the run's
+                input files. A curate output read back keeps its stored origins, prefixed
+                "file:" when it is read alongside other inputs.
     prompt      instruction text (multi-turn: the earlier turns, "role: content" lines)
     response    the final assistant turn, the text every loss and score is taken over
     messages    the whole conversation as [{role, content}], system turn included
     generator   who wrote the response, when the input says (multi-response pools)
+
+Invariant: (id, origin) is unique across the records of one run; selectors break ties
+on it, so a duplicate would let them keep more rows than the budget.
 
 Stages add flat score columns (`score_grape`, `cluster`, `don`, ...) next to these.
 Adapters raise `RowError` with the field at fault; the reader turns that into a
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,6 +58,19 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 class RowError(ValueError):
     """A row that cannot become an example; the message is the dead-letter reason."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value: str, name: str) -> str:
+    """`value`, or a RowError when it holds a lone surrogate (JSON can escape one, as
+    "\\ud800"; it is not valid Unicode, and fails once encoded as UTF-8)."""
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise RowError(f"field '{name}' contains a lone surrogate (\\u{ord(bad.group()):04x}), "
+                       f"not valid Unicode")
+    return value
 
 
 def content_hash(obj: Any) -> str:
@@ -96,7 +116,7 @@ def _text(row: dict, name: str, *, required: bool = True, allow_empty: bool = Fa
         if required:
             raise RowError(f"empty field '{name}'")
         return None
-    return value
+    return _check_unicode(value, name)
 
 
 def _single_turn(prompt: str, response: str, system: str | None) -> list[dict]:
@@ -159,6 +179,7 @@ def adapt_messages(row: dict, f: dict, source: str) -> Iterator[dict]:
             raise RowError(f"{name}[{i}].content is {type(content).__name__}, expected text")
         if not content.strip():
             raise RowError(f"{name}[{i}].content is empty")
+        _check_unicode(content, f"{name}[{i}].content")
         messages.append({"role": role, "content": content})
     generator = _text(row, f.get("generator", "generator"), required=False)
     yield make_record(messages, source, generator)
@@ -186,7 +207,8 @@ def adapt_pool_list(row: dict, f: dict, source: str) -> Iterator[dict]:
             raise RowError(f"{name}[{i}] is {type(out).__name__}, expected text")
         if not out.strip():
             raise RowError(f"{name}[{i}] is empty")
-        gen = str(generators[i]) if generators is not None else str(i)
+        _check_unicode(out, f"{name}[{i}]")
+        gen = str(i) if generators is None else _check_unicode(str(generators[i]), f"{gen_name}[{i}]")
         records.append(make_record(_single_turn(prompt, out, None), source, gen))
     yield from records
 
@@ -200,6 +222,8 @@ def adapt_curate(row: dict, f: dict, source: str) -> Iterator[dict]:
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         raise RowError("field 'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        _check_unicode(m["content"], f"messages[{i}].content")
     yield dict(row)
 
 
@@ -240,7 +264,10 @@ def describe_shapes() -> str:
 def adapt(row: Any, adapter: Adapter, fields: dict, source: str) -> list[dict]:
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, expected a JSON object")
-    return list(adapter.fn(row, fields, source))
+    try:
+        return list(adapter.fn(row, fields, source))
+    except RecursionError:  # a field nested thousands deep, met while hashing or printing it
+        raise RowError("JSON nested too deeply") from None
 
 
 def iter_texts(record: dict) -> Iterable[str]:

@@ -8,14 +8,22 @@ format, and detects the adapter from the first row, so an input of an unknown sh
 fails at once with a clear error instead of sending every row to the dead letter.
 The pipeline then reads each planned file in a DoFn that keeps the line number of
 every row; line numbers are what make a dead-letter row findable.
+
+A row's origin is "name:line", where name is the file's path relative to the common
+parent directory of all planned inputs, so two inputs never share an origin (see
+`curate.records`). Damage never ends a run: rows before it are read, and one
+dead-letter row says how much of the file was lost. Only at plan time does a file
+that cannot be read at all stop the job, with a one-line `ConfigError`.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -45,15 +53,50 @@ class FileTask:
     fields: dict = field(default_factory=dict)
     limit: int | None = None
     max_chars: int = 32_000
+    name: str = ""  # the file part of origins; the basename when empty
+    prefix_origin: bool = False  # a curate row's stored origin gets "name:" in front
+
+
+class InputPlan(list):
+    """The planned `FileTask`s, and the matched files skipped because they hold no rows."""
+
+    def __init__(self, tasks=(), empty_files=()):
+        super().__init__(tasks)
+        self.empty_files = list(empty_files)
+
+
+class FileDamaged(Exception):
+    """Raised by a format reader when the rest of a file cannot be read; the message is
+    the dead-letter reason, `origin` where the damage starts."""
+
+    def __init__(self, origin: str, reason: str):
+        super().__init__(reason)
+        self.origin = origin
 
 
 def dead_letter(origin: str, reason: str, raw: object = None) -> dict:
     text = raw if isinstance(raw, str) else (None if raw is None else repr(raw))
-    return {"origin": origin, "reason": reason, "raw": None if text is None else text[:2000]}
+    return {"origin": origin, "reason": _valid_unicode(reason),
+            "raw": None if text is None else _valid_unicode(text[:2000])}
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with any lone surrogate written as "\\udXXX", so it can be encoded (by Beam's
+    coders, and in dead_letter.jsonl)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception on one line (pyarrow's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _stem(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
+    name = _basename(path)
     for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".parquet", ".arrow"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
@@ -88,49 +131,111 @@ def _expand(spec: InputConfig) -> list[str]:
     return paths
 
 
-def plan_inputs(specs: list[InputConfig], max_chars: int) -> list[FileTask]:
-    tasks = []
+def plan_inputs(specs: list[InputConfig], max_chars: int) -> InputPlan:
+    planned: dict[str, tuple[InputConfig, str]] = {}  # file -> (first spec naming it, path)
     for spec in specs:
         for path in _expand(spec):
-            fmt = detect_format(path) if spec.format == "auto" else spec.format
-            adapter = spec.adapter
-            if adapter == "auto":
-                adapter = _detect_adapter(path, fmt, spec.fields)
-            elif adapter not in records.ADAPTERS:
-                raise ConfigError(f"input {spec.path}: unknown adapter {adapter!r}; "
-                                  f"known: {', '.join(records.ADAPTERS)}")
-            tasks.append(FileTask(path=path, source=spec.source or _stem(path), format=fmt,
-                                  adapter=adapter, fields=dict(spec.fields), limit=spec.limit,
-                                  max_chars=max_chars))
-    return tasks
+            key = path if "://" in path else os.path.abspath(path)
+            if key in planned:
+                log.warning("%s is listed more than once in the inputs; reading it once", path)
+            else:
+                planned[key] = (spec, path)
+    names = _origin_names(list(planned))
+    found, empty = [], []
+    for (spec, path), name in zip(planned.values(), names):
+        fmt = detect_format(path) if spec.format == "auto" else spec.format
+        if spec.adapter != "auto" and spec.adapter not in records.ADAPTERS:
+            raise ConfigError(f"input {spec.path}: unknown adapter {spec.adapter!r}; "
+                              f"known: {', '.join(records.ADAPTERS)}")
+        adapter = _probe(path, fmt, name, spec)
+        if adapter is None:
+            log.warning("skipping %s: the file holds no rows", path)
+            empty.append(path)
+        else:
+            found.append((spec, path, name, fmt, adapter))
+    if not found and empty:
+        raise ConfigError(f"every input file is empty: {', '.join(empty)}")
+    # a curate output keeps its stored origins only when nothing else is read beside it
+    prefix = len(found) > 1
+    return InputPlan([FileTask(path=path, source=spec.source or _stem(path), format=fmt, adapter=adapter,
+                               fields=dict(spec.fields), limit=spec.limit, max_chars=max_chars,
+                               name=name, prefix_origin=prefix and adapter == "curate")
+                      for spec, path, name, fmt, adapter in found], empty)
 
 
-def _detect_adapter(path: str, fmt: str, fields: dict) -> str:
-    for origin, row, error in iter_rows(path, fmt, limit=50):
-        if error is None and isinstance(row, dict):
-            adapter = records.detect_adapter(row, fields)
-            if adapter is None:
-                raise ConfigError(
-                    f"{origin}: unknown row shape; found fields {sorted(row)[:20]}, expected one of: "
-                    f"{records.describe_shapes()}. Map fields with 'fields:' or set 'adapter:'.")
-            return adapter.name
-    raise ConfigError(f"{path}: no readable row in the first 50 to detect the shape from; "
-                      f"set 'adapter:' in the job")
+def _origin_names(keys: list[str]) -> list[str]:
+    """Each file's path relative to the common parent directory of all of them (string
+    paths split on '/', so gs:// works too); a hub dataset is named by its hf:// path."""
+    files = [k.split("/") for k in keys if not k.startswith(HF_PREFIX)]
+    common = len(os.path.commonprefix([parts[:-1] for parts in files])) if files else 0
+    return [k if k.startswith(HF_PREFIX) else "/".join(k.split("/")[common:]) for k in keys]
+
+
+def _probe(path: str, fmt: str, name: str, spec: InputConfig) -> str | None:
+    """The file's adapter (detected from its first rows when 'auto'), or None when the file
+    holds no rows. A file that cannot be read is a ConfigError naming it."""
+    if fmt == "hf" and spec.adapter != "auto":
+        return spec.adapter  # no hub round trip when there is nothing to detect
+    seen = []  # (origin, row, error) of the first rows
+    try:
+        for item in _format_rows(path, fmt, name):
+            seen.append(item)
+            if len(seen) == (1 if spec.adapter != "auto" else 50) or (
+                    item[2] is None and isinstance(item[1], dict)):
+                break
+    except FileDamaged as exc:
+        if not seen:
+            raise ConfigError(f"{path}: {exc}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # whatever a reader did not foresee: still one line, naming the file
+        raise ConfigError(f"{path}: cannot read the file ({_describe(exc)})") from None
+    if not seen:
+        return None
+    first_origin, first_row, first_error = seen[0]
+    # a JSON array parses as one list row, or (pretty-printed) starts with a "[" line
+    if fmt == "jsonl" and (isinstance(first_row, list) or first_error is not None and
+                           isinstance(first_row, str) and first_row.lstrip().startswith("[")):
+        raise ConfigError(f"{path}: holds a JSON array, not JSON Lines (one object per line); "
+                          f"set 'format: json' for this input")
+    if spec.adapter != "auto":
+        return spec.adapter
+    origin, row, error = seen[-1]
+    if error is None and isinstance(row, dict):
+        adapter = records.detect_adapter(row, spec.fields)
+        if adapter is None:
+            raise ConfigError(
+                f"{origin}: unknown row shape; found fields {sorted(row)[:20]}, expected one of: "
+                f"{records.describe_shapes()}. Map fields with 'fields:' or set 'adapter:'.")
+        return adapter.name
+    reason = first_error or f"row is {type(first_row).__name__}, expected a JSON object"
+    hint = " (is the file UTF-8 text?)" if reason.startswith("invalid UTF-8") else ""
+    raise ConfigError(f"{path}: none of the first {len(seen)} rows can be read, so the shape cannot be "
+                      f"detected; the first, {first_origin}: {reason}{hint}")
 
 
 # ---------------------------------------------------------------- raw rows
 
-def iter_rows(path: str, fmt: str, limit: int | None = None) -> Iterator[tuple[str, object, str | None]]:
-    """(origin, row, error) for each row. With an error (the dead-letter reason), row is
-    None or, for a line that is not JSON, its raw text."""
+def iter_rows(path: str, fmt: str, limit: int | None = None,
+              name: str | None = None) -> Iterator[tuple[str, object, str | None]]:
+    """(origin, row, error) for each row, origins named `name` (default: the basename).
+    With an error (the dead-letter reason), row is None or, for a line that is not JSON,
+    its raw text. Damage that loses the rest of the file is one last error row."""
+    n = 0
+    try:
+        for item in _format_rows(path, fmt, name or _origin_names([path])[0]):
+            yield item
+            n += 1
+            if limit is not None and n >= limit:
+                return
+    except FileDamaged as exc:
+        yield exc.origin, None, str(exc)
+
+
+def _format_rows(path: str, fmt: str, name: str):
     readers = {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows,
                "arrow": _arrow_rows, "hf": _hf_rows}
-    n = 0
-    for item in readers[fmt](path):
-        yield item
-        n += 1
-        if limit is not None and n >= limit:
-            return
+    return readers[fmt](path, name)
 
 
 def _open(path: str):
@@ -139,8 +244,7 @@ def _open(path: str):
     return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
 
 
-def _jsonl_rows(path: str):
-    name = path.rsplit("/", 1)[-1]
+def _jsonl_rows(path: str, name: str):
     line_no = 0
     try:
         with _open(path) as fh:
@@ -150,6 +254,9 @@ def _jsonl_rows(path: str):
                     return
                 line_no += 1
                 origin = f"{name}:{line_no}"
+                if raw.startswith(codecs.BOM_UTF8):
+                    # a BOM is not part of the row; past line 1 it comes from concatenated files
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                     # skip the rest of the over-long line
                     while raw and not raw.endswith(b"\n"):
@@ -169,90 +276,145 @@ def _jsonl_rows(path: str):
                 except json.JSONDecodeError as exc:
                     # the unparsed text goes along as the dead-letter row's `raw`
                     yield origin, text, f"malformed JSON: {exc.msg} at column {exc.colno}"
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
-        yield f"{name}:{line_no + 1}", None, f"file unreadable after line {line_no}: {type(exc).__name__}: {exc}"
+                except RecursionError:
+                    yield origin, text, "JSON nested too deeply"
+    except gzip.BadGzipFile as exc:
+        if line_no:
+            raise FileDamaged(f"{name}:{line_no + 1}", f"file unreadable after line {line_no}: "
+                                                        f"{_describe(exc)}") from None
+        raise FileDamaged(f"{name}:1", f"not a gzip file, though its name ends in .gz ({exc})") from None
+    except (EOFError, zlib.error, OSError) as exc:
+        where = f" after line {line_no}" if line_no else ""
+        raise FileDamaged(f"{name}:{line_no + 1}", f"file unreadable{where}: {_describe(exc)}") from None
 
 
-def _json_rows(path: str):
-    name = path.rsplit("/", 1)[-1]
+def _json_rows(path: str, name: str):
     try:
         with _open(path) as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+            text = fh.read().decode("utf-8-sig")  # -sig: a leading BOM is dropped
+        if not text.strip():
+            return  # an empty file holds no rows
+        data = json.loads(text)
+    except RecursionError:
+        raise FileDamaged(f"{name}:1", "JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError, EOFError, zlib.error, OSError) as exc:
-        yield f"{name}:1", None, f"not a readable JSON document: {exc}"
-        return
+        raise FileDamaged(f"{name}:1", f"not a readable JSON document: {exc}") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            yield f"{name}:1", None, "JSON object without exactly one list of rows"
-            return
+            raise FileDamaged(f"{name}:1", "JSON object without exactly one list of rows")
         data = lists[0]
     if not isinstance(data, list):
-        yield f"{name}:1", None, f"JSON document is {type(data).__name__}, expected a list of rows"
-        return
+        raise FileDamaged(f"{name}:1", f"JSON document is {type(data).__name__}, expected a list of rows")
     for i, row in enumerate(data, 1):
         yield f"{name}:item {i}", row, None
 
 
-def _parquet_rows(path: str):
+def _parquet_rows(path: str, name: str):
     import pyarrow.parquet as pq
 
-    name = path.rsplit("/", 1)[-1]
+    # pyarrow raises several types for a bad file, so any exception is damage here
     try:
         with _open(path) as fh:
-            pf = pq.ParquetFile(io.BytesIO(fh.read()))
-            i = 0
-            for batch in pf.iter_batches(batch_size=4096):
+            data = fh.read()
+        if not data:
+            return  # an empty file holds no rows
+        pf = pq.ParquetFile(io.BytesIO(data))
+    except Exception as exc:
+        raise FileDamaged(f"{name}:?", f"unreadable Parquet file: {_describe(exc)}") from None
+    total = pf.metadata.num_rows  # from the footer, so what damage loses can be counted
+    i = 0
+    try:
+        # group by group: reading several at once reads ahead, and damage in a later
+        # group would then lose the earlier ones too
+        for group in range(pf.num_row_groups):
+            for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
                 for row in batch.to_pylist():
                     i += 1
                     yield f"{name}:row {i}", row, None
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        yield f"{name}:?", None, f"unreadable Parquet file: {exc}"
+    except Exception as exc:
+        raise FileDamaged(f"{name}:row {i + 1}", f"file damaged after row {i}: {total - i} of {total} "
+                                                 f"rows lost ({_describe(exc)})") from None
+
+
+def _read_json(path: str):
+    """A small JSON file (save_to_disk metadata); a ConfigError naming it when unreadable."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            return json.loads(fh.read())
+    except Exception as exc:
+        raise ConfigError(f"{path}: unreadable ({_describe(exc)})") from None
 
 
 def arrow_dir_files(path: str) -> list[str]:
     """The shard files of a `save_to_disk` directory, in order (from its state.json)."""
-    with FileSystems.open(FileSystems.join(path.rstrip("/"), "state.json"),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        state = json.loads(fh.read())
-    return [FileSystems.join(path.rstrip("/"), f["filename"]) for f in state["_data_files"]]
+    state_path = FileSystems.join(path.rstrip("/"), "state.json")
+    state = _read_json(state_path)
+    try:
+        return [FileSystems.join(path.rstrip("/"), f["filename"]) for f in state["_data_files"]]
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{state_path}: no list of data files ({_describe(exc)})") from None
 
 
 def arrow_dir_schema(path: str):
     """The Arrow schema of a `save_to_disk` directory (from its dataset_info.json)."""
     import datasets
 
-    with FileSystems.open(FileSystems.join(path.rstrip("/"), "dataset_info.json"),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        info = json.loads(fh.read())
-    return datasets.Features.from_dict(info["features"]).arrow_schema
+    info_path = FileSystems.join(path.rstrip("/"), "dataset_info.json")
+    try:
+        return datasets.Features.from_dict(_read_json(info_path)["features"]).arrow_schema
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{info_path}: no readable features ({_describe(exc)})") from None
 
 
-def _arrow_rows(path: str):
+def _arrow_dir_rows_expected(path: str) -> int | None:
+    """The row count a save_to_disk directory's dataset_info.json records, if any."""
+    try:
+        splits = _read_json(FileSystems.join(path, "dataset_info.json")).get("splits") or {}
+        return sum(s["num_examples"] for s in splits.values()) if splits else None
+    except (ConfigError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def _arrow_rows(path: str, name: str):
     import pyarrow as pa
 
     # shards are read through FileSystems (not datasets.load_from_disk), so a directory
     # on gs:// reads like a local one
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    shards = [path] if path.endswith(".arrow") else arrow_dir_files(path)
+    if path.endswith(".arrow"):
+        shards, expected = [path], None
+    else:
+        shards, expected = arrow_dir_files(path), _arrow_dir_rows_expected(path)
     i = 0
+    damaged = []  # (origin, reason) of each damaged shard; later shards are still read
     for shard in shards:
-        with _open(shard) as fh:
-            for batch in pa.ipc.open_stream(fh):
-                for row in batch.to_pylist():
-                    i += 1
-                    yield f"{name}:row {i}", row, None
+        k = 0  # rows read from this shard
+        try:
+            with _open(shard) as fh:
+                for batch in pa.ipc.open_stream(fh):
+                    for row in batch.to_pylist():
+                        i += 1
+                        k += 1
+                        yield f"{name}:row {i}", row, None
+        except Exception as exc:  # pyarrow raises ArrowInvalid or OSError for a damaged stream
+            shard_name = _basename(shard)
+            damaged.append((f"{name}/{shard_name}:row {k + 1}" if shard != path else f"{name}:row {i + 1}",
+                            f"shard {shard_name} damaged after {k} of its rows: the rest is lost "
+                            f"({_describe(exc)})"))
+    # reported at the end, when the rows read from the whole directory are known
+    missing = f"; {expected - i} of the {expected} rows in dataset_info.json are missing" if expected else ""
+    for origin, reason in damaged:
+        yield origin, None, reason + missing
 
 
-def _hf_rows(path: str):
-    name = path[len(HF_PREFIX):]
-    repo, _, split = name.partition(":")
+def _hf_rows(path: str, name: str):
+    repo, _, split = path[len(HF_PREFIX):].partition(":")
     try:
         import datasets
 
         ds = datasets.load_dataset(repo, split=split or "train", streaming=True)
         for i, row in enumerate(ds, 1):
-            yield f"{path}:row {i}", row, None
+            yield f"{name}:row {i}", row, None
     except Exception as exc:
         raise ConfigError(
             f"{path}: could not load '{repo}' from the Hugging Face hub ({type(exc).__name__}: "
@@ -275,7 +437,7 @@ class ReadFile(beam.DoFn):
 
     def process(self, task: FileTask):
         adapter = records.ADAPTERS[task.adapter]
-        for origin, row, error in iter_rows(task.path, task.format, task.limit):
+        for origin, row, error in iter_rows(task.path, task.format, task.limit, task.name):
             if error is not None:  # `row` is then None, or the raw text that failed to parse
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, error, row))
                 continue
@@ -285,8 +447,10 @@ class ReadFile(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, str(exc), _raw(row)))
                 continue
             for k, rec in enumerate(recs):
-                if task.adapter != "curate":  # a curate row keeps its first origin
+                if task.adapter != "curate":
                     rec["origin"] = origin if len(recs) == 1 else f"{origin}:{k}"
+                elif task.prefix_origin:  # a curate row keeps its first origin, made unique
+                    rec["origin"] = f"{task.name}:{rec['origin']}"
                 reason = validate_record(rec, task.max_chars)
                 if reason:
                     yield beam.pvalue.TaggedOutput(DEAD, dead_letter(rec["origin"], reason,
@@ -300,6 +464,8 @@ def _raw(row) -> str:
         return json.dumps(row, ensure_ascii=False, default=str)[:2000]
     except (TypeError, ValueError):
         return repr(row)[:2000]
+    except RecursionError:  # repr would recurse as deep
+        return "(not shown: nested too deeply)"
 
 
 class ReadInputs(beam.PTransform):
