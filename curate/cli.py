@@ -115,10 +115,13 @@ def cmd_select(args) -> int:
 
 def print_summary(manifest: dict) -> None:
     c = manifest["counts"]
-    lines = [f"output        {manifest['output']}",
-             f"read          {c['read']:>9,}",
-             f"  invalid     {c['invalid']:>9,}   (dead_letter.jsonl)",
-             f"  examples    {c['examples']:>9,}"]
+    empty = manifest.get("plan", {}).get("empty_inputs") or []
+    lines = [f"output        {manifest['output']}"]
+    if empty:
+        lines.append(f"skipped       {len(empty):>9,}   empty input file(s)")
+    lines += [f"read          {c['read']:>9,}",
+              f"  invalid     {c['invalid']:>9,}   (dead_letter.jsonl)",
+              f"  examples    {c['examples']:>9,}"]
     for stage, n in c["filtered"].items():
         lines.append(f"  - {stage:<18}{n:>9,}")
     for stage, n in c.get("score_failed", {}).items():

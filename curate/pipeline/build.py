@@ -130,8 +130,9 @@ class Plan:
 
     def describe(self) -> dict:
         return {
-            "inputs": [{"path": t.path, "source": t.source, "format": t.format, "adapter": t.adapter}
-                       for t in self.tasks],
+            "inputs": [{"path": t.path, "name": t.name, "source": t.source, "format": t.format,
+                        "adapter": t.adapter} for t in self.tasks],
+            "empty_inputs": list(self.tasks.empty_files),  # skipped: they hold no rows
             "filters": [{"type": f.type, **{k: v for k, v in vars(f).items() if not k.startswith("_") and
                                              k not in ("label", "side_inputs", "pipeline")
                                              and isinstance(v, (int, float, str, type(None)))}}
