@@ -10,15 +10,23 @@ z_t = W h_t, p_t = softmax(z_t), e_t the one-hot of y_t, and L the mean cross-en
 over the response tokens. One SGD step of size eta on W alone gives W' = W - eta G with
 
     G = dL/dW = sum_t (p_t - e_t) h_t^T / n
-    DON = ||W||_F - ||W'||_F   (benefit: the step shrinks the weights)
+    DON = ||W'||_F - ||W||_F   (the change of the norm, new minus old; ranked a benefit)
     NOD = ||W - W'||_F = eta ||G||_F   (cost: how far one example moves the layer)
+
+Why DON's sign matters (METHODS.md, corrected): <W, G> = mean over response tokens of
+(CE - H), the token's cross-entropy minus the model's entropy there, so to first order
+DON ~ -eta mean(CE - H) / ||W||. A target the model finds more surprising than its own
+uncertainty (a wrong or mismatched answer) has a large CE - H and so a low DON: ranked
+as a benefit, DON prefers rows the model can absorb, as NOD does. (This module first
+computed ||W|| - ||W'||, the opposite sign; ranked as a benefit it preferred corrupted
+rows: benchmarks/RESULTS_donod.md.)
 
 Neither W' nor G (both V x d) is ever built, and there is no backward pass:
 
     <W, G>   = sum_t (p_t . z_t - z_t[y_t]) / n
     ||G||^2  = sum_{t,s} (h_t . h_s) ((p_t - e_t) . (p_s - e_s)) / n^2
     ||W'||^2 = ||W||^2 - 2 eta <W,G> + eta^2 ||G||^2
-    DON      = (2 eta <W,G> - eta^2 ||G||^2) / (||W|| + ||W'||)
+    DON      = (eta^2 ||G||^2 - 2 eta <W,G>) / (||W|| + ||W'||)
 
 The last line is the difference of norms written without subtracting two nearly equal
 numbers: with eta = 1e-4 the plain difference keeps about two digits in float32.
@@ -49,7 +57,7 @@ refused rather than scored wrongly.
 
 Step size: the paper does not pin one number for this single per-example step; the
 default eta = 1e-4 is a typical SFT learning rate. The choice barely matters for
-selection: NOD is proportional to eta and, for small eta, DON is too (DON ~ eta <W,G> /
+selection: NOD is proportional to eta and, for small eta, DON is too (DON ~ -eta <W,G> /
 ||W||), and TOPSIS normalises each column by its norm, so only the eta^2 ||G||^2 term
 (which grows with eta) can reorder examples.
 """
@@ -110,7 +118,7 @@ def step_metrics(W_norm: float, w_dot_g: float, g_sq: float, eta: float) -> tupl
     new_sq = W_norm * W_norm - 2.0 * eta * w_dot_g + eta * eta * g_sq
     new_norm = math.sqrt(max(new_sq, 0.0))
     denom = W_norm + new_norm
-    don = (2.0 * eta * w_dot_g - eta * eta * g_sq) / denom if denom > 0 else 0.0
+    don = (eta * eta * g_sq - 2.0 * eta * w_dot_g) / denom if denom > 0 else 0.0
     return don, eta * math.sqrt(g_sq)
 
 
