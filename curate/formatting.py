@@ -10,6 +10,8 @@ Templates
 Prompt and response are tokenized separately and concatenated, so the response span is
 exact (no boundary token shared between the two), and the tokenizer's EOS closes the
 response: a model trained on these learns to stop, and a score includes stopping.
+`include_eos=False` leaves the end out (plain: no EOS; chat: the template's tokens after
+the response's text), for comparing with implementations that score the text alone.
 
 Truncation policy (counted by `Encoded.truncated`): when prompt + response exceed
 `max_length`, drop prompt tokens from the left, but keep at least
@@ -36,7 +38,8 @@ class Encoded:
         return len(self.input_ids) - self.prompt_len
 
 
-def split_text(record: dict, tokenizer, template: str = "plain") -> tuple[str, str]:
+def split_text(record: dict, tokenizer, template: str = "plain",
+               include_eos: bool = True) -> tuple[str, str]:
     """(prompt text, response text) as the model sees them."""
     if template == "plain":
         return (PLAIN_PROMPT.format(prompt=record["prompt"]),
@@ -49,19 +52,27 @@ def split_text(record: dict, tokenizer, template: str = "plain") -> tuple[str, s
         if not full.startswith(prompt):
             raise ValueError("the chat template does not render the prompt as a prefix of the "
                              "conversation; use template: plain")
-        return prompt, full[len(prompt):]
+        response = full[len(prompt):]
+        if not include_eos:  # cut the template's end-of-turn tokens after the text
+            end = response.rfind(messages[-1]["content"])
+            if end < 0:
+                raise ValueError("the chat template does not render the response's text as is; "
+                                 "use include_eos: true or template: plain")
+            response = response[:end + len(messages[-1]["content"])]
+        return prompt, response
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
-def encode(record: dict, tokenizer, template: str = "plain", max_length: int = 2048) -> Encoded:
-    prompt_text, response_text = split_text(record, tokenizer, template)
+def encode(record: dict, tokenizer, template: str = "plain", max_length: int = 2048,
+           include_eos: bool = True) -> Encoded:
+    prompt_text, response_text = split_text(record, tokenizer, template, include_eos)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if template == "plain":
         bos = tokenizer.bos_token_id
         if bos is not None and getattr(tokenizer, "add_bos_token", False):
             prompt_ids = [bos] + prompt_ids
-        if tokenizer.eos_token_id is not None:
+        if include_eos and tokenizer.eos_token_id is not None:
             response_ids = response_ids + [tokenizer.eos_token_id]
     return truncate(prompt_ids, response_ids, max_length)
 

@@ -81,6 +81,29 @@ def test_plain_template_scores_response_and_eos_only(tiny_lm):
     assert enc.input_ids[-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_include_eos_false_scores_the_text_alone(tiny_lm, tiny_lm_dir, template):
+    """The scorer with include_eos false against per-token log-probs from full logits of
+    the default encoding: the same tokens less the end (EOS / the end-of-turn token)."""
+    model, tokenizer = tiny_lm
+    records = _records()
+    with_eos = make_scorer({"type": "likelihood", "model": str(tiny_lm_dir), "template": template,
+                            "dtype": "float32"}).load_runner().score(records)
+    without = make_scorer({"type": "likelihood", "model": str(tiny_lm_dir), "template": template,
+                           "dtype": "float32", "include_eos": False}).load_runner().score(records)
+    for r, a, b in zip(records, with_eos, without):
+        enc = encode(r, tokenizer, template, 2048)
+        assert enc.input_ids[-1] == tokenizer.eos_token_id
+        ids = torch.tensor([enc.input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        token = logprobs[enc.prompt_len - 1:-1].gather(1, ids[0, enc.prompt_len:, None]).squeeze(1)
+        assert a["n_response_tokens"] == len(token) and b["n_response_tokens"] == len(token) - 1
+        assert a["logprob_sum"] == pytest.approx(token.sum().item(), rel=2e-5, abs=2e-4)
+        assert b["logprob_sum"] == pytest.approx(token[:-1].sum().item(), rel=2e-5, abs=2e-4)
+        assert b["logprob_mean"] == pytest.approx(token[:-1].mean().item(), rel=2e-5, abs=2e-5)
+
+
 def test_batching_padding_and_order_do_not_change_scores(tiny_lm):
     model, tokenizer = tiny_lm
     encoded = [encode(r, tokenizer, "plain", 512) for r in _records()] * 2

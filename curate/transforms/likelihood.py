@@ -197,7 +197,7 @@ class _LikelihoodRunner:
         for record in records:
             try:
                 encoded.append(encode(record, self.tokenizer, self.scorer.template,
-                                      self.scorer.max_length))
+                                      self.scorer.max_length, self.scorer.include_eos))
             except Exception as err:
                 raise ValueError(f"likelihood: cannot encode record {record.get('id')!r}: "
                                  f"{err}") from err
@@ -218,6 +218,10 @@ class LikelihoodScorer(Scorer):
 
     Adds `logprob_sum` (float64), `logprob_mean` (float64: GRAPE's score),
     `n_response_tokens` (int64) and `truncated` (bool), each name preceded by `prefix`.
+    include_eos (default true): the end of the response (EOS for the plain template, the
+    chat template's end-of-turn tokens) counts as response tokens, in the sum, the mean
+    and the count: "the probability of this response, and of stopping after it". False
+    scores the response's text alone, as implementations that do not append EOS do.
     Resources: one model copy per SDK process (or `model_copies` shared ones), plus
     activations for `max_tokens_per_batch` tokens (default: one example per forward on
     CPU, 65536 tokens on CUDA).
@@ -228,6 +232,7 @@ class LikelihoodScorer(Scorer):
     model: str = "default"
     template: str = "plain"
     max_length: int = 2048
+    include_eos: bool = True
     max_tokens_per_batch: Optional[int] = None  # None: by device (DEFAULT_TOKENS_PER_BATCH)
     device: str = "auto"
     dtype: str = "auto"
