@@ -3,8 +3,9 @@
 Paper: Hu, Yang, Zhou, Wu (2025), "DONOD: Robust and Generalizable Instruction
 Fine-Tuning for LLMs via Model-Intrinsic Dataset Pruning" (arXiv 2504.14810). No
 official code. Defaults from the paper (METHODS.md "DONOD"): criteria DON (benefit; DON =
-||W'|| - ||W||, new minus old, as the `weight_delta` scorer computes it) and NOD (cost), equal weights, vector-normalised columns, keep the top 30% (the paper keeps
-20-30%; "filtering out 70%" is its headline setting). The scores come from the
+||W'|| - ||W||, new minus old, as the `weight_delta` scorer computes it) and NOD (cost),
+equal weights, vector-normalised columns, keep the top 30% (the paper keeps 20-30%;
+"filtering out 70%" is its headline setting). The scores come from the
 `weight_delta` scorer (curate/transforms/weight_delta.py); this module never loads a model.
 
 TOPSIS (Hwang & Yoon, 1981) for an N x C matrix x:
