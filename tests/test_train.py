@@ -14,7 +14,7 @@ from conftest import make_tiny_lm
 from curate.records import make_record
 from curate.train import (TrainConfig, evaluate_loss, list_checkpoints, load_checkpoint_model,
                           load_records, response_nll, run_train, tokenize, train)
-from curate.train.data import collate, micro_batches, plan_steps
+from curate.train.data import collate, micro_batches, plan_steps, split_by_tokens
 from curate.train.loss import batch_nll
 
 
@@ -87,6 +87,55 @@ def test_loss_is_mean_response_token_nll_and_ignores_prompt(tiny_lm):
     assert ev["n_tokens"] == len(terms)
     assert ev["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert ev["ppl"] == pytest.approx(np.exp(ev["loss"]))
+
+
+@pytest.mark.parametrize("setup", ["lora", "full_untied", "full_tied", "softcap"])
+def test_chunked_head_loss_and_gradients_match_autograd_of_the_full_logit_loss(setup):
+    """batch_nll (hidden states at response positions, head in chunks whose gradient is
+    taken in the forward) against plain autograd of the full-logit loss, fp32, to 1e-5:
+    the loss and the gradient of every trainable parameter (LoRA adapters; or every
+    weight, the tied head/embedding included)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = make_tiny_lm(tie_word_embeddings=setup == "full_tied", seed=3)
+    if setup == "softcap":
+        model.config.final_logit_softcapping = 2.0  # the plain path must apply it too
+
+        class Capped(torch.nn.Module):  # what Gemma's forward does after the head
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, **kw):
+                out = self.m(**kw)
+                out.logits = (out.logits / 2.0).tanh() * 2.0
+                return out
+    if setup == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():  # non-zero B, so every adapter gets a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    tok = tokenize(_records(6), tokenizer, "plain", 64)
+    batch = collate(tok, list(range(6)), tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+
+    plain_model = Capped(model) if setup == "softcap" else model
+    logits = plain_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref_nll, ref_n = response_nll(logits, batch["labels"])
+    ref = grads(ref_nll / ref_n)
+    # 64 logits per chunk: several chunks per batch
+    nll, n = batch_nll(model, batch, max_logit_elements=64 * len(tokenizer))
+    got = grads(nll / n)
+    assert int(n) == int(ref_n)
+    assert float(nll) == pytest.approx(float(ref_nll), rel=1e-5)
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7), float((g - r).abs().max())
+    assert any(float(g.abs().sum()) > 0 for g in got)
 
 
 # ---------------------------------------------------------------- batch plan
@@ -183,6 +232,34 @@ def _adapter_weights(path):
     from safetensors.torch import load_file
 
     return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_split_by_tokens_respects_the_budget_and_keeps_every_row():
+    lengths = np.array([5, 40, 12, 12, 90, 7, 33])
+    pieces = split_by_tokens([0, 1, 2, 3, 4, 5, 6], lengths, 64)
+    assert sorted(i for p in pieces for i in p) == list(range(7))
+    assert pieces[0] == [4]  # longer than the budget: alone, first
+    assert all(len(p) * max(lengths[p]) <= 64 for p in pieces[1:])
+    assert split_by_tokens([3, 1], lengths, 0) == [[3, 1]]
+    assert split_by_tokens([3, 1, 2], lengths, 1) == [[1], [3], [2]]
+
+
+def test_forward_pieces_change_memory_not_the_result(tmp_path, tiny_lm_dir):
+    """One forward per example, per 60 tokens, or per whole micro-batch: the same steps
+    (the loss is token-weighted over the optimizer step), so the same adapter."""
+    runs = {}
+    for forward_tokens in (0, 1, 60):
+        cfg = TrainConfig(model=str(tiny_lm_dir), lr=1e-2, max_length=64, batch_size=5, max_steps=3,
+                          forward_tokens=forward_tokens, **{k: v for k, v in FAST.items() if k != "batch_size"})
+        runs[forward_tokens] = train(_records(15), cfg, tmp_path / str(forward_tokens), progress=False)
+    base = _adapter_weights(tmp_path / "0")
+    for forward_tokens in (1, 60):
+        other = _adapter_weights(tmp_path / str(forward_tokens))
+        for k in base:
+            torch.testing.assert_close(other[k], base[k], rtol=1e-5, atol=1e-6)
+        assert [r["loss"] for r in runs[forward_tokens]["train_curve"]] == pytest.approx(
+            [r["loss"] for r in runs[0]["train_curve"]], rel=1e-5)
+    assert runs[1]["padding_fraction"] == 0.0 < runs[0]["padding_fraction"]
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_lm_dir):

@@ -81,15 +81,15 @@ class LogitHead:
     def __init__(self, model):
         import torch
 
-        from curate.transforms.likelihood import _body_and_head, _post_head
+        from curate.models.lm_head import body_and_head, post_head
 
-        self.body, head = _body_and_head(model)
+        self.body, head = body_and_head(model)
         w = head.weight.detach()
         # one float32 copy of the head per model (none when it already is float32)
         self.weight = w if w.dtype == torch.float32 else w.float()
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else bias.detach().float()
-        self.transform = _post_head(model.config)
+        self.transform = post_head(model.config)
 
     def __call__(self, hidden):
         z = hidden.float() @ self.weight.T

@@ -29,6 +29,8 @@ from typing import ClassVar, Optional, Sequence
 import pyarrow as pa
 
 from curate.formatting import TEMPLATES, Encoded, encode
+from curate.models.lm_head import (DEFAULT_MAX_LOGIT_ELEMENTS, body_and_head, chunk_rows, head_logits,
+                                   post_head)
 from curate.transforms.base import Scorer
 from curate.transforms.handlers import Progress, RecordModelHandler
 
@@ -40,8 +42,6 @@ log = logging.getLogger(__name__)
 # than unpadded single rows with SmolLM2 in bf16 (benchmarks/RESULTS_scorer.md); on a GPU
 # batching is what fills the device.
 DEFAULT_TOKENS_PER_BATCH = {"cpu": 1, "cuda": 65536}
-# Largest chunk of float32 logits (positions x vocab) held at once: 64 MiB.
-DEFAULT_MAX_LOGIT_ELEMENTS = 1 << 24
 
 
 def batches_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -69,42 +69,6 @@ def batches_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[lis
     return batches
 
 
-def _text_config(config):
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _body_and_head(model):
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings()
-    if body is None or body is model or head is None:
-        raise NotImplementedError(
-            f"{type(model).__name__}: need a causal LM with a separate body (base_model) "
-            "and output head (get_output_embeddings)")
-    return body, head
-
-
-def _post_head(config):
-    """The logit transform the model applies after its head, as a function (or None)."""
-    config = _text_config(config)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if not (scale or divide or cap):
-        return None
-
-    def transform(logits):
-        if scale:
-            logits = logits * scale
-        if divide:
-            logits = logits / divide
-        if cap:
-            logits = (logits / cap).tanh() * cap
-        return logits
-
-    return transform
-
-
 def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 0,
                       max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
                       ) -> list[tuple[float, float, int]]:
@@ -117,8 +81,8 @@ def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 
 
     if not encoded:
         return []
-    body, head = _body_and_head(model)
-    transform = _post_head(model.config)
+    body, head = body_and_head(model)
+    transform = post_head(model.config)
     device = head.weight.device
     lengths = [len(e.input_ids) for e in encoded]
     batch, width = len(encoded), max(lengths)
@@ -144,13 +108,11 @@ def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 
         picked = hidden[rows_t.to(device), cols_t.to(device)]  # (positions, d)
         del hidden
         n_positions = picked.shape[0]
-        chunk = max(1, max_logit_elements // head.weight.shape[0])
+        chunk = chunk_rows(head, max_logit_elements)
         token_logprobs = torch.empty(n_positions, dtype=torch.float32, device=device)
         for start in range(0, n_positions, chunk):
             stop = min(start + chunk, n_positions)
-            logits = head(picked[start:stop]).float()
-            if transform is not None:
-                logits = transform(logits)
+            logits = head_logits(head, transform, picked[start:stop])
             target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
             token_logprobs[start:stop] = target_logit - torch.logsumexp(logits, dim=-1)
         sums = torch.zeros(batch, dtype=torch.float64, device=device)
