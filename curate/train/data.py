@@ -204,6 +204,22 @@ def micro_batches(lengths: np.ndarray, *, seed: int, epoch: int, batch_size: int
     return out
 
 
+def split_by_tokens(indices: Sequence[int], lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """`indices` cut into pieces of at most `max_tokens` padded tokens (rows x longest),
+    longest first, so each piece pads only to its own longest row; 0 keeps them whole.
+    A row longer than the budget is a piece of its own."""
+    if not max_tokens:
+        return [list(indices)]
+    order = sorted(indices, key=lambda i: -int(lengths[i]))
+    pieces: list[list[int]] = []
+    for i in order:
+        if pieces and (len(pieces[-1]) + 1) * int(lengths[pieces[-1][0]]) <= max_tokens:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
+
+
 @dataclass(frozen=True)
 class Step:
     """One optimizer step: its epoch and its micro-batches (gradient accumulation)."""

@@ -39,7 +39,7 @@ import torch
 
 from curate.formatting import TEMPLATES
 from curate.train import checkpoints as ckpts
-from curate.train.data import Tokenized, collate, load_records, plan_steps, tokenize
+from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
 from curate.train.loss import (_pad_id, autocast_for, batch_nll, evaluate_tokenized,
                                generate_samples)
 
@@ -48,6 +48,10 @@ log = logging.getLogger("curate.train")
 METHODS = ("lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+# On CPU one example per forward: no padding, so no attention mask and SDPA keeps its
+# causal kernel, and activations of one sequence at a time (benchmarks/RESULTS_train.md).
+# On a GPU, whole micro-batches fill the device.
+DEFAULT_FORWARD_TOKENS = {"cpu": 1, "cuda": 0}
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp32": "float32", "float32": "float32"}
 
@@ -71,7 +75,7 @@ class TrainConfig:
     method: str = "lora"              # "lora" | "full"
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0        # dropout on adapter inputs: on CPU it costs more than the step
     target_modules: list[str] | str | None = None  # None: "all-linear" (attention + MLP)
     lr: float | None = None           # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
     epochs: int = 1
@@ -79,6 +83,10 @@ class TrainConfig:
     batch_size: int = 8               # examples per micro-batch ...
     batch_tokens: int | None = None   # ... or, when set, padded tokens per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
+    # forward/backward pieces of each micro-batch, at most this many padded tokens (longest
+    # x rows) each; the gradient is the same (token-weighted over the step), only the peak
+    # memory and the padding change. None: by device (DEFAULT_FORWARD_TOKENS); 0: whole.
+    forward_tokens: int | None = None
     group_by_length: bool = True      # length-grouped batches: less padding
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
@@ -114,6 +122,8 @@ class TrainConfig:
                      "eval_batch_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.forward_tokens is not None and self.forward_tokens < 0:
+            raise ValueError("forward_tokens must be >= 0 or unset")
         for name in ("max_steps", "batch_tokens", "save_every", "eval_every", "num_checkpoints",
                      "threads"):
             value = getattr(self, name)
@@ -363,6 +373,9 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
 
     lengths = tok.lengths
     response_lens = tok.response_lens
+    forward_tokens = cfg.forward_tokens
+    if forward_tokens is None:
+        forward_tokens = DEFAULT_FORWARD_TOKENS.get(torch.device(device).type, 0)
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="train",
                unit="step", dynamic_ncols=True)
@@ -373,7 +386,8 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
             n_resp = int(sum(response_lens[i] for mb in step_plan.micro_batches for i in mb))
             step_nll = 0.0
             step_tokens = step_padded = 0
-            for mb in step_plan.micro_batches:
+            for mb in (piece for mb in step_plan.micro_batches
+                       for piece in split_by_tokens(mb, lengths, forward_tokens)):
                 batch = {k: v.to(device) for k, v in collate(tok, mb, pad_id).items()}
                 with autocast_for(model, autocast_dtype):
                     nll, _ = batch_nll(model, batch)
