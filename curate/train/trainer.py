@@ -15,10 +15,16 @@ avx512_bf16), the forward runs under bf16 autocast. Master weights stay float32:
 loads the frozen base in bf16 and keeps the adapter in float32; full fine-tuning keeps the
 whole model in float32. fp16 is refused (it would need loss scaling).
 
-Defaults: LoRA r=16, alpha=32, dropout 0.05 on every linear projection of attention and
+Defaults: LoRA r=16, alpha=32, no dropout, on every linear projection of attention and
 MLP (peft "all-linear": not the LM head), lr 2e-4 for LoRA (the common QLoRA/Alpaca-LoRA
 setting; adapters need a higher rate than full weights) and 2e-5 for full fine-tuning,
 AdamW, cosine schedule with 3% warmup, gradient clipping at 1.0.
+
+Memory and speed: the LM head runs only on the positions that predict a response token,
+in chunks (`curate.models.lm_head`), so the batch x length x vocabulary logits never
+exist; on CPU each example is its own forward (`forward_tokens`), unpadded. LoRA dropout
+is off by default because on CPU its masks cost more than the adapted layer's matmul.
+Measured against HF Trainer and TRL: benchmarks/RESULTS_train.md.
 """
 
 from __future__ import annotations
