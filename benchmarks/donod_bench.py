@@ -10,13 +10,16 @@ Speed part: the same GSM8K examples scored three ways on the same model, same th
   autograd_single      per example: forward of the base model, then the head's loss and
                        torch.autograd.grad w.r.t. the head weight only (the strongest
                        autograd baseline: no backward through the decoder), W' = W - eta G
-                       materialised, DON = ||W|| - ||W'||, NOD = ||W - W'||
+                       materialised, DON = ||W'|| - ||W||, NOD = ||W - W'||
 Peak memory is the process's resident set sampled every 2 ms during each method, minus
 the resident set just before it (the model itself is excluded).
 
-Noise part (--noise): 2,000 GSM8K examples (--noise-n), the responses of a random 20%
-permuted among themselves (each corrupted row answers another question), DON/NOD by the
-closed form, TOPSIS keeps 30%: report the share of corrupted rows kept (random keeps 20%).
+Noise part (--noise): 2,000 GSM8K examples (--noise-n), a random 20% corrupted in three
+ways, one pool per kind: responses swapped between the corrupted rows; responses cut to
+their first 30%; the final answer after '####' and the last computation changed. DON/NOD
+by the closed form; each of the four TOPSIS orientations (DON +/-, NOD +/-) and each
+column alone keeps 30%: the share of corrupted rows kept, against random's spread over
+1,000 seeds (below its 95% range: fewer; inside: a tie).
 
 Writes benchmarks/results/donod_bench[_noise].json and .md; RESULTS_donod.md quotes them.
 """
@@ -152,12 +155,12 @@ def autograd_single(model, encoded, eta, W_norm, pad, max_tokens):
                 (G,) = torch.autograd.grad(loss, W)
             with torch.no_grad():
                 W_new = W - eta * G
-                don = float(W.norm() - W_new.norm())
+                don = float(W_new.norm() - W.norm())
                 nod = float((W - W_new).norm())
                 # the same step without the float32 cancellation, to check agreement
                 w_dot_g = float((W.double() * G.double()).sum())
                 g_sq = float(G.double().pow(2).sum())
-            stable = (2 * eta * w_dot_g - eta**2 * g_sq) / (
+            stable = (eta**2 * g_sq - 2 * eta * w_dot_g) / (
                 W_norm + math.sqrt(max(W_norm**2 - 2 * eta * w_dot_g + eta**2 * g_sq, 0.0)))
             out.append((don, nod, stable))
     finally:
@@ -180,7 +183,7 @@ def float64_reference(model, e, eta):
         w_norm = float(W64.norm())
         w_dot_g, g_sq = float((W64 * G).sum()), float(G.pow(2).sum())
     new_norm = math.sqrt(w_norm**2 - 2 * eta * w_dot_g + eta**2 * g_sq)
-    return (2 * eta * w_dot_g - eta**2 * g_sq) / (w_norm + new_norm), eta * math.sqrt(g_sq)
+    return (eta**2 * g_sq - 2 * eta * w_dot_g) / (w_norm + new_norm), eta * math.sqrt(g_sq)
 
 
 def timed(fn, *args):
@@ -223,7 +226,7 @@ def head_autograd(model, states, eta, W_norm):
                 (G,) = torch.autograd.grad(F.cross_entropy(h @ W.T, y), W)
             with torch.no_grad():
                 W_new = W - eta * G
-                out.append((float(W.norm() - W_new.norm()), float((W - W_new).norm())))
+                out.append((float(W_new.norm() - W.norm()), float((W - W_new).norm())))
     finally:
         W.requires_grad_(was)
     return out
@@ -287,47 +290,176 @@ def speed(args, model, tok, source):
     return result
 
 
+# ------------------------------------------------------------------ noise ablation
+KEEP = 0.3
+CORRUPT = 0.2
+# (label, DON direction, NOD direction); 0 leaves the column out. The first is the default.
+ORIENTATIONS = [
+    ("TOPSIS DON benefit, NOD cost (default)", +1, -1),
+    ("TOPSIS DON benefit, NOD benefit", +1, +1),
+    ("TOPSIS DON cost, NOD cost", -1, -1),
+    ("TOPSIS DON cost, NOD benefit", -1, +1),
+    ("DON alone, benefit", +1, 0),
+    ("DON alone, cost", -1, 0),
+    ("NOD alone, cost", 0, -1),
+    ("NOD alone, benefit", 0, +1),
+]
+_NUMBER = r"(?<![\d.]){}(?![\d.])"
+
+
+def _with_response(r: dict, response: str) -> dict:
+    return {**r, "response": response, "messages": r["messages"][:-1] + [{"role": "assistant", "content": response}]}
+
+
+def corrupt_swapped(records: list[dict], bad: list[int], rng: random.Random) -> dict[int, dict]:
+    """Each corrupted row gets another corrupted row's response (a derangement)."""
+    answers = [records[i]["response"] for i in bad]
+    shifted = answers[1:] + answers[:1]
+    return {i: _with_response(records[i], a) for i, a in zip(bad, shifted)}
+
+
+def corrupt_truncated(records: list[dict], bad: list[int], rng: random.Random) -> dict[int, dict]:
+    """The response cut to its first 30% of characters (at a word boundary)."""
+    out = {}
+    for i in bad:
+        text = records[i]["response"]
+        cut = text[: max(1, int(0.3 * len(text)))]
+        cut = cut.rsplit(" ", 1)[0] if " " in cut else cut
+        out[i] = _with_response(records[i], cut)
+    return out
+
+
+def wrong_final_answer(response: str, rng: random.Random) -> str | None:
+    """GSM8K: the final number after '####' changed, and the same number in the last
+    reasoning line that states it (the last computation, '<<a*b=X>>X'). None when the
+    answer has no '####' number."""
+    import re
+
+    body, sep, final = response.rpartition("####")
+    value = final.strip().replace(",", "")
+    if not sep or not re.fullmatch(r"-?\d+", value):
+        return None
+    old = int(value)
+    delta = 0
+    while delta == 0:
+        delta = rng.randint(-max(2, abs(old) // 2), max(2, abs(old) // 2))
+    new = str(old + delta)
+    pattern = re.compile(_NUMBER.format(re.escape(final.strip())))
+    lines = body.rstrip("\n").split("\n")
+    for k in range(len(lines) - 1, -1, -1):
+        if pattern.search(lines[k]):
+            lines[k] = pattern.sub(new, lines[k])
+            break
+    return "\n".join(lines) + "\n" + sep + " " + new
+
+
+def corrupt_wrong_answer(records: list[dict], bad: list[int], rng: random.Random) -> dict[int, dict]:
+    out = {}
+    for i in bad:
+        changed = wrong_final_answer(records[i]["response"], rng)
+        if changed is None:
+            raise SystemExit(f"gsm8k row {records[i]['origin']}: no '####' answer to change")
+        out[i] = _with_response(records[i], changed)
+    return out
+
+
+CORRUPTIONS = {"swapped": corrupt_swapped, "truncated": corrupt_truncated, "wrong_answer": corrupt_wrong_answer}
+
+
+def kept_share(m: np.ndarray, ids: list[str], corrupted: set[int], don_dir: int, nod_dir: int, k: int) -> float:
+    """Share of corrupted rows among the k best by TOPSIS over the chosen columns
+    (one column alone: its plain order), ties by id as in the selector."""
+    cols = [c for c, d in ((0, don_dir), (1, nod_dir)) if d]
+    dirs = [d for d in (don_dir, nod_dir) if d]
+    score = topsis_closeness(m[:, cols], dirs) if len(cols) == 2 else dirs[0] * m[:, cols[0]]
+    order = sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))
+    return sum(i in corrupted for i in order[:k]) / k
+
+
+def random_spread(n: int, corrupted: set[int], k: int, seeds: int = 1000) -> dict:
+    """Random selection's share of corrupted rows over many seeds: mean and 95% range."""
+    rng = random.Random(0)
+    shares = sorted(sum(i in corrupted for i in rng.sample(range(n), k)) / k for _ in range(seeds))
+    return {"mean": float(np.mean(shares)), "p2_5": shares[int(0.025 * seeds)],
+            "p97_5": shares[int(0.975 * seeds) - 1]}
+
+
 def noise(args, model, tok, source):
+    """Score the clean pool once and each corruption kind's corrupted rows once (scores
+    cached per kind in --out, so a rerun after a crash scores only what is missing), then
+    rank every orientation on each kind's pool."""
     records = gsm8k(args.noise_n, seed=2)
     rng = random.Random(3)
-    n_bad = int(round(0.2 * len(records)))
-    bad = rng.sample(range(len(records)), n_bad)
-    answers = [records[i]["response"] for i in bad]
-    # a derangement: every corrupted row gets another row's answer
-    shift = answers[1:] + answers[:1]
+    bad = sorted(rng.sample(range(len(records)), int(round(CORRUPT * len(records)))))
     corrupted = set(bad)
-    for i, a in zip(bad, shift):
-        r = records[i]
-        r["response"] = a
-        r["messages"] = r["messages"][:-1] + [{"role": "assistant", "content": a}]
-    encoded = [encode(r, tok, "plain", args.noise_max_length) for r in records]
     W_norm = weight_norm(_check_head(model))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    t0 = time.perf_counter()
-    scores = closed_form(model, encoded, args.eta, W_norm, pad, args.max_tokens)
-    seconds = time.perf_counter() - t0
-    m = np.array(scores)
-    close = topsis_closeness(m, [+1, -1])
-    k = int(0.3 * len(records) + 0.5)
-    order = sorted(range(len(records)), key=lambda i: (-close[i], records[i]["id"]))
-    kept = order[:k]
-    share = sum(i in corrupted for i in kept) / k
-    by = lambda col, asc: sorted(range(len(records)), key=lambda i: m[i, col] if asc else -m[i, col])[:k]  # noqa: E731
-    share_don = sum(i in corrupted for i in by(0, False)) / k
-    share_nod = sum(i in corrupted for i in by(1, True)) / k
-    clean = [i for i in range(len(records)) if i not in corrupted]
+    cache_dir = pathlib.Path(args.out) / "donod_noise_cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp = f"n{len(records)}-L{args.noise_max_length}-eta{args.eta}-{args.model.replace('/', '_')}-{args.dtype}"
+
+    def scored(name: str, rows: list[dict]) -> tuple[list, float]:
+        path = cache_dir / f"{name}-{stamp}.json"
+        if path.exists():
+            cached = json.loads(path.read_text())
+            return cached["scores"], cached["seconds"]
+        encoded = [encode(r, tok, "plain", args.noise_max_length) for r in rows]
+        t0 = time.perf_counter()
+        scores = closed_form(model, encoded, args.eta, W_norm, pad, args.max_tokens)
+        seconds = time.perf_counter() - t0
+        path.write_text(json.dumps({"scores": scores, "seconds": seconds}))
+        print(f"scored {name}: {len(rows)} rows in {seconds:.0f}s", flush=True)
+        return scores, seconds
+
+    clean_scores, total_seconds = scored("clean", records)
+    ids = [r["id"] for r in records]
+    k = int(KEEP * len(records) + 0.5)
+    spread = random_spread(len(records), corrupted, k)
+    kinds = {}
+    for kind, make in CORRUPTIONS.items():
+        variants = make(records, bad, random.Random(4))
+        bad_scores, seconds = scored(kind, [variants[i] for i in bad])
+        total_seconds += seconds
+        m = np.array(clean_scores, dtype=np.float64)
+        m[bad] = np.array(bad_scores, dtype=np.float64)
+        kinds[kind] = {
+            "shares": {label: round(kept_share(m, ids, corrupted, d, n, k), 4) for label, d, n in ORIENTATIONS},
+            "mean_don_clean": float(np.mean(np.delete(m[:, 0], bad))), "mean_don_corrupted": float(np.mean(m[bad, 0])),
+            "mean_nod_clean": float(np.mean(np.delete(m[:, 1], bad))), "mean_nod_corrupted": float(np.mean(m[bad, 1])),
+            "example": {"clean": records[bad[0]]["response"][-200:], "corrupted": variants[bad[0]]["response"][-200:]},
+        }
     return {
-        "what": "noise robustness: 20% of responses swapped, TOPSIS(DON benefit, NOD cost) keeps 30%",
-        "model": args.model, "model_source": source, "examples": len(records),
-        "corrupted": n_bad, "kept": k, "max_length": args.noise_max_length, "eta": args.eta,
-        "scoring_seconds": round(seconds, 1),
-        "corrupted_share_kept_topsis": round(share, 4),
-        "corrupted_share_kept_don_only": round(share_don, 4),
-        "corrupted_share_kept_nod_only": round(share_nod, 4),
-        "corrupted_share_kept_random_expected": round(n_bad / len(records), 4),
-        "mean_don_clean": float(np.mean(m[clean, 0])), "mean_don_corrupted": float(np.mean(m[list(corrupted), 0])),
-        "mean_nod_clean": float(np.mean(m[clean, 1])), "mean_nod_corrupted": float(np.mean(m[list(corrupted), 1])),
+        "what": f"DONOD noise ablation: {int(CORRUPT * 100)}% of GSM8K rows corrupted three ways, keep "
+                f"{int(KEEP * 100)}%: share of corrupted rows kept per orientation",
+        "model": args.model, "model_source": source, "examples": len(records), "corrupted": len(bad),
+        "kept": k, "max_length": args.noise_max_length, "eta": args.eta,
+        "don": "||W'||_F - ||W||_F (new minus old)", "scoring_seconds": round(total_seconds, 1),
+        "random": {k_: round(v, 4) for k_, v in spread.items()}, "kinds": kinds,
     }
+
+
+def noise_markdown(res: dict) -> str:
+    r = res["random"]
+    kinds = list(res["kinds"])
+    lines = [f"# {res['what']}", "", f"Command: `{res['command']}`", "", f"Machine: {res['machine']}", "",
+             f"{res['examples']} GSM8K rows, {res['corrupted']} corrupted, keep {res['kept']}; DON = {res['don']}, "
+             f"eta = {res['eta']}, max_length {res['max_length']}; scoring {res['scoring_seconds']} s.", "",
+             "| selection | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+             f"| random (1,000 seeds: mean, 95% range) | " + " | ".join(
+                 f"{100 * r['mean']:.1f}% ({100 * r['p2_5']:.1f}-{100 * r['p97_5']:.1f})" for _ in kinds) + " |"]
+    for label, _, _ in ORIENTATIONS:
+        cells = []
+        for kind in kinds:
+            share = res["kinds"][kind]["shares"][label]
+            mark = " (fewer)" if share < r["p2_5"] else " (more)" if share > r["p97_5"] else " (tie)"
+            cells.append(f"{100 * share:.1f}%{mark}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean DON / NOD, clean vs corrupted rows:", "", "| kind | DON clean | DON corrupted | NOD clean | NOD corrupted |",
+              "|---|---|---|---|---|"]
+    for kind, v in res["kinds"].items():
+        lines.append(f"| {kind} | {v['mean_don_clean']:.3g} | {v['mean_don_corrupted']:.3g} | "
+                     f"{v['mean_nod_clean']:.3g} | {v['mean_nod_corrupted']:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
@@ -402,8 +534,9 @@ def main(argv=None):
     for stem, fn in jobs:
         res = {**fn(args, model, tok, source), "command": command.strip(), "machine": info}
         (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(markdown(res))
-        print(markdown(res), flush=True)
+        text = noise_markdown(res) if stem.endswith("noise") else markdown(res)
+        (out / f"{stem}.md").write_text(text)
+        print(text, flush=True)
 
 
 if __name__ == "__main__":
