@@ -250,12 +250,15 @@ def plan_steps(lengths: np.ndarray, *, seed: int, epochs: int, max_steps: int | 
     return steps
 
 
-def collate(tok: Tokenized, indices: Sequence[int], pad_id: int):
+def collate(tok: Tokenized, indices: Sequence[int], pad_id: int, multiple: int = 1):
     """Right-padded tensors: input_ids, attention_mask, labels (-100 on prompt and
-    padding, so the loss is taken over response tokens only)."""
+    padding, so the loss is taken over response tokens only). The width is rounded up to
+    a `multiple`: on CPU, oneDNN builds a matmul kernel per shape, and a few widths let it
+    reuse them instead of building one for every length in the data."""
     import torch
 
     width = max(len(tok.input_ids[i]) for i in indices)
+    width = -(-width // multiple) * multiple
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(indices), width), dtype=torch.long)
     labels = torch.full((len(indices), width), -100, dtype=torch.long)

@@ -49,10 +49,12 @@ def batch_nll(model, batch: dict,
     so the batch x length x vocabulary logits never exist, in training or evaluation. The
     value and gradient equal `response_nll` on the full logits."""
     body, head = body_and_head(model)
-    input_ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    # no padding: no mask, so SDPA keeps its fused causal kernel
-    mask = None if bool(attention.all()) else attention
-    hidden = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    # No attention mask: padding is on the right, and in a causal model a real token never
+    # attends to a later position, so its hidden state is the same with or without the
+    # mask; only the padded positions' states differ, and no loss is read there. Without a
+    # mask SDPA keeps its fused causal kernel.
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
     rows, cols = response_positions(labels, IGNORE)
     targets = labels[rows, cols + 1]
     nll = chunked_nll(hidden[rows, cols], targets, head, post_head(model.config), max_logit_elements)

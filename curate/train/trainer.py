@@ -58,6 +58,9 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 # causal kernel, and activations of one sequence at a time (benchmarks/RESULTS_train.md).
 # On a GPU, whole micro-batches fill the device.
 DEFAULT_FORWARD_TOKENS = {"cpu": 1, "cuda": 0}
+# Forward widths are rounded up to this many tokens (see `collate`): on CPU, a kernel per
+# distinct length cost more than the few padded positions.
+PAD_MULTIPLE = 32
 _DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp32": "float32", "float32": "float32"}
 
@@ -394,7 +397,7 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
             step_tokens = step_padded = 0
             for mb in (piece for mb in step_plan.micro_batches
                        for piece in split_by_tokens(mb, lengths, forward_tokens)):
-                batch = {k: v.to(device) for k, v in collate(tok, mb, pad_id).items()}
+                batch = {k: v.to(device) for k, v in collate(tok, mb, pad_id, PAD_MULTIPLE).items()}
                 with autocast_for(model, autocast_dtype):
                     nll, _ = batch_nll(model, batch)
                 # token-weighted mean over the whole optimizer step, across micro-batches
