@@ -7,7 +7,7 @@ BIN     = $(VENV)/bin
 JOB    ?= jobs/grape.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench bench-train clean
 
 $(BIN)/curate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/scorer_throughput.py
+
+# the trainer against HF Trainer and TRL's SFTTrainer (the bench extra brings TRL)
+bench-train: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
