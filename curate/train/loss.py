@@ -20,8 +20,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from curate.models.lm_head import (DEFAULT_MAX_LOGIT_ELEMENTS, body_and_head, chunked_nll, post_head,
-                                   response_positions)
+from curate.models.lm_head import body_and_head, chunked_nll, post_head, response_positions
 from curate.train.data import Tokenized, collate, micro_batches, tokenize
 
 IGNORE = -100
@@ -40,8 +39,14 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return total, (shift_labels != IGNORE).sum()
 
 
+# Logits per chunk in training: 16 MiB of float32. A chunk's logits, their softmax and
+# gradient are alive at the end of the forward, when every activation is too; smaller
+# chunks cost nothing measurable (a head matmul of 85 rows is still a big one).
+TRAIN_MAX_LOGIT_ELEMENTS = 1 << 22
+
+
 def batch_nll(model, batch: dict,
-              max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+              max_logit_elements: int = TRAIN_MAX_LOGIT_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one collated batch; (sum of response-token NLL, number of response tokens).
 
     The body runs once; the LM head runs only on the hidden states that predict a
