@@ -523,7 +523,7 @@ def evaluate(opts: Options, eval_sets: dict[str, list[dict]], adapter: str | Non
     import torch
 
     from curate.train import evaluate_loss, load_model
-    from curate.train.trainer import resolve_device_dtype
+    from curate.train.loading import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
     model, tokenizer = load_model(opts.model, device=device, dtype=dtype)

@@ -201,7 +201,7 @@ class TrainGenerateScore:
     def _load(self):
         if self._base is None:
             from curate.train import load_model
-            from curate.train.trainer import resolve_device_dtype
+            from curate.train.loading import resolve_device_dtype
 
             device, dtype = resolve_device_dtype(self.cfg.device, self.cfg.dtype)
             method = self.cfg.train.get("method", "lora")

@@ -8,7 +8,8 @@ from curate.train.checkpoints import (evenly_spaced_steps, list_checkpoints,
                                       load_checkpoint_model)
 from curate.train.data import load_records, read_jsonl_records, tokenize
 from curate.train.loss import evaluate_loss, generate_samples, response_nll
-from curate.train.trainer import TrainConfig, load_model, run_train, train
+from curate.train.loading import load_model
+from curate.train.trainer import TrainConfig, run_train, train
 
 __all__ = [
     "TrainConfig", "train", "run_train", "evaluate_loss", "generate_samples", "response_nll",

@@ -164,7 +164,7 @@ def load_checkpoint_model(base_model_name: str | None, ckpt_path: str | Path, *,
     LoRA: the base model is loaded by name (`curate.models.load_causal_lm`) and the
     adapter put on it with peft. Full fine-tuning: the saved model is loaded as it is
     (`base_model_name` is only used for the tokenizer when the directory has none)."""
-    from curate.train.trainer import load_model
+    from curate.train.loading import load_model
 
     path = Path(ckpt_path)
     if (path / "adapter").is_dir():

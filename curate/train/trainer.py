@@ -37,15 +37,16 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from curate.formatting import TEMPLATES
 from curate.train import checkpoints as ckpts
 from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
+from curate.train.loading import DTYPES, load_model, resolve_device_dtype
 from curate.train.loss import (_pad_id, autocast_for, batch_nll, evaluate_tokenized,
                                generate_samples)
 
@@ -61,8 +62,6 @@ DEFAULT_FORWARD_TOKENS = {"cpu": 1, "cuda": 0}
 # Forward widths are rounded up to this many tokens (see `collate`): on CPU, a kernel per
 # distinct length cost more than the few padded positions.
 PAD_MULTIPLE = 32
-_DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16",
-           "fp32": "float32", "float32": "float32"}
 
 # Config fields that change what a run computes: a checkpoint made under other values of
 # these is a different run and is not resumed. (Where checkpoints go, evaluation and
@@ -124,9 +123,9 @@ class TrainConfig:
             raise ValueError(f"method: {self.method!r}, expected one of {METHODS}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: {self.scheduler!r}, expected one of {SCHEDULERS}")
-        if str(self.dtype).lower() not in _DTYPES:
+        if str(self.dtype).lower() not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r}: training runs in bf16 (autocast, float32 "
-                             f"master weights) or fp32; expected one of {sorted(_DTYPES)}")
+                             f"master weights) or fp32; expected one of {sorted(DTYPES)}")
         for name in ("max_length", "lora_r", "batch_size", "grad_accum", "epochs",
                      "eval_batch_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
@@ -164,53 +163,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
-
-
-# ---------------------------------------------------------------- model loading
-
-
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
-    """The device and compute dtype (`curate.models.pick_device` / `pick_dtype`)."""
-    requested = _DTYPES[str(dtype).lower()]
-    try:
-        from curate.models import pick_device, pick_dtype
-    except ImportError:  # before curate.models lands: CUDA if present, bf16 there, else fp32
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if requested == "auto":
-            dt = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-        else:
-            dt = getattr(torch, requested)
-        return dev, dt
-    dev = str(pick_device(device))
-    dt = pick_dtype(dev, requested)
-    if isinstance(dt, str):
-        dt = getattr(torch, _DTYPES.get(dt.lower(), dt))
-    if dt not in (torch.bfloat16, torch.float32):
-        log.warning("compute dtype %s is not supported for training; using float32", dt)
-        dt = torch.float32
-    return dev, dt
-
-
-def load_model(name: str, device: str = "auto", dtype: str | torch.dtype = "auto",
-               trust_remote_code: bool = False):
-    """(model, tokenizer) through `curate.models.load_causal_lm`; a local directory also
-    loads without it."""
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    try:
-        from curate.models import load_causal_lm
-    except ImportError:
-        load_causal_lm = None
-    if load_causal_lm is not None:
-        return load_causal_lm(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if name == "default" or not Path(name).is_dir():
-        raise RuntimeError(f"cannot load {name!r}: curate.models.load_causal_lm is not available")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev, dt = resolve_device_dtype(device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    return model.to(dev), tokenizer
 
 
 def _prepare_model(model, cfg: TrainConfig):
