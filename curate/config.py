@@ -99,7 +99,7 @@ def _matches(value: Any, hint: Any) -> bool:
     """Whether a YAML value fits a type annotation (unions, Optional, list/tuple/dict of,
     Literal; an int is a valid float, a bool is not a number). Unknown hints pass."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is typing.Callable or origin is typing.Callable:
+    if hint is Any or hint is typing.Callable or origin is collections.abc.Callable:
         return True
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in args)
