@@ -5,6 +5,7 @@
     curate select --scores DIR --method M [--budget B] [--set KEY=VALUE] [--output DIR]
     curate inspect OUT_DIR
     curate report OUT_DIR
+    curate export OUT_DIR --format jsonl|parquet [--to DIR] [--columns a,b,c] [--rejected] [--overwrite]
     curate models prepare
     curate train --data OUT_DIR --model ID_OR_PATH --output RUN_DIR
     curate prune --method magnitude|wanda|layer_drop --output DIR [--model M] [--sparsity S]
@@ -33,6 +34,7 @@ EPILOG = """examples:
   curate score jobs/grape.yaml --output runs/pool-scores      score once (loads the model)
   curate select --scores runs/pool-scores --method grape     select many (no model)
   curate inspect runs/random                        counts, columns, scores, examples
+  curate export runs/random --format parquet        kept rows as runs/random-export/data.parquet
 Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
 
 
@@ -146,6 +148,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from curate.export import export_output, parse_columns
+
+    result = export_output(args.out_dir, args.format, to=args.to, columns=parse_columns(args.columns),
+                           rejected=args.rejected, overwrite=args.overwrite)
+    for name, f in result["files"].items():
+        print(f"{result['to']}/{name}  {f['rows']:,} rows, {len(f['columns'])} columns")
+    return 0
+
+
 def cmd_models(args) -> int:
     from curate.models import prepare_default_models
 
@@ -224,6 +236,17 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write OUT_DIR/report.html with plots")
     p.add_argument("out_dir")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="write an output's kept rows as one JSONL or Parquet file")
+    p.add_argument("out_dir", help="a curate output directory (has manifest.json)")
+    p.add_argument("--format", required=True, choices=["jsonl", "parquet"])
+    p.add_argument("--to", help="directory to write data.FORMAT into (default: OUT_DIR-export)")
+    p.add_argument("--columns", help="comma-separated columns to write, in that order (default: all)")
+    p.add_argument("--rejected", action="store_true", help="also write the rejected rows as rejected.FORMAT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --to, replacing data.FORMAT / rejected.FORMAT there "
+                        "(never into OUT_DIR, the working or home directory)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("prune", help="make a pruned copy of a model (magnitude, wanda, layer_drop)")
     p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
