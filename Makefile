@@ -1,11 +1,13 @@
 # The two commands of the README:
-#   make run    set up a fresh machine and run the main job (GRAPE) on the embedded models
+#   make run    set up a fresh machine and run the main job (GRAPE on 100 alpaca_eval
+#               instructions x 10 candidates) on the embedded models, then show the result
 #   make test   set up and run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 JOB    ?= jobs/grape.yaml
 PYTEST_ARGS ?=
+OUT     = $(shell grep -E '^output:' $(JOB) | awk '{print $$2}')
 
 .PHONY: setup run test test-all bench bench-train clean
 
@@ -24,7 +26,8 @@ setup: $(BIN)/curate
 
 run: setup
 	$(BIN)/curate run $(JOB)
-	$(BIN)/curate inspect $$(grep -E '^output:' $(JOB) | awk '{print $$2}')
+	$(BIN)/curate inspect $(OUT)
+	@echo "report: $(abspath $(OUT))/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

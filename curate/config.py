@@ -10,6 +10,8 @@ A job file looks like (see jobs/ for real ones):
         adapter: auto            # alpaca | qa | messages | sharegpt | pool_list | prompt_response
         fields: {}               # adapter field -> input field, e.g. {output: answer}
         limit: null              # read only the first N rows of each file
+        limit_prompts: null      # keep only rows answering the first N distinct prompts of
+                                 # each file, every response to them (a slice of a pool)
     validate: {max_chars: 32000}
     filters:   [{type: length, unit: chars, min: 1, max: 20000}, {type: dedup}]
     scorers:   [{type: likelihood, model: default}]
@@ -67,6 +69,7 @@ class InputConfig:
     adapter: str = "auto"
     fields: dict[str, str] = field(default_factory=dict)
     limit: int | None = None
+    limit_prompts: int | None = None
 
 
 @dataclass
@@ -237,6 +240,9 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
         if cfg.limit is not None and cfg.limit < 1:
             raise ConfigError(f"{where}: inputs[{i}].limit must be a positive number of rows "
                               f"(or absent for all), got {cfg.limit}")
+        if cfg.limit_prompts is not None and cfg.limit_prompts < 1:
+            raise ConfigError(f"{where}: inputs[{i}].limit_prompts must be a positive number of prompts "
+                              f"(or absent for all), got {cfg.limit_prompts}")
     return job
 
 

@@ -99,3 +99,31 @@ def test_limit(tmp_path):
     path.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(50)))
     recs, _ = read_all(path, limit=7)
     assert len(recs) == 7
+
+
+def test_limit_prompts_keeps_every_response_to_the_first_prompts(tmp_path):
+    # a pool sorted by generator, as alpaca_eval's is: the first prompts' other candidates
+    # lie far down the file
+    path = tmp_path / "pool.jsonl"
+    rows = [{"instruction": f"P{p}", "output": f"{g} answers P{p}", "generator": g}
+            for g in ("g1", "g2", "g3") for p in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    recs, dead = read_all(path, limit_prompts=4)
+    assert sorted((r["prompt"], r["generator"]) for r in recs) == sorted(
+        (f"P{p}", g) for p in range(4) for g in ("g1", "g2", "g3"))
+    assert [d["origin"] for d in dead] == ["pool.jsonl:31"]  # read to the end: damage is reported
+    # `limit` caps the rows read first: rows 1-12 answer P0-P9 (g1) and P0, P1 (g2)
+    assert len(read_all(path, limit_prompts=4, limit=12)[0]) == 6
+
+
+def test_limit_prompts_on_the_alpaca_eval_pool(shared_data):
+    (task,) = plan_inputs([InputConfig(path=str(shared_data / "alpaca_eval_pool.jsonl.gz"), adapter="alpaca",
+                                       limit_prompts=100)], max_chars=32_000)
+    recs = [r for r in ReadFile().process(task) if not hasattr(r, "tag")]
+    with gzip.open(shared_data / "alpaca_eval_pool.jsonl.gz", "rt") as fh:
+        raw = [json.loads(line) for line in fh]
+    first = list(dict.fromkeys(r["instruction"] for r in raw))[:100]
+    expected = {(r["instruction"], r["generator"]) for r in raw
+                if r["instruction"] in set(first) and r["output"].strip()}  # an empty answer is a dead letter
+    assert len(expected) >= 990
+    assert sorted((r["prompt"], r["generator"]) for r in recs) == sorted(expected)

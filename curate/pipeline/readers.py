@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -52,6 +53,7 @@ class FileTask:
     adapter: str
     fields: dict = field(default_factory=dict)
     limit: int | None = None
+    limit_prompts: int | None = None
     max_chars: int = 32_000
     name: str = ""  # the file part of origins; the basename when empty
     prefix_origin: bool = False  # a curate row's stored origin gets "name:" in front
@@ -158,7 +160,8 @@ def plan_inputs(specs: list[InputConfig], max_chars: int) -> InputPlan:
     # a curate output keeps its stored origins only when nothing else is read beside it
     prefix = len(found) > 1
     return InputPlan([FileTask(path=path, source=spec.source or _stem(path), format=fmt, adapter=adapter,
-                               fields=dict(spec.fields), limit=spec.limit, max_chars=max_chars,
+                               fields=dict(spec.fields), limit=spec.limit, limit_prompts=spec.limit_prompts,
+                               max_chars=max_chars,
                                name=name, prefix_origin=prefix and adapter == "curate")
                       for spec, path, name, fmt, adapter in found], empty)
 
@@ -433,10 +436,17 @@ def validate_record(record: dict, max_chars: int) -> str | None:
 
 
 class ReadFile(beam.DoFn):
-    """FileTask -> records (main output) and dead-letter rows (tagged DEAD)."""
+    """FileTask -> records (main output) and dead-letter rows (tagged DEAD).
+
+    With `limit_prompts` the whole file is read, and only the records answering its first
+    N distinct prompts are kept (every candidate response of a multi-response pool, however
+    the file is sorted); rows that cannot be read are dead letters wherever they stand,
+    because their prompt is unknown."""
 
     def process(self, task: FileTask):
         adapter = records.ADAPTERS[task.adapter]
+        prompts: set[str] = set()
+        outside = Metrics.counter("read", "outside_limit_prompts")
         for origin, row, error in iter_rows(task.path, task.format, task.limit, task.name):
             if error is not None:  # `row` is then None, or the raw text that failed to parse
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, error, row))
@@ -447,6 +457,11 @@ class ReadFile(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter(origin, str(exc), _raw(row)))
                 continue
             for k, rec in enumerate(recs):
+                if task.limit_prompts is not None and rec["prompt_id"] not in prompts:
+                    if len(prompts) >= task.limit_prompts:
+                        outside.inc()
+                        continue
+                    prompts.add(rec["prompt_id"])
                 if task.adapter != "curate":
                     rec["origin"] = origin if len(recs) == 1 else f"{origin}:{k}"
                 elif task.prefix_origin:  # a curate row keeps its first origin, made unique
