@@ -1,17 +1,17 @@
 """report.html: what a run read, dropped and kept, with plots, in one self-contained file.
 
-Sections: the counts funnel, per-source mix before and after, score histograms (kept
-vs. not selected), cluster sizes when a `cluster` column exists, and a few kept and
-dropped examples per stage. Plots are matplotlib PNGs embedded as base64, so the file
-can be mailed or opened from a bucket. Only the needed columns are read from the
-memory-mapped shards, so the report stays cheap on large outputs.
+Sections: the counts funnel, per-source mix before and after, one section per selector
+that says what the method did, with its own plots (`curate.report.sections`), score
+histograms (kept vs. not selected), cluster sizes when a `cluster` column exists and no
+selector section drew them, and a few kept and dropped examples per stage. Plots are
+matplotlib PNGs embedded as base64, so the file can be mailed or opened from a bucket.
+Only the needed columns are read from the memory-mapped shards, so the report stays
+cheap on large outputs.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 from collections import Counter
@@ -19,8 +19,13 @@ from collections import Counter
 import pyarrow as pa
 
 from curate.records import BASE_COLUMNS
+from curate.report.plots import DROPPED_COLOR, KEPT_COLOR, POOL_COLOR, READ_COLOR, figure, png
+from curate.report.sections import selector_sections
 
-SKIP_PLOT = {"random_key", "reject_stage", "reject_reason", "cluster", "n_response_tokens"}
+SKIP_PLOT = {"random_key", "reject_stage", "reject_reason", "cluster", "n_response_tokens",
+             # selectors' bookkeeping, shown in their own sections (curate.report.sections)
+             "score_grape", "grape_rank", "grape_candidates", "topsis_rank", "cluster_rank", "cluster_size",
+             "cluster_budget", "cluster_quota", "stratum_quota", "diversity_round", "cluster_weight"}
 
 
 def _load_table(path: str) -> pa.Table | None:
@@ -31,52 +36,43 @@ def _load_table(path: str) -> pa.Table | None:
     return datasets.load_from_disk(path).data.table
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
 def _funnel(counts: dict) -> str:
-    import matplotlib.pyplot as plt
-
     failed = counts.get("score_failed", {})  # absent in manifests older than it
     labels = (["read", "invalid"] + list(counts["filtered"]) + [f"{s} failed" for s in failed]
               + list(counts["not_selected"]) + ["kept"])
     values = ([counts["read"], counts["invalid"]] + list(counts["filtered"].values())
               + list(failed.values()) + list(counts["not_selected"].values()) + [counts["kept"]])
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 0.8))
-    colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
+    fig, ax = figure(7, 0.45 * len(labels) + 0.8)
+    colors = [READ_COLOR] + [DROPPED_COLOR] * (len(labels) - 2) + [KEPT_COLOR]
     ax.barh(labels[::-1], values[::-1], color=colors[::-1])
     for i, v in enumerate(values[::-1]):
         ax.text(v, i, f" {v:,}", va="center")
     ax.set_xlabel("examples")
     ax.set_title("counts funnel")
-    return _png(fig)
+    return png(fig, "counts funnel")
 
 
 def _sources(kept: pa.Table, rejected: pa.Table | None) -> str:
-    import matplotlib.pyplot as plt
-
     after = Counter(kept.column("source").to_pylist())
     before = Counter(after)
     if rejected is not None and len(rejected):
         before.update(rejected.column("source").to_pylist())
     names = [n for n, _ in before.most_common()]
-    fig, ax = plt.subplots(figsize=(7, 3))
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{before[n]:,}</td><td>{after[n]:,}</td></tr>" for n in names)
+    table = f"<table><tr><th>source</th><th>before</th><th>kept</th></tr>{rows}</table>"
+    if len(names) < 2:  # one source: its share is 100% before and after
+        return table
+    fig, ax = figure(7, 3)
     total_b, total_a = sum(before.values()) or 1, sum(after.values()) or 1
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [before[n] / total_b for n in names], width=0.4, label="before (all examples)")
-    ax.bar([i + 0.2 for i in x], [after[n] / total_a for n in names], width=0.4, label="kept")
+    ax.bar([i - 0.2 for i in x], [before[n] / total_b for n in names], width=0.4, color=POOL_COLOR,
+           label="before (all examples)")
+    ax.bar([i + 0.2 for i in x], [after[n] / total_a for n in names], width=0.4, color=KEPT_COLOR, label="kept")
     ax.set_xticks(list(x), names, rotation=20, ha="right")
     ax.set_ylabel("share")
     ax.set_title("source mix before and after")
-    ax.legend()
-    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{before[n]:,}</td><td>{after[n]:,}</td></tr>" for n in names)
-    return _png(fig) + f"<table><tr><th>source</th><th>before</th><th>kept</th></tr>{rows}</table>"
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return png(fig, "source mix") + table
 
 
 def _numeric_columns(table: pa.Table) -> list[str]:
@@ -86,7 +82,6 @@ def _numeric_columns(table: pa.Table) -> list[str]:
 
 
 def _histograms(kept: pa.Table, rejected: pa.Table | None) -> str:
-    import matplotlib.pyplot as plt
     import numpy as np
 
     parts = []
@@ -98,21 +93,19 @@ def _histograms(kept: pa.Table, rejected: pa.Table | None) -> str:
         k, r = k[np.isfinite(k)], r[np.isfinite(r)]
         if not len(k) and not len(r):
             continue
-        fig, ax = plt.subplots(figsize=(5, 2.6))
+        fig, ax = figure(5, 2.6)
         both = np.concatenate([k, r])
         bins = np.histogram_bin_edges(both, bins=40)
         if len(r):
-            ax.hist(r, bins=bins, alpha=0.6, label=f"dropped ({len(r):,})", color="#c44e52")
-        ax.hist(k, bins=bins, alpha=0.7, label=f"kept ({len(k):,})", color="#55a868")
+            ax.hist(r, bins=bins, alpha=0.6, label=f"dropped ({len(r):,})", color=DROPPED_COLOR)
+        ax.hist(k, bins=bins, alpha=0.7, label=f"kept ({len(k):,})", color=KEPT_COLOR)
         ax.set_title(name)
         ax.legend(fontsize=8)
-        parts.append(_png(fig))
+        parts.append(png(fig, f"histogram of {name}"))
     return "".join(parts) or "<p>no score columns</p>"
 
 
 def _clusters(kept: pa.Table, rejected: pa.Table | None) -> str:
-    import matplotlib.pyplot as plt
-
     if "cluster" not in kept.column_names:
         return ""
     k = Counter(kept.column("cluster").to_pylist())
@@ -120,13 +113,13 @@ def _clusters(kept: pa.Table, rejected: pa.Table | None) -> str:
     if rejected is not None and "cluster" in rejected.column_names:
         allc.update(c for c in rejected.column("cluster").to_pylist() if c is not None)
     ids = sorted(allc, key=lambda c: -allc[c])
-    fig, ax = plt.subplots(figsize=(7, 2.8))
-    ax.bar(range(len(ids)), [allc[c] for c in ids], label="cluster size", color="#8da0cb")
-    ax.bar(range(len(ids)), [k.get(c, 0) for c in ids], label="kept", color="#55a868")
+    fig, ax = figure(7, 2.8)
+    ax.bar(range(len(ids)), [allc[c] for c in ids], label="cluster size", color=POOL_COLOR)
+    ax.bar(range(len(ids)), [k.get(c, 0) for c in ids], label="kept", color=KEPT_COLOR)
     ax.set_xlabel("clusters, largest first")
     ax.set_title(f"cluster sizes and budgets ({len(k)} of {len(allc)} clusters covered)")
     ax.legend()
-    return "<h2>Clusters</h2>" + _png(fig)
+    return "<h2>Clusters</h2>" + png(fig, "cluster sizes")
 
 
 def _examples(kept: pa.Table, rejected: pa.Table | None, n: int = 3) -> str:
@@ -154,14 +147,13 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:.2em 0 .8em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 .ex{border-left:3px solid #ccc;padding-left:.8em;margin-bottom:1em}.meta{color:#666;font-size:.85em}
-.why{color:#c44e52}img{margin:4px}"""
+.why{color:#c44e52}img{margin:4px;max-width:100%}section{margin-bottom:1.5em}
+ul.plain{list-style:none;padding-left:0}ul.plain li{border-left:3px solid #c44e52;padding-left:.8em;margin-bottom:.8em}
+code{background:#f0f0f0;padding:0 .2em}"""
 
 
 def render_report(out_dir: str, manifest: dict | None = None) -> str:
     """Write out_dir/report.html from the shards and the manifest; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     if manifest is None:
         with open(os.path.join(out_dir, "manifest.json")) as fh:
             manifest = json.load(fh)
@@ -170,7 +162,10 @@ def render_report(out_dir: str, manifest: dict | None = None) -> str:
     rejected = _load_table(os.path.join(out_dir, "rejected"))
     title = html.escape(manifest.get("name", os.path.basename(out_dir.rstrip("/"))))
     steps = manifest.get("plan", {})
-    step_text = ", ".join(s["type"] for k in ("filters", "scorers", "selectors") for s in steps.get(k, []))
+    scoring = manifest.get("scoring_plan") or {}  # the steps that made re-used scores
+    step_text = ", ".join(s["type"] for k in ("filters", "scorers", "selectors")
+                          for s in steps.get(k) or scoring.get(k) or [])
+    selection, clusters_drawn = selector_sections(kept, rejected, manifest)
     failed = counts.get("score_failed")  # one entry per scorer; none without scorers
     failed_text = f"{sum(failed.values()):,} failed in a scorer (dead letter), " if failed else ""
     body = [f"<h1>curate report: {title}</h1>",
@@ -178,8 +173,9 @@ def render_report(out_dir: str, manifest: dict | None = None) -> str:
             f"Steps: {html.escape(step_text or 'none')}.</p>",
             "<h2>Counts</h2>", _funnel(counts),
             "<h2>Sources</h2>", _sources(kept, rejected),
+            selection,
             "<h2>Scores</h2>", _histograms(kept, rejected),
-            _clusters(kept, rejected),
+            "" if clusters_drawn else _clusters(kept, rejected),
             "<h2>Examples</h2>", _examples(kept, rejected)]
     if manifest.get("scoring_counts"):
         body.insert(2, f"<p>Scores re-used from <code>{html.escape(manifest['scores_from'])}</code>: "
