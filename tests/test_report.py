@@ -6,6 +6,8 @@ The pool: ~200 real rows read from the job's inputs (CURATE_DATA), plus the colu
 job's scorers declare (`output_columns()`), filled with seeded random values of the
 declared Arrow type. List columns (embeddings, trajectories) get one fixed length, drawn
 around a centre per source so that the clusters the selectors find are not pure noise.
+The report checked is the one the run wrote itself (a failure there is only a logged
+warning, so the test looks for that warning too).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ EXPECTED = {
     "grape": ["GRAPE generator mix", "GRAPE margin to the runner-up"],
     "donod": ["DONOD DON/NOD scatter", "DONOD closeness"],
     "diversity": ["kMQ clusters"],
-    "s2l": ["S2L clusters"],
+    "s2l": ["S2L clusters", "S2L trajectories"],
     "paser": ["PASER budget and CDS per cluster"],
     "random": [],
 }
