@@ -1,6 +1,6 @@
 """The `curate` command.
 
-    curate run JOB.yaml [--input PATH ...] [--output DIR] [--overwrite] [-- BEAM OPTIONS]
+    curate run JOB.yaml [--input PATH ...] [--output DIR] [--overwrite] [-q] [-- BEAM OPTIONS]
     curate score JOB.yaml [--output DIR]
     curate select --scores DIR --method M [--budget B] [--set KEY=VALUE] [--output DIR]
     curate inspect OUT_DIR
@@ -29,7 +29,7 @@ from curate.config import ConfigError, InputConfig, load_job
 
 EPILOG = """examples:
   curate run jobs/random.yaml                       select 1,000 gsm8k rows at random
-  curate run jobs/grape.yaml --output runs/grape    GRAPE on the alpaca_eval pool
+  curate run jobs/grape.yaml --output runs/grape    GRAPE on 100 alpaca_eval instructions
   curate run jobs/random.yaml -- --direct_running_mode=multi_processing --direct_num_workers=2
   curate score jobs/grape.yaml --output runs/pool-scores      score once (loads the model)
   curate select --scores runs/pool-scores --method grape     select many (no model)
@@ -38,8 +38,8 @@ EPILOG = """examples:
 Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # faiss logs its SIMD-variant probes as INFO lines that read like import errors
     for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "datasets", "absl", "faiss"):
@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
-    manifest = run_job(job, args.beam_args, overwrite=args.overwrite)
+    manifest = run_job(job, args.beam_args, overwrite=args.overwrite, progress=not args.quiet)
     print_summary(manifest)
     if job.train:
         from curate.train import run_train
@@ -84,7 +84,7 @@ def cmd_score(args) -> int:
     out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
     key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
     manifest = run_pipeline(dataclasses.replace(job, selectors=[], output=out), args.beam_args,
-                            extra={"scores_key": key}, overwrite=args.overwrite)
+                            extra={"scores_key": key}, overwrite=args.overwrite, progress=not args.quiet)
     print_summary(manifest)
     return 0
 
@@ -109,7 +109,8 @@ def cmd_select(args) -> int:
         step[key] = _parse_value(value)
     output = args.output or f"{args.scores.rstrip('/')}-{args.method}"
     job = JobConfig(inputs=[], output=output, name=f"select-{args.method}", selectors=[step])
-    manifest = select_from_scores(job, args.scores, args.beam_args, overwrite=args.overwrite)
+    manifest = select_from_scores(job, args.scores, args.beam_args, overwrite=args.overwrite,
+                                  progress=not args.quiet)
     print_summary(manifest)
     return 0
 
@@ -196,6 +197,8 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output path even if it is not a curate output "
                         "(never an input, and never the working or home directory)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines; warnings and errors only")
     p.set_defaults(beam_args=[])
 
 
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"curate: error: {args.command} takes no Beam options (after --)", file=sys.stderr)
             return 2
         args.beam_args = beam_args
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, getattr(args, "quiet", False))
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:

@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curate import __version__, records
 from curate.config import ConfigError, InputConfig, JobConfig
 from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
+from curate.progress import PROGRESS_DIR, ProgressDisplay, note_total
 from curate.pipeline.sink import (WriteJsonl, WriteShards, check_output, publish, read_manifest,
                                   remove_stale_staging, remove_tree, staging_dir)
 from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
@@ -142,8 +143,9 @@ class Plan:
         }
 
 
-def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
-    read = p | "ReadInputs" >> ReadInputs(plan.tasks)
+def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None) -> None:
+    """The job's graph. `progress_dir`: where workers write progress counts (local runs)."""
+    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir)
     recs = read["records"]
     rejected = []
 
@@ -175,6 +177,9 @@ def build(p: beam.Pipeline, plan: Plan, staging: str) -> None:
         from apache_beam.ml.inference.base import RunInference
 
         for i, scorer in enumerate(plan.scorers):
+            scorer.stage, scorer.progress_dir = plan.scorer_stages[i], progress_dir
+            if progress_dir:  # the rows a scorer will see, counted first: its progress has an ETA
+                recs = note_total(recs, progress_dir, scorer.stage, f"Progress{i}")
             scored = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
             out = scored | f"ScoreFailures{i}" >> beam.FlatMap(
                 route_score_failure, plan.scorer_stages[i]).with_outputs(SCORE_FAILED, main="scored")
@@ -291,7 +296,8 @@ def scores_key(job: JobConfig, tasks) -> str:
     return h.hexdigest()[:32]
 
 
-def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool = False) -> dict:
+def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool = False,
+            progress: bool = True) -> dict:
     """Run a job and publish its output; returns the manifest.
 
     With `scores:` set and scorers in the job, the scored rows are written there once
@@ -300,7 +306,7 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     before any work (`check_output`).
     """
     if not (job.scores and job.scorers):
-        return run_pipeline(job, beam_args, overwrite=overwrite)
+        return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress)
     tasks = plan_inputs(job.inputs, job.validate.max_chars)
     inputs = [t.path for t in tasks]
     check_output(job.scores, inputs, overwrite)
@@ -313,27 +319,29 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     else:
         log.info("scoring into %s (key %s)", job.scores, key)
         scoring = run_pipeline(dataclasses.replace(job, selectors=[], output=job.scores), beam_args,
-                               extra={"scores_key": key}, overwrite=overwrite)
-    return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite)
+                               extra={"scores_key": key}, overwrite=overwrite, progress=progress)
+    return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite,
+                              progress=progress)
 
 
 def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, progress: bool = True) -> dict:
     """Run `job`'s selectors over a scored curate output, no model loaded. The manifest
     names the inputs the scores were made from, not only the scores directory."""
     select_job = dataclasses.replace(
         job, inputs=[InputConfig(path=scores, format="arrow", adapter="curate")],
         filters=[], scorers=[], scores=None)
     scoring = scoring or read_manifest(scores) or {}
-    return run_pipeline(select_job, beam_args, overwrite=overwrite, extra={
+    return run_pipeline(select_job, beam_args, overwrite=overwrite, progress=progress, extra={
         **({"inputs": scoring["inputs"]} if scoring.get("inputs") else {}),
         "scores_from": scores, "scores_key": scoring.get("scores_key"),
         "scoring_counts": scoring.get("counts"), "scoring_plan": scoring.get("plan")})
 
 
 def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None,
-                 overwrite: bool = False) -> dict:
-    """Plan, run and publish one pipeline; returns the manifest."""
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Plan, run and publish one pipeline; returns the manifest. `progress`: show progress
+    lines while a local run works (see curate.progress); Dataflow gets Beam counters."""
     t0 = time.time()
     plan = Plan(job)
     inputs = [t.path for t in plan.tasks]
@@ -343,11 +351,24 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     t_plan = time.time()
     options = pipeline_options(list(job.beam_args) + list(beam_args or []))
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
+    progress_dir = None if "://" in staging else FileSystems.join(staging, PROGRESS_DIR)
+    display = None
     try:
+        if progress_dir:
+            FileSystems.mkdirs(progress_dir)
         p = beam.Pipeline(options=options)
-        build(p, plan, staging)
-        result = p.run()
-        result.wait_until_finish()
+        build(p, plan, staging, progress_dir)
+        display = ProgressDisplay(progress_dir).start() if progress and progress_dir else None
+        finished = False
+        try:
+            result = p.run()
+            result.wait_until_finish()
+            finished = True
+        finally:
+            if display:
+                display.stop(succeeded=finished)
+        if progress_dir:
+            remove_tree(progress_dir)
         t_run = time.time()
         with FileSystems.open(FileSystems.join(staging, "_counts.json")) as fh:
             counts = json.loads(fh.read())

@@ -35,6 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from curate import records
 from curate.config import ConfigError, InputConfig
+from curate.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +444,17 @@ class ReadFile(beam.DoFn):
     the file is sorted); rows that cannot be read are dead letters wherever they stand,
     because their prompt is unknown."""
 
+    def __init__(self, progress_dir: str | None = None):
+        self.progress_dir = progress_dir
+
     def process(self, task: FileTask):
+        progress = StageProgress("read", self.progress_dir)  # rows as the manifest counts them
+        for item in self._read(task):
+            progress.add(1)
+            yield item
+        progress.flush()
+
+    def _read(self, task: FileTask):
         adapter = records.ADAPTERS[task.adapter]
         prompts: set[str] = set()
         outside = Metrics.counter("read", "outside_limit_prompts")
@@ -486,14 +497,15 @@ def _raw(row) -> str:
 class ReadInputs(beam.PTransform):
     """Planned file tasks -> {'records': ..., 'dead_letter': ...}."""
 
-    def __init__(self, tasks: list[FileTask]):
+    def __init__(self, tasks: list[FileTask], progress_dir: str | None = None):
         super().__init__()
         self.tasks = tasks
+        self.progress_dir = progress_dir
 
     def expand(self, pbegin):
         out = (pbegin
                | "Files" >> beam.Create(self.tasks)
-               | "Read" >> beam.ParDo(ReadFile()).with_outputs(DEAD, main="records"))
+               | "Read" >> beam.ParDo(ReadFile(self.progress_dir)).with_outputs(DEAD, main="records"))
         # spread one file's rows over all workers
         recs = out.records | "Spread" >> beam.Reshuffle()
         return {"records": recs, DEAD: out[DEAD]}

@@ -13,6 +13,16 @@ import pyarrow as pa
 
 class Scorer:
     type: str = ""
+    # set by the pipeline before `model_handler()`: the stage name shown in progress lines,
+    # and on local runs the directory the workers write their counts to
+    stage: str = ""
+    progress_dir: str | None = None
+
+    def progress(self):
+        """The worker's progress counter for this scorer (rows, tokens)."""
+        from curate.progress import StageProgress
+
+        return StageProgress(self.stage or f"score:{self.type}", self.progress_dir)
 
     def output_columns(self) -> dict[str, pa.DataType]:
         """Columns this scorer adds to every record, with their Arrow types."""

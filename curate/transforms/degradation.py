@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import ClassVar, Optional, Sequence
 
 import pyarrow as pa
@@ -49,7 +48,7 @@ import pyarrow as pa
 from curate.formatting import TEMPLATES, Encoded, encode
 from curate.transforms.base import Scorer
 from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
-from curate.transforms.handlers import Progress, RecordModelHandler
+from curate.transforms.handlers import RecordModelHandler
 
 LN2 = math.log(2.0)
 MAX_LOGITS_PER_CHUNK = 1 << 22
@@ -191,15 +190,14 @@ class _DegradationRunner:
             device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
         tok = self.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.progress = Progress(f"degradation[{scorer.model} vs {scorer.pruned_model}]")
+        self.progress = scorer.progress()
 
     def score(self, records: list[dict]) -> list[dict]:
-        started = time.perf_counter()
         encoded = [encode(r, self.tokenizer, self.scorer.template, self.scorer.max_length) for r in records]
         scores = score_pairs(self.original, self.pruned, encoded, max_tokens_per_batch=self.max_tokens,
                              pad_token_id=self.pad_token_id, heads=self.heads,
                              max_logit_elements=self.scorer.max_logit_elements)
-        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded), time.perf_counter() - started)
+        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded))
         return [{**r, "jsd": float(j), "jsd_tokens": int(n), "jsd_total_tokens": int(t)}
                 for r, (j, n, t) in zip(records, scores)]
 

@@ -10,14 +10,13 @@ released code embeds the user turns only, which is `field: prompt`).
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from curate.transforms.base import Scorer
-from curate.transforms.handlers import Progress, RecordModelHandler
+from curate.transforms.handlers import RecordModelHandler
 from curate.transforms.likelihood import batches_by_token_budget
 
 FIELDS = ("prompt", "response", "prompt_response")
@@ -79,17 +78,16 @@ class _EmbeddingRunner:
         device_type = next(self.model.parameters()).device.type
         self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
             device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        self.progress = Progress(f"embedding[{scorer.model}]")
+        self.progress = scorer.progress()
 
     def score(self, records: list[dict]) -> list[dict]:
-        started = time.perf_counter()
         texts = [record_text(r, self.scorer.field) for r in records]
         vectors = embed_texts(self.model, self.tokenizer, texts,
                               max_length=self.scorer.max_length,
                               max_tokens_per_batch=self.max_tokens)
         column = self.scorer.column
         out = [{**record, column: vector.tolist()} for record, vector in zip(records, vectors)]
-        self.progress.add(len(records), 0, time.perf_counter() - started)
+        self.progress.add(len(records), 0)
         return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.metrics import Metrics
@@ -108,24 +107,3 @@ class RecordModelHandler(ModelHandler):
     def get_metrics_namespace(self) -> str:
         return f"curate.{self._name}"
 
-
-class Progress:
-    """Logs rows and tokens per second every `every_s` seconds of scoring."""
-
-    def __init__(self, name: str, every_s: float = 30.0):
-        self.name = name
-        self.every_s = every_s
-        self.rows = 0
-        self.tokens = 0
-        self.busy_s = 0.0
-        self._last_log = time.monotonic()
-
-    def add(self, rows: int, tokens: int, seconds: float) -> None:
-        self.rows += rows
-        self.tokens += tokens
-        self.busy_s += seconds
-        now = time.monotonic()
-        if now - self._last_log >= self.every_s:
-            self._last_log = now
-            log.info("%s: %d rows, %d tokens, %.0f tokens/s", self.name, self.rows,
-                     self.tokens, self.tokens / max(self.busy_s, 1e-9))

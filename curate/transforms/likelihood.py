@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import ClassVar, Optional, Sequence
 
 import pyarrow as pa
@@ -32,7 +31,7 @@ from curate.formatting import TEMPLATES, Encoded, encode
 from curate.models.lm_head import (DEFAULT_MAX_LOGIT_ELEMENTS, body_and_head, chunk_rows, head_logits,
                                    post_head)
 from curate.transforms.base import Scorer
-from curate.transforms.handlers import Progress, RecordModelHandler
+from curate.transforms.handlers import RecordModelHandler
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +150,9 @@ class _LikelihoodRunner:
             device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
         self.pad_token_id = self.tokenizer.pad_token_id or 0
         self.columns = scorer.column_names()
-        self.progress = Progress(f"likelihood[{scorer.model}]")
+        self.progress = scorer.progress()
 
     def score(self, records: list[dict]) -> list[dict]:
-        started = time.perf_counter()
         encoded = []
         for record in records:
             try:
@@ -169,8 +167,7 @@ class _LikelihoodRunner:
         c_sum, c_mean, c_n, c_trunc = self.columns
         out = [{**record, c_sum: total, c_mean: mean, c_n: n, c_trunc: e.truncated}
                for record, e, (total, mean, n) in zip(records, encoded, scores)]
-        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded),
-                          time.perf_counter() - started)
+        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded))
         return out
 
 

@@ -42,7 +42,6 @@ import dataclasses
 import logging
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -51,7 +50,7 @@ import pyarrow as pa
 from curate.config import ConfigError
 from curate.formatting import TEMPLATES, encode
 from curate.transforms.base import Scorer
-from curate.transforms.handlers import Progress, RecordModelHandler
+from curate.transforms.handlers import RecordModelHandler
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class _TrajectoryRunner:
         self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
             device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
         self.pad_token_id = self.tokenizer.pad_token_id or 0
-        self.progress = Progress(f"trajectory[{len(checkpoints)} checkpoints]")
+        self.progress = scorer.progress()
 
     @staticmethod
     def adapter_name(c: Checkpoint) -> str:
@@ -163,7 +162,6 @@ class _TrajectoryRunner:
         return [list(row) for row in zip(*per_ckpt)]
 
     def score(self, records: list[dict]) -> list[dict]:
-        started = time.perf_counter()
         encoded = []
         for record in records:
             try:
@@ -174,8 +172,7 @@ class _TrajectoryRunner:
                                  f"{err}") from err
         column = self.scorer.column
         out = [{**r, column: t} for r, t in zip(records, self.losses(encoded))]
-        self.progress.add(len(records), len(self.checkpoints) * sum(len(e.input_ids) for e in encoded),
-                          time.perf_counter() - started)
+        self.progress.add(len(records), len(self.checkpoints) * sum(len(e.input_ids) for e in encoded))
         return out
 
 

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, ClassVar, Optional, Sequence
 
 import pyarrow as pa
@@ -74,7 +73,6 @@ import pyarrow as pa
 from curate.formatting import TEMPLATES, Encoded, encode
 from curate.transforms.base import Scorer
 from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
-from curate.transforms.handlers import Progress
 
 DEFAULT_ETA = 1e-4
 DEFAULT_VOCAB_CHUNK = 8192
@@ -277,11 +275,9 @@ class _WeightDeltaRunner:
             W.device.type, DEFAULT_TOKENS_PER_BATCH["cpu"])
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        self.progress = Progress(f"weight_delta[{scorer.model}]")
+        self.progress = scorer.progress()
 
     def score(self, records: list[dict]) -> list[dict]:
-
-        started = time.perf_counter()
         s = self.scorer
         encoded = []
         for record in records:
@@ -297,8 +293,7 @@ class _WeightDeltaRunner:
                 results[i] = value
         out = [{**r, "don": float(don), "nod": float(nod), "n_response_tokens": int(n)}
                for r, (don, nod, n) in zip(records, results)]
-        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded),
-                          time.perf_counter() - started)
+        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded))
         return out
 
 
