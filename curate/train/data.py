@@ -121,12 +121,13 @@ def _as_record(row: dict) -> dict:
 
 @dataclass
 class Tokenized:
-    """Token ids of a set of examples, with the response span of each."""
+    """Token ids of a set of examples, with the loss span(s) of each."""
 
     input_ids: list[list[int]]
-    prompt_lens: list[int]
+    prompt_lens: list[int]  # where the last response starts (generation prompts end there)
     ids: list[str]
     n_truncated: int
+    spans: list[tuple[tuple[int, int], ...]]  # the token ranges that carry the loss
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -137,25 +138,27 @@ class Tokenized:
 
     @property
     def response_lens(self) -> np.ndarray:
-        return self.lengths - np.asarray(self.prompt_lens, dtype=np.int64)
+        return np.fromiter((sum(b - a for a, b in sp) for sp in self.spans), dtype=np.int64, count=len(self))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for ids, p in zip(self.input_ids, self.prompt_lens):
-            h.update(np.asarray(ids + [-1, p], dtype=np.int64).tobytes())
+        for ids, sp in zip(self.input_ids, self.spans):
+            h.update(np.asarray(ids + [-1] + [x for ab in sp for x in ab], dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
 
-def tokenize(records: Iterable[dict], tokenizer, template: str, max_length: int) -> Tokenized:
-    input_ids, prompt_lens, ids, truncated = [], [], [], 0
+def tokenize(records: Iterable[dict], tokenizer, template: str, max_length: int,
+             turns: str = "all") -> Tokenized:
+    input_ids, prompt_lens, ids, truncated, spans = [], [], [], 0, []
     for i, row in enumerate(records):
         row = _as_record(row)
-        enc = encode(row, tokenizer, template, max_length)
+        enc = encode(row, tokenizer, template, max_length, turns=turns)
         input_ids.append(enc.input_ids)
         prompt_lens.append(enc.prompt_len)
+        spans.append(enc.loss_spans)
         ids.append(str(row.get("id") or i))
         truncated += enc.truncated
-    return Tokenized(input_ids, prompt_lens, ids, truncated)
+    return Tokenized(input_ids, prompt_lens, ids, truncated, spans)
 
 
 # ---------------------------------------------------------------- batch planning
@@ -264,10 +267,10 @@ def collate(tok: Tokenized, indices: Sequence[int], pad_id: int, multiple: int =
     labels = torch.full((len(indices), width), -100, dtype=torch.long)
     for row, i in enumerate(indices):
         ids = tok.input_ids[i]
-        p = tok.prompt_lens[i]
         t = torch.tensor(ids, dtype=torch.long)
         input_ids[row, :len(ids)] = t
         attention[row, :len(ids)] = 1
-        labels[row, p:len(ids)] = t[p:]
+        for a, b in tok.spans[i]:
+            labels[row, a:b] = t[a:b]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "prompt_lens": torch.tensor([tok.prompt_lens[i] for i in indices])}

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from curate.formatting import TEMPLATES
+from curate.formatting import TEMPLATES, TURNS
 from curate.train import checkpoints as ckpts
 from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
 from curate.train.loading import DTYPES, load_model, resolve_device_dtype
@@ -66,7 +66,7 @@ PAD_MULTIPLE = 32
 # Config fields that change what a run computes: a checkpoint made under other values of
 # these is a different run and is not resumed. (Where checkpoints go, evaluation and
 # logging do not change the trained weights.)
-_RUN_FIELDS = ("model", "template", "max_length", "method", "lora_r", "lora_alpha",
+_RUN_FIELDS = ("model", "template", "turns", "max_length", "method", "lora_r", "lora_alpha",
                "lora_dropout", "target_modules", "lr", "epochs", "max_steps", "batch_size",
                "batch_tokens", "grad_accum", "group_by_length", "warmup_ratio", "scheduler",
                "weight_decay", "max_grad_norm", "seed")
@@ -79,6 +79,7 @@ class TrainConfig:
 
     model: str = "default"            # "default" (embedded SmolLM2-135M-Instruct), HF id or path
     template: str = "plain"           # "plain" | "chat" (curate.formatting)
+    turns: str = "all"                # chat: loss on "all" assistant turns or the "last" one
     max_length: int = 1024            # tokens; longer examples are truncated and counted
     method: str = "lora"              # "lora" | "full"
     lora_r: int = 16
@@ -119,6 +120,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"template: {self.template!r}, expected one of {TEMPLATES}")
+        if self.turns not in TURNS:
+            raise ValueError(f"turns: {self.turns!r}, expected one of {TURNS}")
         if self.method not in METHODS:
             raise ValueError(f"method: {self.method!r}, expected one of {METHODS}")
         if self.scheduler not in SCHEDULERS:
@@ -272,12 +275,12 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     autocast_dtype = compute_dtype if compute_dtype == torch.bfloat16 else None
 
     records = load_records(data)
-    tok = tokenize(records, tokenizer, cfg.template, cfg.max_length)
+    tok = tokenize(records, tokenizer, cfg.template, cfg.max_length, cfg.turns)
     if len(tok) == 0:
         raise ValueError("no training examples")
     eval_tok = None
     if eval_data is not None:
-        eval_tok = tokenize(load_records(eval_data), tokenizer, cfg.template, cfg.max_length)
+        eval_tok = tokenize(load_records(eval_data), tokenizer, cfg.template, cfg.max_length, cfg.turns)
     eval_records = []
     if eval_data is not None and cfg.n_samples:
         eval_records = list(load_records(eval_data, limit=cfg.n_samples))

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Literal, Optional, Sequence
 
 import pyarrow as pa
 
@@ -125,13 +125,13 @@ def degradation_batch(original, pruned, encoded: Sequence[Encoded], pad_token_id
     chunk = max(1, max_logit_elements // vocab)
     device = next(original.parameters()).device
     ids, mask = _pad_batch(encoded, pad_token_id)
-    # position t predicts token t + 1: response tokens P..L-1 come from positions P-1..L-2
+    # position t - 1 predicts token t, for every token t of the response span(s)
     rows, cols, owner = [], [], []
     for i, e in enumerate(encoded):
-        L, P = len(e.input_ids), e.prompt_len
-        rows += [i] * (L - P)
-        cols += list(range(P - 1, L - 1))
-        owner += [i] * (L - P)
+        targets = e.targets
+        rows += [i] * len(targets)
+        cols += [t - 1 for t in targets]
+        owner += [i] * len(targets)
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     cols_t = torch.tensor(cols, dtype=torch.long, device=device)
     owner_t = torch.tensor(owner, dtype=torch.long)
@@ -193,7 +193,8 @@ class _DegradationRunner:
         self.progress = scorer.progress()
 
     def score(self, records: list[dict]) -> list[dict]:
-        encoded = [encode(r, self.tokenizer, self.scorer.template, self.scorer.max_length) for r in records]
+        encoded = [encode(r, self.tokenizer, self.scorer.template, self.scorer.max_length,
+                          turns=self.scorer.turns) for r in records]
         scores = score_pairs(self.original, self.pruned, encoded, max_tokens_per_batch=self.max_tokens,
                              pad_token_id=self.pad_token_id, heads=self.heads,
                              max_logit_elements=self.scorer.max_logit_elements)
@@ -219,6 +220,7 @@ class DegradationScorer(Scorer):
     pruned_model: str = ""
     model: str = "default"
     template: str = "plain"
+    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 1024
     max_tokens_per_batch: Optional[int] = None
     device: str = "auto"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Literal, Optional, Sequence
 
 import pyarrow as pa
 
@@ -92,9 +92,10 @@ def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 
     for i, e in enumerate(encoded):
         ids[i, : lengths[i]] = torch.tensor(e.input_ids, dtype=torch.long)
         mask[i, : lengths[i]] = 1
-        # position p predicts token p + 1: response tokens prompt_len..n-1
-        rows.extend([i] * (lengths[i] - e.prompt_len))
-        cols.extend(range(e.prompt_len - 1, lengths[i] - 1))
+        # position t - 1 predicts token t, for every token t of the response span(s)
+        targets_i = e.targets
+        rows.extend([i] * len(targets_i))
+        cols.extend(t - 1 for t in targets_i)
     rows_t = torch.tensor(rows, dtype=torch.long)
     cols_t = torch.tensor(cols, dtype=torch.long)
     targets = ids[rows_t, cols_t + 1].to(device)
@@ -116,7 +117,7 @@ def response_logprobs(model, encoded: Sequence[Encoded], *, pad_token_id: int = 
             token_logprobs[start:stop] = target_logit - torch.logsumexp(logits, dim=-1)
         sums = torch.zeros(batch, dtype=torch.float64, device=device)
         sums.index_add_(0, rows_t.to(device), token_logprobs.double())
-    counts = [n - e.prompt_len for n, e in zip(lengths, encoded)]
+    counts = [e.n_response for e in encoded]
     sums_list = sums.cpu().tolist()
     return [(s, s / c if c else float("nan"), c) for s, c in zip(sums_list, counts)]
 
@@ -157,7 +158,7 @@ class _LikelihoodRunner:
         for record in records:
             try:
                 encoded.append(encode(record, self.tokenizer, self.scorer.template,
-                                      self.scorer.max_length, self.scorer.include_eos))
+                                      self.scorer.max_length, self.scorer.include_eos, self.scorer.turns))
             except Exception as err:
                 raise ValueError(f"likelihood: cannot encode record {record.get('id')!r}: "
                                  f"{err}") from err
@@ -190,6 +191,7 @@ class LikelihoodScorer(Scorer):
 
     model: str = "default"
     template: str = "plain"
+    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 2048
     include_eos: bool = True
     max_tokens_per_batch: Optional[int] = None  # None: by device (DEFAULT_TOKENS_PER_BATCH)

@@ -43,7 +43,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import pyarrow as pa
 
@@ -166,7 +166,7 @@ class _TrajectoryRunner:
         for record in records:
             try:
                 encoded.append(encode(record, self.tokenizer, self.scorer.template,
-                                      self.scorer.max_length))
+                                      self.scorer.max_length, turns=self.scorer.turns))
             except Exception as err:
                 raise ValueError(f"trajectory: cannot encode record {record.get('id')!r}: "
                                  f"{err}") from err
@@ -213,6 +213,7 @@ class TrajectoryScorer(Scorer):
     proxy: Optional[dict] = None
     steps: Optional[list] = None
     template: str = "plain"
+    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 512
     column: str = "trajectory"
     max_tokens_per_batch: Optional[int] = None
@@ -249,7 +250,7 @@ class TrajectoryScorer(Scorer):
             options = {k: v for k, v in self.proxy.items() if k != "data"}
             log.info("trajectory: proxy run in %s", self.checkpoints)
             m = train_proxy(self.proxy["data"], self.checkpoints, model=self.model,
-                            template=self.template, max_length=self.max_length, **options)
+                            template=self.template, turns=self.turns, max_length=self.max_length, **options)
             self._proxy_metrics = {k: m.get(k) for k in (
                 "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
                 "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}

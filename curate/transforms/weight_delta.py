@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import pyarrow as pa
 
@@ -248,11 +248,11 @@ def don_nod_batch(model, encoded: Sequence[Encoded], eta: float, W_norm: float |
                                  use_cache=False).last_hidden_state
         out = []
         for i, e in enumerate(encoded):
-            L, P = len(e.input_ids), e.prompt_len
-            # hidden[t] predicts token t + 1: response tokens P..L-1 come from P-1..L-2
-            don, nod = don_nod(hidden[i, P - 1:L - 1], ids[i, P:L], W, eta, W_norm,
+            # hidden[t - 1] predicts token t, for every token t of the response span(s)
+            t = torch.tensor(e.targets, dtype=torch.long)
+            don, nod = don_nod(hidden[i, t.to(hidden.device) - 1], ids[i, t], W, eta, W_norm,
                                vocab_chunk, time_chunk)
-            out.append((don, nod, L - P))
+            out.append((don, nod, len(t)))
     return out
 
 
@@ -282,7 +282,7 @@ class _WeightDeltaRunner:
         encoded = []
         for record in records:
             try:
-                encoded.append(encode(record, self.tokenizer, s.template, s.max_length))
+                encoded.append(encode(record, self.tokenizer, s.template, s.max_length, turns=s.turns))
             except Exception as err:
                 raise ValueError(f"weight_delta: cannot encode record {record.get('id')!r}: {err}") from err
         results: list = [None] * len(records)
@@ -316,6 +316,7 @@ class WeightDeltaScorer(Scorer):
 
     model: str = "default"
     template: str = "plain"
+    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 1024
     eta: float = DEFAULT_ETA
     max_tokens_per_batch: Optional[int] = None
