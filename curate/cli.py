@@ -52,6 +52,10 @@ def cmd_run(args) -> int:
         job.inputs = [InputConfig(path=p) for p in args.input]
     if args.output:
         job.output = args.output
+    if job.train:  # a mistake in `train:` is found now, not after the selection has run
+        from curate.train import TrainConfig
+
+        TrainConfig.from_dict({k: v for k, v in job.train.items() if k != "output"})
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
@@ -275,7 +279,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="train on the first N examples")
     p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N held-out examples")
     p.add_argument("--method", choices=["lora", "full"])
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--max-length", dest="max_length", type=int)

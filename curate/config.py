@@ -30,6 +30,7 @@ paths are relative to the working directory (run jobs from the repository root).
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import os
 import re
 import types
@@ -157,6 +158,32 @@ def check_option_types(target: Any, options: dict, where: str) -> None:
     for key, value in options.items():
         if key in hints and key != "return" and not _matches(value, hints[key]):
             raise ConfigError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}")
+
+
+def make_step(cls, options: dict, where: str):
+    """`cls(**options)` for a step read from a job (filter, scorer, selector, train), with
+    every mistake one ConfigError naming the step and the key: an unknown key (and the
+    known ones), a missing required key, a value of the wrong type, or a value the step
+    itself refuses."""
+    import inspect
+
+    params = {name: p for name, p in inspect.signature(cls).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    unknown = sorted(set(options) - set(params))
+    if unknown and not takes_any:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(params))}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in options]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} is required")
+    check_option_types(cls if dataclasses.is_dataclass(cls) else cls.__init__, options, where)
+    try:
+        return cls(**options)
+    except ConfigError:
+        raise  # it names the step already
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _build(cls, data: Any, where: str):

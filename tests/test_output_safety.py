@@ -302,6 +302,18 @@ BAD_VALUES = [
     ({"selectors": [{"type": "grape", "k": "two"}]}, " k "),
     ({"scorers": [{"type": "likelihood", "max_length": "big"}]}, "max_length"),
     ({"selectors": [{"type": "diversity", "budget": 3, "temperature": "warm"}]}, "temperature"),
+    # unknown, missing and refused values: the key and what is allowed, before any work
+    ({"selectors": [{"type": "random", "budgt": 3}]}, "budgt; known: budget, seed"),
+    ({"selectors": [{"type": "diversity"}]}, "budget is required"),
+    ({"filters": [{"type": "length", "mn": 3}]}, "mn; known: field, max, min"),
+    ({"scorers": [{"type": "likelihood", "template": "chatt"}]}, "expected one of plain, chat"),
+    ({"scorers": [{"type": "likelihood", "turns": "first"}]}, "turns must be one of 'all', 'last'"),
+    ({"scorers": [{"type": "likelihood", "dtype": "fp64"}]}, "dtype must be auto or one of"),
+    ({"scorers": [{"type": "likelihood", "device": "tpu"}]}, "device must be auto, cpu, cuda"),
+    ({"scorers": [{"type": "embedding", "field": "foo"}]}, "expected one of prompt, response"),
+    ({"train": {"epochs": "two"}}, "train: epochs must be an integer"),
+    ({"train": {"template": "foo"}}, "train: template"),
+    ({"inputs": [{"path": "IN", "limit_prompts": 0}]}, "limit_prompts"),
 ]
 
 

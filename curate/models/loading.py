@@ -11,9 +11,11 @@ import functools
 import logging
 import os
 import pathlib
+import re
 import socket
 from urllib.parse import urlparse
 
+from curate.config import ConfigError
 from curate.models.defaults import embedded_path
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,17 @@ def resolve_model(name: str) -> str:
             f"model {name!r} is not an embedded default (default, smollm2, minilm), not a local "
             f"path and not in the Hugging Face cache, and the hub cannot be reached: {reason}")
     return name
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_dtype(device: str, dtype: str, where: str) -> None:
+    """At plan time, not on a worker: a device or dtype that cannot be is a ConfigError."""
+    if not _DEVICE.match(str(device).strip().lower()):
+        raise ConfigError(f"{where}: device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if str(dtype).strip().lower() not in ("auto", *DTYPES):
+        raise ConfigError(f"{where}: dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def pick_device(requested: str = "auto") -> str:

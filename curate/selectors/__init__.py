@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from curate.config import ConfigError, check_option_types
+from curate.config import ConfigError, make_step
 
 # type -> "module:Class", imported on use so a job only loads what it needs
 SELECTORS = {
@@ -24,8 +24,4 @@ def make_selector(spec: dict):
         raise ConfigError(f"unknown selector {kind!r}; known: {', '.join(SELECTORS)}")
     module, name = SELECTORS[kind].split(":")
     cls = getattr(importlib.import_module(module), name)
-    check_option_types(cls.__init__, spec, f"selector {kind!r}")
-    try:
-        return cls(**spec)
-    except TypeError as exc:
-        raise ConfigError(f"selector {kind!r}: {exc}") from None
+    return make_step(cls, spec, f"selector {kind!r}")

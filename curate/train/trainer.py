@@ -160,12 +160,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"train: unknown option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        from curate.config import make_step
+
+        return make_step(cls, dict(d or {}), "train")
 
 
 def _prepare_model(model, cfg: TrainConfig):

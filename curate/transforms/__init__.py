@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from curate.config import ConfigError, check_option_types
+from curate.config import ConfigError, make_step
+from curate.models.loading import check_device_dtype
 
 from curate.transforms.base import Scorer
 from curate.transforms.degradation import DegradationScorer
@@ -22,10 +21,6 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
-def scorer_options(cls: type[Scorer]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
-
-
 def make_scorer(cfg: dict) -> Scorer:
     """A scorer from its config: {"type": "likelihood", <options>...}."""
     if not isinstance(cfg, dict) or "type" not in cfg:
@@ -34,16 +29,10 @@ def make_scorer(cfg: dict) -> Scorer:
     kind = cfg["type"]
     if kind not in SCORERS:
         raise ConfigError(f"unknown scorer type {kind!r}; expected one of {', '.join(SCORERS)}")
-    cls = SCORERS[kind]
-    allowed = scorer_options(cls)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"scorer {kind!r}: unknown option(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(allowed)}")
-    check_option_types(cls, options, f"scorer {kind!r}")
-    return cls(**options)
+    scorer = make_step(SCORERS[kind], options, f"scorer {kind!r}")
+    check_device_dtype(getattr(scorer, "device", "auto"), getattr(scorer, "dtype", "auto"), f"scorer {kind!r}")
+    return scorer
 
 
 __all__ = ["SCORERS", "DegradationScorer", "EmbeddingScorer", "LikelihoodScorer", "TrajectoryScorer",
-           "WeightDeltaScorer", "Scorer", "make_scorer",
-           "scorer_options"]
+           "WeightDeltaScorer", "Scorer", "make_scorer"]

@@ -13,7 +13,7 @@ import re
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from curate.config import ConfigError, check_option_types
+from curate.config import ConfigError, make_step
 
 REJECTED = "rejected"
 
@@ -155,9 +155,5 @@ def make_filter_steps(specs: list[dict]) -> list[Filter | ExactDedup]:
         cls = ExactDedup if kind == "dedup" else FILTERS.get(kind)
         if cls is None:
             raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: dedup, {', '.join(FILTERS)}")
-        check_option_types(cls.__init__, spec, f"filters[{i}] ({kind})")
-        try:
-            steps.append(cls(**spec))
-        except TypeError as exc:
-            raise ConfigError(f"filters[{i}] ({kind}): {exc}") from None
+        steps.append(make_step(cls, spec, f"filters[{i}] ({kind})"))
     return steps
