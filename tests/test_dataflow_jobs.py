@@ -5,27 +5,30 @@ Beam's FileSystems only (an in-memory GCS-like store stands in for gs://, which 
 cannot fake offline)."""
 
 import gzip
-import hashlib
-import io
 import json
 import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata, FileSystem
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate.config import ConfigError, load_job, parse_job
 from curate.pipeline.build import LOCAL_RUNNER, Plan, build, pipeline_options, run_job
 from curate.pipeline.readers import plan_inputs
+from memfs import OBJECTS as _OBJECTS, listing as _listing, store  # noqa: F401 (store: a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL_JOBS = sorted(ROOT.glob("jobs/*.yaml"))
 DATAFLOW_JOBS = sorted(ROOT.glob("jobs/dataflow/*.yaml"))
 METHODS = {"random", "grape", "s2l", "donod", "diversity", "paser"}
 GPU = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
-PLACEHOLDER_VARS = ("GCP_PROJECT", "GCP_REGION", "CURATE_BUCKET", "CURATE_IMAGE")
+PLACEHOLDER_VARS = ("GCP_PROJECT", "GCP_REGION", "CURATE_BUCKET", "CURATE_IMAGE", "CURATE_CPU_IMAGE")
 VALID_SETTINGS = {"GCP_PROJECT": "curate-test-project", "GCP_REGION": "us-central1",
                   "CURATE_BUCKET": "gs://curate-test-bucket",
                   "CURATE_IMAGE": "us-central1-docker.pkg.dev/curate-test-project/curate/worker:0.1"}
@@ -157,11 +160,21 @@ def test_dataflow_job_settings(path):
     assert options["runner"] == "DataflowRunner"
     assert options["project"] == "YOUR_PROJECT" and options["region"] == "YOUR_REGION"
     assert options["temp_location"].startswith("gs://YOUR_BUCKET/")
-    assert options["sdk_container_image"].endswith("/curate/worker:0.1")
     assert "use_runner_v2" in options["experiments"]
     gpu = GPU in (options["dataflow_service_options"] or [])
     assert gpu == bool(job.scorers)  # GPU exactly where a model scorer runs
+    # the CUDA image only where a GPU is; CPU work gets the CPU image and a disk for it
+    assert options["sdk_container_image"].endswith("/curate/worker:0.2" if gpu else "/curate/worker-cpu:0.2")
+    assert options["disk_size_gb"] == (100 if gpu else 30)
+    if gpu:  # the SDK harness sized: bundles in flight per process while the model runs one batch
+        assert options["number_of_worker_harness_threads"] == 4
+    if job.scores:  # the selection from stored scores loads no model: CPU workers
+        select = pipeline_options(job.select_beam_args).get_all_options()
+        assert not select["dataflow_service_options"] and select["machine_type"].startswith("n2-")
+        assert select["sdk_container_image"].endswith("/curate/worker-cpu:0.2")
+        assert all(a[2:].split("=", 1)[0] in select for a in job.select_beam_args)
     for scorer in job.scorers:
+        assert scorer.get("device") == "cuda"  # fail on a worker without a GPU, never a quiet CPU run
         assert scorer.get("model_copies") == 1  # one model per GPU, not per SDK process
         for key in ("model", "pruned_model", "checkpoints"):
             name = scorer.get(key)
@@ -177,15 +190,107 @@ def test_placeholders_come_from_the_environment(monkeypatch):
     assert "--project=my-project" in job.beam_args and "--temp_location=gs://my-bucket/tmp" in job.beam_args
 
 
-def test_dockerfile_matches_the_launcher():
-    """The worker's Beam SDK must be the launcher's; the image carries the job files and
-    the models the jobs name by path."""
-    import apache_beam
+def dockerfile_instructions(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(instruction, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
 
-    dockerfile = (ROOT / "jobs/dataflow/Dockerfile").read_text()
-    assert f"ARG BEAM_VERSION={apache_beam.__version__}" in dockerfile
-    assert '"apache-beam[gcp]==${BEAM_VERSION}"' in dockerfile
-    assert "COPY jobs/dataflow/models /opt/curate/models" in dockerfile
+
+def dockerfile_env(path: pathlib.Path) -> dict[str, str]:
+    env = {}
+    for word, rest in dockerfile_instructions(path):
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return env
+
+
+DOCKERFILES = {"gpu": ROOT / "jobs/dataflow/Dockerfile", "cpu": ROOT / "jobs/dataflow/Dockerfile.cpu"}
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_images_take_their_versions_from_one_place(kind):
+    """Python and Beam (and torch) come from curate/dataflow.py as build arguments: no
+    Dockerfile carries a version of its own, and every argument it uses is passed."""
+    from curate import dataflow
+
+    instructions = dockerfile_instructions(DOCKERFILES[kind])
+    args = [rest for word, rest in instructions if word == "ARG"]
+    assert args and all("=" not in a for a in args)  # no defaults to drift from curate/dataflow.py
+    passed = {a.split("=", 2)[1] for a in dataflow.build_args()}
+    assert set(args) <= passed
+    assert ("FROM", "apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION}" + (" AS beam" if kind == "gpu" else "")
+            ) in instructions
+    run = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert '"apache-beam[gcp]==${BEAM_VERSION}"' in run and "b.__version__ == '${BEAM_VERSION}'" in run
+    assert instructions[-1] == ("ENTRYPOINT", '["/opt/apache/beam/boot"]')
+    make = (ROOT / "Makefile").read_text()
+    assert f"python -m curate.dataflow build-args) -f {DOCKERFILES[kind].relative_to(ROOT)}" in make
+    # the launcher's extra pins the image's Beam
+    assert f'dataflow = ["apache-beam[gcp]=={dataflow.BEAM_VERSION}"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_gpu_image_imports_the_gpu_builds():
+    """faiss: the gpu extra alone (faiss-cpu shares its package folder and would win), and
+    the image build fails unless `faiss.StandardGpuResources` exists; torch: a pinned
+    CUDA 12 build. Building the image needs Docker and a CUDA base, so these are checked
+    on the definition here and asserted by the build itself."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("faiss") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert extras["gpu"] == ["faiss-gpu-cu12>=1.8"] and extras["cpu"] == ["faiss-cpu>=1.8"]
+    run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["gpu"]) if word == "RUN")
+    assert '".[dataflow,gpu]"' in run and "cpu]" not in run
+    assert "hasattr(faiss, 'StandardGpuResources')" in run
+    assert '"torch==${TORCH_GPU_VERSION}"' in run and "torch.version.cuda.startswith('12.')" in run
+    cpu_run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["cpu"]) if word == "RUN")
+    assert '".[dataflow,cpu]"' in cpu_run and "download.pytorch.org/whl/cpu" in cpu_run
+
+
+def _boot_python(env: dict, workdir: pathlib.Path) -> str:
+    """The interpreter Beam's container boot (sdks/python/container/boot.go) runs the SDK
+    with: unless RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT is set, a fresh
+    `python -m venv --system-site-packages` made from the `python` on PATH."""
+    python = shutil.which("python3", path=env["PATH"])
+    if env.get("RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT", "") == "":
+        venv = workdir / "beam-venv-worker-1"
+        subprocess.run([python, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+        return str(venv / "bin" / "python3")
+    return python
+
+
+def test_the_worker_image_boots_into_an_sdk_that_imports_beam_and_curate(tmp_path):
+    """Beam's boot sequence with the GPU image's environment. The image installs into the
+    venv /opt/venv; this test's own venv (which holds curate and Beam the same way) stands
+    in for it. Without the image's RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT the boot's fresh
+    venv sees only the base interpreter's packages, which is the failure it prevents."""
+    env = dockerfile_env(DOCKERFILES["gpu"])
+    assert env["PATH"] == "/opt/venv/bin:$PATH" and env["RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT"] == "1"
+    image_env = {**env, "PATH": f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin"}
+    check = "import apache_beam, curate; print(apache_beam.__version__)"
+    python = _boot_python(image_env, tmp_path)
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    without = _boot_python({**image_env, "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT": ""}, tmp_path)
+    failed = subprocess.run([without, "-c", check], capture_output=True, text=True)
+    assert failed.returncode != 0 and "No module named" in failed.stderr
+
+
+def test_the_launcher_must_match_the_image():
+    from curate import dataflow
+
+    dataflow.check_launcher((3, 11), dataflow.BEAM_VERSION)
+    with pytest.raises(ConfigError, match=r"Python 3.11 and apache-beam .* this is Python 3.12"):
+        dataflow.check_launcher((3, 12), dataflow.BEAM_VERSION)
+    with pytest.raises(ConfigError, match="apache-beam 2.60.0"):
+        dataflow.check_launcher((3, 11), "2.60.0")
     assert (ROOT / "jobs/dataflow/README.md").is_file()
 
 
@@ -210,100 +315,6 @@ def test_command_line_options_win_over_the_job():
 
 # ---------------------------------------------------------------- remote paths
 
-_OBJECTS: dict[str, bytes] = {}  # path -> content, shared by every instance (Beam makes many)
-
-
-class _Upload(io.BytesIO):
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-
-    def close(self):
-        if not self.closed:
-            _OBJECTS[self.path] = self.getvalue()  # visible once complete, as on GCS
-        super().close()
-
-
-class MemoryObjectStore(FileSystem):
-    """`memgs://bucket/key`: flat keys, no directories, and a rename or open of a key
-    that is not there fails, as on GCS. Nothing under it exists on the local disk, so a
-    local-only call (os.path, open, glob) on such a path cannot pass for a working one."""
-
-    @classmethod
-    def scheme(cls):
-        return "memgs"
-
-    def join(self, basepath, *paths):
-        for p in paths:
-            basepath = basepath.rstrip("/") + "/" + p.lstrip("/")
-        return basepath
-
-    def split(self, path):
-        head, _, tail = path.rstrip("/").rpartition("/")
-        return head, tail
-
-    def mkdirs(self, path):
-        pass
-
-    def has_dirs(self):
-        return False
-
-    def _list(self, prefix):
-        for path, data in sorted(_OBJECTS.items()):
-            if path.startswith(prefix):
-                yield FileMetadata(path, len(data), 0.0)
-
-    def create(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
-        compression_type = FileSystem._get_compression_type(path, compression_type)
-        raw = _Upload(path)
-        return raw if compression_type == CompressionTypes.UNCOMPRESSED else CompressedFile(raw, compression_type)
-
-    def open(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
-        if path not in _OBJECTS:
-            raise BeamIOError("Open failed", {path: FileNotFoundError(path)})
-        raw = io.BytesIO(_OBJECTS[path])
-        compression_type = FileSystem._get_compression_type(path, compression_type)
-        return raw if compression_type == CompressionTypes.UNCOMPRESSED else CompressedFile(raw, compression_type)
-
-    def copy(self, sources, destinations):
-        missing = [s for s in sources if s not in _OBJECTS]
-        if missing:
-            raise BeamIOError("Copy operation failed", {s: FileNotFoundError(s) for s in missing})
-        for s, d in zip(sources, destinations):
-            _OBJECTS[d] = _OBJECTS[s]
-
-    def rename(self, sources, destinations):
-        self.copy(sources, destinations)
-        for s in sources:
-            del _OBJECTS[s]
-
-    def exists(self, path):
-        return path in _OBJECTS
-
-    def size(self, path):
-        return len(_OBJECTS[path])
-
-    def last_updated(self, path):
-        return 0.0
-
-    def checksum(self, path):
-        return hashlib.md5(_OBJECTS[path]).hexdigest()
-
-    def metadata(self, path):
-        return FileMetadata(path, len(_OBJECTS[path]), 0.0)
-
-    def delete(self, paths):
-        for path in paths:
-            _OBJECTS.pop(path, None)
-
-
-@pytest.fixture
-def store():
-    _OBJECTS.clear()
-    yield _OBJECTS
-    _OBJECTS.clear()
-
-
 def _upload(path, rows, lines=()):
     text = "".join(json.dumps(r) + "\n" for r in rows) + "".join(line + "\n" for line in lines)
     _OBJECTS[path] = gzip.compress(text.encode())
@@ -319,10 +330,6 @@ def test_plan_inputs_globs_and_reads_through_filesystems(store):
         ("memgs://bucket/data/gsm8k_train.jsonl.gz", "gsm8k_train", "jsonl", "qa")]
     with pytest.raises(ConfigError, match="no file matches"):
         plan_inputs(parse_job({"inputs": ["memgs://bucket/none/*.jsonl"], "output": "o"}).inputs, 32_000)
-
-
-def _listing(prefix):
-    return sorted(p[len(prefix):] for p in _OBJECTS if p.startswith(prefix))
 
 
 def _kept_rows(out):
@@ -381,3 +388,76 @@ def test_a_failed_remote_run_leaves_no_staging(store, monkeypatch):
     with pytest.raises(RuntimeError, match="counts do not add up"):
         run_job(job)
     assert sorted(_OBJECTS) == ["memgs://bucket/data/gsm8k_train.jsonl.gz"]
+
+
+# ---------------------------------------------------------------- launcher
+
+class _FakeDataflowResult:
+    """What DataflowRunner.run returns, as far as the launcher uses it."""
+
+    def __init__(self, interrupt=None):
+        self.interrupt, self.cancelled = interrupt, False
+
+    def job_id(self):
+        return "2026-12-02_01_02_03-123"
+
+    def wait_until_finish(self):
+        raise self.interrupt
+
+    def cancel(self):
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
+def test_ctrl_c_cancels_the_dataflow_job_and_leaves_its_staging(tmp_path, monkeypatch, capsys, interrupt):
+    from curate import dataflow
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
+    job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
+                     "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
+                                   "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp"]})
+    result = _FakeDataflowResult(interrupt)
+    monkeypatch.setattr(dataflow, "check_launcher", lambda: None)
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self: result)
+    with pytest.raises(type(interrupt)):
+        run_job(job)
+    err = capsys.readouterr().err
+    assert "Dataflow job 2026-12-02_01_02_03-123" in err
+    assert "console.cloud.google.com/dataflow/jobs/europe-west4/2026-12-02_01_02_03-123?project=curate-test-project" in err
+    assert result.cancelled and "asked Dataflow to cancel job 2026-12-02_01_02_03-123" in err
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # staging left while workers stop
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
+    job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out")})
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self: _FakeDataflowResult(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_the_selection_from_stored_scores_takes_its_own_options(tmp_path, monkeypatch):
+    import curate.pipeline.build as build_module
+
+    seen = []
+    real = build_module.run_pipeline
+
+    def spy(job, beam_args=None, **kw):
+        seen.append(list(job.beam_args))
+        return real(job, beam_args, **kw)
+
+    monkeypatch.setattr(build_module, "run_pipeline", spy)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
+    job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
+                     "scores": str(tmp_path / "scores"),
+                     "scorers": [{"type": "embedding", "model": "minilm", "max_length": 16}],
+                     "selectors": [{"type": "random", "budget": 2}],
+                     "beam_args": ["--direct_num_workers=1"],
+                     "select_beam_args": ["--direct_running_mode=in_memory"]})
+    run_job(job)
+    assert seen == [["--direct_num_workers=1"], ["--direct_running_mode=in_memory"]]

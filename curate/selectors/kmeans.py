@@ -44,6 +44,7 @@ from typing import Sequence
 import apache_beam as beam
 import numpy as np
 
+from curate.config import ConfigError
 # u in [0, 1) from (seed, id, origin): the same for a row on every rerun and runner
 from curate.selectors.random import random_key as hash_key
 
@@ -57,16 +58,22 @@ UNASSIGNED = "unassigned"
 # ---------------------------------------------------------------- the math
 
 
-def _faiss():
-    import faiss
-
+def faiss_module():
+    """faiss, with a clear error when neither build is installed: faiss-cpu comes with the
+    `cpu` extra, faiss-gpu-cu12 with the `gpu` one (not both: they share the `faiss`
+    package folder, and the CPU build would win)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("faiss is not installed: pip install 'curate[cpu]' (faiss-cpu) or, on a "
+                          "CUDA 12 machine, 'curate[gpu]' (faiss-gpu-cu12)") from None
     return faiss
 
 
 def use_gpu(gpu: bool | str = "auto") -> bool:
     """Whether faiss should use the GPU: `auto` means when faiss sees one."""
     if gpu == "auto":
-        faiss = _faiss()
+        faiss = faiss_module()
         return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     return bool(gpu)
 
@@ -93,7 +100,7 @@ def train_centroids(sample, k: int, seed: int = 0, niter: int = 20, *, metric: s
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k-means with k={k} needs at least k training vectors; the sample has {n}")
-    faiss = _faiss()
+    faiss = faiss_module()
     params = dict(niter=int(niter), seed=int(seed), verbose=False, spherical=metric == "cosine",
                   # every sample row trains (sample_size is the knob), and no warning spam
                   max_points_per_centroid=max(1, math.ceil(n / k)), min_points_per_centroid=1)
@@ -150,7 +157,7 @@ def kmeans_plusplus_init(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def flat_index(centroids: np.ndarray, metric: str = "l2", gpu: bool | str = "auto"):
     """An exact faiss index over the centroids (on the GPU when there is one)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     c = as_matrix(centroids, metric)
     index = faiss.IndexFlatIP(c.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(c.shape[1])
     if use_gpu(gpu):

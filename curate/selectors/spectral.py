@@ -53,6 +53,8 @@ from typing import Sequence
 import apache_beam as beam
 import numpy as np
 
+from curate.selectors.kmeans import faiss_module
+
 log = logging.getLogger(__name__)
 
 DEFAULT_K_GRID = tuple(range(2, 21))
@@ -65,7 +67,7 @@ def knn(X: np.ndarray, k: int, queries: np.ndarray | None = None) -> tuple[np.nd
     Without `queries` the points query themselves and each point's own entry is
     removed, so row i lists i's k nearest *other* points.
     """
-    import faiss
+    faiss = faiss_module()
 
     X = np.ascontiguousarray(X, dtype=np.float32)
     index = faiss.IndexFlatL2(X.shape[1])
@@ -226,7 +228,7 @@ def fit_spectral_clusters(X: np.ndarray, n_clusters: int | str = 10, k_neighbors
 
 def assign_nearest(fit: SpectralFit, X: np.ndarray, index=None) -> np.ndarray:
     """Cluster of each row of X = the cluster of its nearest fitted point."""
-    import faiss
+    faiss = faiss_module()
 
     X = np.ascontiguousarray(X, dtype=np.float32)
     if len(X) == 0:
@@ -273,7 +275,7 @@ class AssignClusters(beam.DoFn):
         self._fit = self._index = None
 
     def process(self, batch: list[dict], fit: SpectralFit):
-        import faiss
+        faiss = faiss_module()
 
         if fit is not self._fit:  # one index per fitted state per worker, not per batch
             self._index = faiss.IndexFlatL2(fit.points.shape[1])
