@@ -22,6 +22,8 @@ A job file looks like (see jobs/ for real ones):
     beam_args: []                  # Beam pipeline options for this job, `--flag=value`
                                    # (runner, project, workers: see jobs/dataflow/);
                                    # options after `--` on the command line come later and win
+    select_beam_args: null         # options for the selection from `scores:` (no model:
+                                   # CPU workers on Dataflow); null: beam_args
 
 Paths and beam_args expand `${VAR}` and `${VAR:-default}` from the environment; relative
 paths are relative to the working directory (run jobs from the repository root).
@@ -91,6 +93,9 @@ class JobConfig:
     scores: str | None = None  # score once, select many: where scored rows are kept and re-used
     shard_rows: int = 50_000  # rows per output shard, about (rows are spread by a hash)
     beam_args: list[str] = field(default_factory=list)
+    # Beam options for the selection from stored scores (`scores:`), which loads no model:
+    # on Dataflow, CPU workers and the CPU image instead of the scoring job's GPUs. None: beam_args
+    select_beam_args: list[str] | None = None
     source_file: str | None = None
 
     def to_dict(self) -> dict:
@@ -257,6 +262,8 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     for key in ("filters", "scorers", "selectors"):
         data[key] = _steps(data.get(key), f"{where}: {key}")
     data["beam_args"] = _beam_args(data.get("beam_args"), where)
+    if data.get("select_beam_args") is not None:
+        data["select_beam_args"] = _beam_args(data["select_beam_args"], f"{where}: select_beam_args")
     job = _build(JobConfig, {**data, "inputs": inputs, "validate": validate}, where)
     job.source_file = source_file
     if job.shard_rows < 1:

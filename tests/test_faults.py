@@ -200,3 +200,38 @@ def test_pipeline_likelihood_oom_split_gives_the_unsplit_scores(tmp_path, tiny_l
         assert n == unsplit[key][2]
         assert total == pytest.approx(unsplit[key][0], rel=1e-4, abs=1e-4)
         assert mean == pytest.approx(unsplit[key][1], rel=1e-4, abs=1e-4)
+
+
+def test_one_batch_at_a_time_per_model_and_memory_released_where_it_lives(monkeypatch):
+    import threading
+    import time
+
+    from curate.transforms import handlers
+
+    class Slow:
+        running = most = 0
+
+        def score(self, recs):
+            Slow.running += 1
+            Slow.most = max(Slow.most, Slow.running)
+            time.sleep(0.02)
+            Slow.running -= 1
+            return recs
+
+    guarded = handlers.GuardedRunner(Slow())
+    threads = [threading.Thread(target=guarded.score, args=(records(2),)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.most == 1  # six callers, never two forwards at once
+
+    freed = []
+    monkeypatch.setattr(handlers, "_free_accelerator_memory", lambda: freed.append(True))
+    oom = handlers.GuardedRunner(FakeRunner(oom_above=0))
+    with pytest.raises(handlers.BatchOutOfMemory, match="out of memory"):
+        oom.score(records(2))
+    assert freed == [True] and handlers.is_out_of_memory(handlers.BatchOutOfMemory("x"))
+    with pytest.raises(ValueError):  # other errors pass through untouched, nothing freed
+        handlers.GuardedRunner(FakeRunner(fail_id=records(1)[0]["id"])).score(records(1))
+    assert freed == [True]

@@ -29,7 +29,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from curate import __version__, records
+from curate import __version__, dataflow, records
 from curate.config import ConfigError, InputConfig, JobConfig
 from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
 from curate.progress import PROGRESS_DIR, ProgressDisplay, note_total
@@ -46,7 +46,7 @@ LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
 SCORE_FAILED = "score_failed"
 READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
-VERSIONED = ("apache-beam", "torch", "transformers", "datasets", "pyarrow", "faiss-cpu",
+VERSIONED = ("apache-beam", "torch", "transformers", "datasets", "pyarrow", "faiss-cpu", "faiss-gpu-cu12",
              "scikit-learn", "peft", "numpy")
 
 
@@ -330,7 +330,8 @@ def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dic
     names the inputs the scores were made from, not only the scores directory."""
     select_job = dataclasses.replace(
         job, inputs=[InputConfig(path=scores, format="arrow", adapter="curate")],
-        filters=[], scorers=[], scores=None)
+        filters=[], scorers=[], scores=None,
+        beam_args=job.beam_args if job.select_beam_args is None else job.select_beam_args)
     scoring = scoring or read_manifest(scores) or {}
     return run_pipeline(select_job, beam_args, overwrite=overwrite, progress=progress, extra={
         **({"inputs": scoring["inputs"]} if scoring.get("inputs") else {}),
@@ -350,9 +351,13 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     staging = staging_dir(job.output)
     t_plan = time.time()
     options = pipeline_options(list(job.beam_args) + list(beam_args or []))
+    all_options = options.get_all_options()
+    on_dataflow = dataflow.is_dataflow(all_options)
+    if on_dataflow:
+        dataflow.check_launcher()
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
     progress_dir = None if "://" in staging else FileSystems.join(staging, PROGRESS_DIR)
-    display = None
+    display, keep_staging = None, False
     try:
         if progress_dir:
             FileSystems.mkdirs(progress_dir)
@@ -362,7 +367,15 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         finished = False
         try:
             result = p.run()
-            result.wait_until_finish()
+            if on_dataflow:
+                dataflow.announce(result, all_options)
+            try:
+                result.wait_until_finish()
+            except BaseException as exc:
+                if on_dataflow and not isinstance(exc, Exception):  # Ctrl-C or SIGTERM, not a job failure
+                    dataflow.cancel_on_interrupt(result, all_options, staging)
+                    keep_staging = True  # workers may still be writing there
+                raise
             finished = True
         finally:
             if display:
@@ -382,7 +395,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             "output": job.output,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),
-            "runner": options.get_all_options()["runner"],
+            "runner": all_options["runner"],
             "plan": plan.describe(),
             "counts": counts,
             "timings_s": {"plan": round(t_plan - t0, 3), "pipeline": round(t_run - t_plan, 3),
@@ -403,6 +416,8 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         publish(staging, job.output, overwrite, inputs)
         return manifest
     except BaseException:
+        if keep_staging:
+            raise
         try:
             remove_tree(staging)
         except Exception as exc:  # never hide the run's own error behind a cleanup one

@@ -11,6 +11,9 @@ threads in that process (Beam's `shared.Shared`): right for CPU workers, where e
 process needs the cores anyway. For a GPU worker with several SDK processes set
 `model_copies=1` (one model per GPU, not per process).
 
+The loaded runner is wrapped in `GuardedRunner`: one batch at a time per model, so
+concurrent SDK threads and processes never stack their forwards on one GPU.
+
 Fault tolerance lives here too, because every scorer's batches pass through
 `run_inference`: a batch that runs out of memory is split in half and each half retried
 (recursively), and a batch that fails for any other reason is bisected the same way to
@@ -24,6 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.metrics import Metrics
@@ -45,6 +49,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+class BatchOutOfMemory(MemoryError):
+    """A batch ran out of memory; raised after the model's process released what it could."""
+
+
 def _free_accelerator_memory() -> None:
     # the failed batch's tensors are garbage once its traceback is gone; hand the cached
     # blocks back so the halves start from a clean allocator
@@ -52,6 +60,32 @@ def _free_accelerator_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class GuardedRunner:
+    """A scorer's runner behind a lock: one batch at a time per loaded model, whichever SDK
+    thread or process calls. With `model_copies` every SDK process of a worker calls the
+    one model in Beam's MultiProcessShared server; unguarded, each would run its own
+    forward (up to a token budget each) at once and a GPU could run out of memory on good
+    rows. Memory is released here, in the process that holds the model, before the error
+    goes back to the caller that splits the batch."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._lock = threading.Lock()
+
+    def score(self, records: list[dict]) -> list[dict]:
+        with self._lock:
+            try:
+                return list(self.runner.score(records))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # keep only the text: leaving this block drops the traceback, and with it
+                # the batch's tensors, so the allocator can hand them back
+                error = f"{type(exc).__name__}: {exc}"
+            _free_accelerator_memory()
+            raise BatchOutOfMemory(error)
 
 
 class RecordModelHandler(ModelHandler):
@@ -68,7 +102,7 @@ class RecordModelHandler(ModelHandler):
         self._name = name
 
     def load_model(self):
-        return self._load()
+        return GuardedRunner(self._load())
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[dict]:
@@ -87,10 +121,9 @@ class RecordModelHandler(ModelHandler):
         except Exception as exc:
             # keep only the text: leaving the handler drops the traceback, and with it the
             # failed batch's tensors, before the halves run
-            error = f"{type(exc).__name__}: {exc}"
+            # a BatchOutOfMemory's text already names the original error
+            error = str(exc) if isinstance(exc, BatchOutOfMemory) else f"{type(exc).__name__}: {exc}"
             out_of_memory = is_out_of_memory(exc)
-        if out_of_memory:
-            _free_accelerator_memory()
         if len(records) == 1:
             Metrics.counter(self.get_metrics_namespace(), "rows_failed").inc()
             record = records[0]
