@@ -44,6 +44,7 @@ EXPECTED = {
     "s2l": ["S2L clusters", "S2L trajectories"],
     "paser": ["PASER budget and CDS per cluster"],
     "random": [],
+    "top": ["Top ifd histogram"],
 }
 
 

@@ -501,6 +501,39 @@ def random_section(run: SelectorRun) -> str | None:
             f"budget keeps a subset of a larger one.</p>")
 
 
+def top_section(run: SelectorRun) -> str | None:
+    if not run.has("top_value"):
+        return None
+    column, order = run.spec.get("column", "?"), run.spec.get("order", "highest")
+    pool = run.pool(["top_value"])
+    values, kept = _floats(pool, "top_value"), pool.column("kept").to_numpy()
+    ranked = np.isfinite(values)
+    bounds = [f"{_code(column)} &ge; {run.spec['at_least']}" if run.spec.get("at_least") is not None else None,
+              f"{_code(column)} &lt; {run.spec['below']}" if run.spec.get("below") is not None else None]
+    bounds = " and ".join(b for b in bounds if b)
+    text = (f"<p>Kept the {_n(int(kept.sum()), 'row')} with the {order} {_code(column)} of {len(pool):,} "
+            f"(budget {_budget_text(run.spec.get('budget'))})"
+            + (f", among the rows with {bounds}" if bounds else "") + ".")
+    if (kept & ranked).any():
+        edge = values[kept & ranked].min() if order == "highest" else values[kept & ranked].max()
+        text += f" The cut-off is {edge:.4g}."
+    if not ranked.all():
+        text += f" {int((~ranked).sum()):,} rows had no value and were rejected unranked."
+    if not (kept & ranked).any():
+        return text + "</p>"
+    fig, ax = figure(7, 3)
+    bins = np.histogram_bin_edges(values[ranked], bins=30)
+    ax.hist(values[ranked & ~kept], bins=bins, color=DROPPED_COLOR, alpha=0.7, label="not kept")
+    ax.hist(values[ranked & kept], bins=bins, color=KEPT_COLOR, alpha=0.8, label="kept")
+    for key in ("at_least", "below"):
+        if run.spec.get(key) is not None:
+            ax.axvline(run.spec[key], color="black", linestyle="--", linewidth=1, label=key)
+    ax.set_xlabel(column)
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
+    return text + "</p>" + png(fig, f"Top {column} histogram")
+
+
 def generic_section(run: SelectorRun) -> str:
     options = {k: v for k, v in run.spec.items() if k != "type" and isinstance(v, (int, float, str))}
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
@@ -516,8 +549,9 @@ SECTIONS = {
     "s2l": s2l_section,
     "paser": paser_section,
     "random": random_section,
+    "top": top_section,
 }
-TITLES = {"grape": "GRAPE", "donod": "DONOD", "diversity": "kMQ diversity", "s2l": "S2L (SmallToLarge)",
+TITLES = {"top": "top by one column", "grape": "GRAPE", "donod": "DONOD", "diversity": "kMQ diversity", "s2l": "S2L (SmallToLarge)",
           "paser": "PASER", "random": "random"}
 # sections that draw the clusters themselves (the page's generic cluster plot is then left out)
 DRAW_CLUSTERS = {"diversity", "s2l", "paser"}

@@ -14,6 +14,7 @@ SELECTORS = {
     "paser": "curate.selectors.paser:PaserSelector",
     "s2l": "curate.selectors.s2l:S2LSelector",
     "donod": "curate.selectors.topsis:DonodSelector",
+    "top": "curate.selectors.top:TopSelector",
 }
 
 

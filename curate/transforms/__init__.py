@@ -8,12 +8,14 @@ from curate.models.loading import check_device_dtype
 from curate.transforms.base import Scorer
 from curate.transforms.degradation import DegradationScorer
 from curate.transforms.embedding import EmbeddingScorer
+from curate.transforms.ifd import IfdScorer
 from curate.transforms.likelihood import LikelihoodScorer
 from curate.transforms.trajectory import TrajectoryScorer
 from curate.transforms.weight_delta import WeightDeltaScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     "likelihood": LikelihoodScorer,
+    "ifd": IfdScorer,
     "embedding": EmbeddingScorer,
     "weight_delta": WeightDeltaScorer,
     "trajectory": TrajectoryScorer,
@@ -34,5 +36,5 @@ def make_scorer(cfg: dict) -> Scorer:
     return scorer
 
 
-__all__ = ["SCORERS", "DegradationScorer", "EmbeddingScorer", "LikelihoodScorer", "TrajectoryScorer",
+__all__ = ["SCORERS", "DegradationScorer", "EmbeddingScorer", "IfdScorer", "LikelihoodScorer", "TrajectoryScorer",
            "WeightDeltaScorer", "Scorer", "make_scorer"]
