@@ -7,15 +7,23 @@ Layout (the one `Dataset.save_to_disk` writes):
 
 Shards are deterministic: the row count fixes the number of shards N (about
 `shard_rows` rows each), a row goes to shard hash(origin, id) mod N, and each shard is
-written sorted by (origin, id) under its final name. Two runs over the same rows write
-byte-identical shards whatever the runner, the bundling or the worker timing, and a
-retried bundle rewrites the same file instead of adding a stray part. (origin, id) is
-unique within a run (see curate.records), so the order is total.
+written sorted by (origin, id). Two runs over the same rows write byte-identical shards
+under the same names whatever the runner, the bundling or the worker timing. (origin, id)
+is unique within a run (see curate.records), so the order is total.
+
+As in Beam's own file sinks (`apache_beam.io.filebasedsink`), a worker never writes a
+final name: each attempt of a bundle writes `_attempt-<uuid>.<final name>`, and one
+finalize step, which sees only the outputs Beam committed (one attempt per shard), renames
+those files to their final names and writes a commit record `_committed.<what>.json`
+naming them (`commit_files`; safe to retry). Files of failed, retried or duplicate
+attempts keep their attempt names and are orphans: `publish` deletes them, it publishes
+only the committed files and the driver's manifest.json and report.html.
 
 Everything is written into a staging directory beside the output, which becomes the
 output only when the whole run has succeeded (`publish`): a failed run never leaves an
-output that looks complete, and `check_output` refuses, before any work, to publish
-over anything that is not a previous curate output or that holds the inputs.
+output that looks complete, a failed publish leaves the previous output in place, and
+`check_output` refuses, before any work, to publish over anything that is not a previous
+curate output or that holds the inputs.
 """
 
 from __future__ import annotations
@@ -84,8 +92,43 @@ def _row_order(record: dict) -> tuple:
     return record["origin"], record["id"]
 
 
+ATTEMPT = "_attempt-"  # a file name's prefix: written by one attempt, not (yet) committed
+COMMITTED = "_committed."  # a commit record's prefix: the files a writer's committed attempt finished
+
+
+def attempt_name(final: str) -> str:
+    """A name of its own for one attempt's copy of the file `final` (a base name)."""
+    return f"{ATTEMPT}{uuid.uuid4().hex[:16]}.{final}"
+
+
+def commit_files(directory: str, files: dict[str, str], what: str, info: dict) -> None:
+    """Commit one writer's output in `directory`: rename each finished attempt file to its
+    final name ({final name: attempt name}), then write the record `_committed.<what>.json`
+    ({"files": the final names, **info}) that `publish` reads; it publishes nothing else.
+
+    Called from a step that sees only committed outputs, so `files` names exactly one
+    attempt per file. Safe to retry, as Beam's `FileBasedSink.finalize_write`: a file whose
+    attempt name is gone and whose final name is there was renamed by an earlier try.
+    """
+    srcs, dsts = [], []
+    for final, attempt in sorted(files.items()):
+        src, dst = FileSystems.join(directory, attempt), FileSystems.join(directory, final)
+        if FileSystems.exists(src):
+            srcs.append(src)
+            dsts.append(dst)
+        elif not FileSystems.exists(dst):
+            raise RuntimeError(f"{src} is not there and was not renamed to {dst} either")
+    if srcs:
+        FileSystems.rename(srcs, dsts)
+    record = f"{COMMITTED}{what}.json"
+    tmp = FileSystems.join(directory, attempt_name(record))
+    _write_json(tmp, {"files": sorted(files), **info})
+    FileSystems.rename([tmp], [FileSystems.join(directory, record)])  # whole or not there
+
+
 class _WriteShard(beam.DoFn):
-    """(shard index, rows) -> that shard's file, rows in (origin, id) order."""
+    """(shard index, rows) -> that shard, rows in (origin, id) order, written under this
+    attempt's own name; yields the name for the finalize step to commit."""
 
     def __init__(self, staging: str, schema: pa.Schema):
         self.staging, self.schema = staging, schema
@@ -96,35 +139,51 @@ class _WriteShard(beam.DoFn):
     def process(self, item, n):
         i, rows = item
         rows = sorted(rows, key=_row_order)
-        digest = write_table(FileSystems.join(self.staging, shard_name(i, n)), _to_table(rows, self._schema))
-        yield {"index": i, "rows": len(rows), "sha256": digest}
+        name = attempt_name(shard_name(i, n))  # a retried or duplicate attempt writes another file
+        digest = write_table(FileSystems.join(self.staging, name), _to_table(rows, self._schema))
+        yield {"index": i, "rows": len(rows), "sha256": digest, "file": name}
 
 
 def finalize_shards(written: list[dict], n: int, staging: str, schema: pa.Schema) -> dict:
-    """Write the shards no row went to (empty), then dataset_info.json and state.json."""
+    """Write the shards no row went to (empty), dataset_info.json and state.json, then
+    commit them with the shards in `written` (the committed attempts' files)."""
     from datasets import DatasetInfo, Features
 
     schema = hf_schema(schema)
     done = {w["index"]: w for w in written}
+    files = {shard_name(i, n): w["file"] for i, w in done.items()}
     for i in range(n):
         if i not in done:  # a shard no row hashed to is still a shard: write it empty
+            files[shard_name(i, n)] = name = attempt_name(shard_name(i, n))
             done[i] = {"index": i, "rows": 0,
-                       "sha256": write_table(FileSystems.join(staging, shard_name(i, n)), schema.empty_table())}
-    files = [{"filename": shard_name(i, n)} for i in range(n)]
+                       "sha256": write_table(FileSystems.join(staging, name), schema.empty_table())}
+    data_files = [{"filename": shard_name(i, n)} for i in range(n)]
     info = dataclasses.asdict(DatasetInfo(features=Features.from_arrow_schema(schema)))
     info = {k: v for k, v in info.items() if v not in (None, {}, [])} | {"features": info["features"]}
     # a content fingerprint, not a random one: identical runs write identical files
     fingerprint = hashlib.sha256("".join(done[i]["sha256"] for i in range(n)).encode()).hexdigest()[:16]
-    state = {"_data_files": files, "_fingerprint": fingerprint, "_format_columns": None,
+    state = {"_data_files": data_files, "_fingerprint": fingerprint, "_format_columns": None,
              "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
-    _write_json(FileSystems.join(staging, "dataset_info.json"), info)
-    _write_json(FileSystems.join(staging, "state.json"), state)
-    return {"shards": n, "rows": sum(done[i]["rows"] for i in range(n))}
+    for final, obj in (("dataset_info.json", info), ("state.json", state)):
+        files[final] = name = attempt_name(final)
+        _write_json(FileSystems.join(staging, name), obj)
+    rows = sum(done[i]["rows"] for i in range(n))
+    commit_files(staging, files, "shards", {"rows": rows, "shards": n})
+    return {"shards": n, "rows": rows}
 
 
 def _write_json(path: str, obj) -> None:
     with FileSystems.create(path) as fh:
         fh.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def _read_json(path: str):
+    """The JSON document at `path`, or None (absent or unreadable)."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            return json.loads(fh.read())
+    except Exception:
+        return None
 
 
 class WriteShards(beam.PTransform):
@@ -153,25 +212,39 @@ class WriteShards(beam.PTransform):
                                           written=beam.pvalue.AsSingleton(written))
 
 
+def write_jsonl(path: str, rows) -> tuple[int, str]:
+    """`rows` as JSONL, one line each sorted by its text, under this attempt's own name
+    beside `path`; returns (lines, that name) for `commit_jsonl`."""
+    directory, final = FileSystems.split(path)
+    lines = sorted(json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) for r in rows)
+    name = attempt_name(final)
+    # the final name's compression, not the attempt name's
+    with FileSystems.create(FileSystems.join(directory, name),
+                            compression_type=CompressionTypes.detect_compression_type(final)) as fh:
+        for line in lines:
+            fh.write((line + "\n").encode("utf-8", "backslashreplace"))
+    return len(lines), name
+
+
+def commit_jsonl(path: str, written: tuple[int, str]) -> int:
+    directory, final = FileSystems.split(path)
+    n, name = written
+    commit_files(directory, {final: name}, final, {"rows": n})
+    return n
+
+
 class WriteJsonl(beam.PTransform):
     """Small side outputs (dead letter) as one JSONL file, written by a single step,
-    in a fixed order (by the text of each line)."""
+    in a fixed order (by the text of each line), then committed (`commit_files`)."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
 
     def expand(self, pcoll):
-        path = self.path
-
-        def write(rows):
-            lines = sorted(json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) for r in rows)
-            with FileSystems.create(path) as fh:
-                for line in lines:
-                    fh.write((line + "\n").encode("utf-8", "backslashreplace"))
-            return len(lines)
-
-        return pcoll | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write)
+        return (pcoll | "Collect" >> beam.combiners.ToList()
+                | "Write" >> beam.Map(lambda rows, path: write_jsonl(path, rows), self.path)
+                | "Commit" >> beam.Map(lambda written, path: commit_jsonl(path, written), self.path))
 
 
 # ---------------------------------------------------------------- publishing
@@ -180,6 +253,17 @@ class WriteJsonl(beam.PTransform):
 _CURATE_FILE = re.compile(r"(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json|manifest\.json"
                           r"|report\.html|dead_letter\.jsonl|rejected/.+)")
 _OWNER = "_curate_staging.json"  # in a staging directory: which process writes it
+# the final names of a curate output's files: what a staging directory without commit
+# records (one an earlier publish call already committed) publishes
+_FINAL_FILE = re.compile(r"(rejected/)?(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)"
+                         r"|manifest\.json|report\.html|dead_letter\.jsonl")
+_DRIVER_FILES = ("manifest.json", "report.html")  # written by the driver after the pipeline, not by it
+# the manifest counts (curate.pipeline.build) that say what each commit record's writer wrote
+_COUNTED = {f"{COMMITTED}shards.json": {"rows": "kept", "shards": "shards"},
+            f"rejected/{COMMITTED}shards.json": {"rows": "rejected_rows_written"},
+            f"{COMMITTED}dead_letter.jsonl.json": {"rows": "dead_letter_rows_written"}}
+_PUBLISHED = "_published.json"  # in a remote staging directory: the output is in place and verified
+_JOURNAL = "_journal.json"  # in a remote backup directory: what was saved; written once all of it is
 
 
 def _is_remote(path: str) -> bool:
@@ -259,7 +343,9 @@ def staging_dir(output: str) -> str:
 
 def remove_stale_staging(output: str) -> list[str]:
     """Remove staging directories of this output left by killed runs on this machine
-    (their process is gone). Another live run's staging directory is left alone."""
+    (their process is gone). Another live run's staging directory is left alone. A
+    previous output that a killed publish had set aside (`.old-`) while the output path is
+    empty is put back instead."""
     parent, prefix = _staging_prefix(output)
     if _is_remote(output) or not os.path.isdir(parent):
         return []
@@ -267,6 +353,11 @@ def remove_stale_staging(output: str) -> list[str]:
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
         if not (name.startswith(prefix) or name.startswith(prefix.replace(".tmp-", ".old-"))):
+            continue
+        if (".old-" in name and not os.path.lexists(_canonical(output))
+                and os.path.isfile(os.path.join(path, "manifest.json"))):
+            os.rename(path, _canonical(output))
+            log.warning("put back %s: a killed run had set it aside while publishing", output)
             continue
         try:
             with open(os.path.join(path, _OWNER)) as fh:
@@ -292,17 +383,23 @@ def _alive(pid) -> bool:
     return True
 
 
-def list_tree(path: str) -> list[str]:
-    """Every file under `path` (a directory, or a prefix on an object store), sorted."""
+def _listing(path: str) -> dict[str, int]:
+    """{file: size} of every file under `path` (a directory, or a prefix on an object store), sorted."""
     if not _is_remote(path):
         if not os.path.isdir(path):
-            return []
-        return sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+            return {}
+        found = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+        return {f: os.path.getsize(f) if os.path.exists(f) else -1 for f in found}
     try:
         found = FileSystems.match([FileSystems.join(path.rstrip("/"), "**")])[0].metadata_list
     except BeamIOError:  # nothing there
-        return []
-    return sorted(m.path for m in found)
+        return {}
+    return {m.path: m.size_in_bytes for m in sorted(found, key=lambda m: m.path)}
+
+
+def list_tree(path: str) -> list[str]:
+    """Every file under `path` (a directory, or a prefix on an object store), sorted."""
+    return list(_listing(path))
 
 
 def remove_tree(path: str) -> None:
@@ -314,59 +411,272 @@ def remove_tree(path: str) -> None:
         FileSystems.delete(files)
 
 
+def _delete(paths) -> None:
+    """Delete these files; one already gone is fine (a retried call)."""
+    paths = list(paths)
+    if paths and _is_remote(paths[0]):
+        FileSystems.delete(paths)
+        return
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _aside(staging: str) -> str:
+    """Beside the staging directory: where the previous output goes while it is replaced
+    (local: the whole directory; remote: the files the new output replaces)."""
+    parent, name = FileSystems.split(staging.rstrip("/"))
+    return FileSystems.join(parent, name.replace(".tmp-", ".old-", 1) if ".tmp-" in name else name + ".old")
+
+
+@dataclasses.dataclass
+class _Staged:
+    """A finished staging directory: `files` {final relative name: path in staging}, what
+    is published (the files the commit records name, and the driver's own); `sizes`
+    {path: bytes}; `records` {relative name: commit record}; `orphans`, everything else
+    (files of failed or duplicate attempts, the owner file): deleted, never published."""
+    files: dict[str, str]
+    sizes: dict[str, int]
+    records: dict[str, dict]
+    orphans: list[str]
+
+
+def _read_staged(staging: str, listing: dict[str, int]) -> _Staged:
+    prefix = staging.rstrip("/") + "/"
+    rel = {path[len(prefix):]: path for path in listing}
+    records = {}
+    for name, path in rel.items():
+        base = name.rpartition("/")[2]
+        if base.startswith(COMMITTED) and base.endswith(".json"):
+            records[name] = _read_json(path)
+            if not isinstance(records[name], dict) or not isinstance(records[name].get("files"), list):
+                raise RuntimeError(f"{path}: unreadable commit record; refusing to publish")
+    if records:
+        files = {}
+        for name, record in records.items():
+            folder = name.rpartition("/")[0]
+            for final in record["files"]:
+                final = f"{folder}/{final}" if folder else final
+                if final not in rel:
+                    raise RuntimeError(f"{staging}: {final} was committed but is not there; refusing to publish")
+                files[final] = rel[final]
+        files.update({name: rel[name] for name in _DRIVER_FILES if name in rel})
+    else:  # committed by an earlier publish call (it removed the records last): the final names
+        files = {name: path for name, path in rel.items() if _FINAL_FILE.fullmatch(name)}
+    if "manifest.json" not in files:
+        raise RuntimeError(f"{staging}: no manifest.json; refusing to publish an incomplete run")
+    orphans = [path for name, path in rel.items() if name not in files and name not in records]
+    return _Staged(files, {path: listing[path] for path in files.values()}, records, orphans)
+
+
+def _verify(root: str, staged: _Staged) -> None:
+    """The manifest under `root` (the staging directory, or the output once the files are
+    in) exists, parses and agrees with what is published: its counts are the rows and
+    shards the commit records name, and every state.json lists only published shards."""
+    where = FileSystems.join(root, "manifest.json")
+    manifest = _read_json(where)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("counts"), dict):
+        raise RuntimeError(f"{where}: missing, unreadable or without counts; refusing to publish")
+    counts = manifest["counts"]
+    for name, record in staged.records.items():
+        for field, key in _COUNTED.get(name, {}).items():
+            if key in counts and counts[key] != record.get(field):
+                raise RuntimeError(f"{where}: counts say {key}={counts[key]} but {name} says {field}="
+                                   f"{record.get(field)}; refusing to publish")
+    for name in staged.files:
+        folder, _, base = name.rpartition("/")
+        if base != "state.json":
+            continue
+        state = _read_json(FileSystems.join(root, name))
+        listed = [f"{folder}/{f['filename']}" if folder else f["filename"]
+                  for f in (state or {}).get("_data_files", [])]
+        missing = [f for f in listed if f not in staged.files]
+        if not listed or missing:
+            raise RuntimeError(f"{FileSystems.join(root, name)}: unreadable or names shards that are not "
+                               f"published ({_some(missing)}); refusing to publish")
+
+
 def publish(staging: str, output: str, overwrite: bool = False, inputs: list[str] = ()) -> None:
     """Make the finished staging directory the output, replacing a previous curate output.
 
-    The output is checked again first (something may have appeared there while the
-    job ran). Local paths: the old output is renamed aside, the new one renamed in,
-    then the old one removed. Remote (gs://): object stores cannot rename a directory,
-    so the old output is deleted (manifest.json first, so it stops looking complete) and
-    the new files are moved one by one, `manifest.json` last: a reader that finds it
-    knows the directory is complete.
+    The output is checked again first (something may have appeared there while the job
+    ran), and the staged manifest is verified against the commit records before the
+    output is touched. Only committed files and the driver's manifest.json and
+    report.html are published; anything else in staging is an orphan and is deleted.
+    Either way a publish that fails leaves the previous output in place, and a call that
+    repeats one that completed or was cut short finishes the job (see `_publish_local`
+    and `_publish_remote` for how).
     """
-    check_output(output, list(inputs), overwrite)
-    FileSystems.delete([FileSystems.join(staging, _OWNER)])
     if _is_remote(output):
-        _publish_remote(staging, output)
-        return
+        _publish_remote(staging.rstrip("/"), output.rstrip("/"), overwrite, inputs)
+    else:
+        _publish_local(staging, output, overwrite, inputs)
+
+
+def _publish_local(staging: str, output: str, overwrite: bool, inputs) -> None:
+    """Local paths: commit the staging directory in place (orphans, commit records and the
+    owner file deleted: what is left is exactly the output), then two renames: the old
+    output aside, the staging directory in; then the old output removed.
+
+    A rename of a directory is atomic, so the output path holds the whole old output or
+    the whole new one, never a mix, and the new one has been verified before the first
+    rename. If renaming the new one in fails, the old one is renamed back. A repeated call
+    finishes what an earlier one left: the old output's place aside is named after the
+    staging directory, so it is found again; a staging directory already renamed in is
+    gone, and the call only removes what is still aside. A run killed between the two
+    renames leaves the old output aside and the output path empty; the next run of that
+    output puts it back (`remove_stale_staging`).
+    """
     output = _canonical(output)
-    old = None
-    if os.path.lexists(output):
-        parent, prefix = _staging_prefix(output)
-        old = os.path.join(parent, f"{prefix.replace('.tmp-', '.old-')}{uuid.uuid4().hex[:6]}")
-        os.rename(output, old)
-    os.rename(staging, output)
-    if old:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+    aside = _aside(staging)
+    if not os.path.isdir(staging):  # an earlier call renamed it in
+        if read_manifest(output) is None:
+            raise RuntimeError(f"{staging}: nothing to publish, and {output} holds no manifest.json")
+        _remove_local(aside)
+        return
+    check_output(output, list(inputs), overwrite)
+    staged = _read_staged(staging, _listing(staging))
+    _verify(staging, staged)  # before the output is touched
+    _delete(staged.orphans)
+    _delete(os.path.join(staging, name) for name in staged.records)  # last: they say what was committed
+    for root, dirs, files in os.walk(staging, topdown=False):  # folders the orphans leave empty
+        if root != staging and not os.listdir(root):
+            os.rmdir(root)
+    if os.path.lexists(output) and not os.path.lexists(aside):
+        os.rename(output, aside)
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        if os.path.lexists(aside) and not os.path.lexists(output):
+            os.rename(aside, output)
+        raise
+    _remove_local(aside)
 
 
-def _publish_remote(staging: str, output: str) -> None:
-    output = output.rstrip("/")
-    prefix = staging.rstrip("/") + "/"
-    files = list_tree(staging)
-    staged_manifest = FileSystems.join(staging, "manifest.json")
-    if staged_manifest not in files:  # checked before the old output is touched
-        raise RuntimeError(f"{staging}: no manifest.json; refusing to publish an incomplete run")
+def _remove_local(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _publish_remote(staging: str, output: str, overwrite: bool, inputs) -> None:
+    """Object stores (gs://) cannot rename a directory. The files the new output replaces
+    (same names) are first copied aside (`_aside`, with a journal written last that says
+    the copy is whole); then the old manifest.json is deleted, so that a half-replaced
+    output never looks complete, the staged files are copied to their final names,
+    `manifest.json` last, and the new output is verified (every file there, at its size;
+    its manifest parses and agrees with the commit records). Only then are the old
+    output's other files, the saved copies and the staging directory deleted.
+
+    A publish that fails before the new output is verified puts the old one back (the
+    saved copies return, the new files the old output lacked go) and leaves the staging
+    directory whole. Safe to call again, as Beam's finalize_write: a call after one that
+    was cut short uses its journal (the output already half-replaced is not saved again,
+    nor refused by `check_output`), skips files already copied (same size and checksum),
+    and deletes what is left; a call after one that completed finds the staging directory
+    gone and does nothing.
+    """
+    listing = _listing(staging)
+    marker = FileSystems.join(staging, _PUBLISHED)
+    if marker in listing:  # published and verified; an earlier call's cleanup was cut short
+        _delete(p for p in listing if p != marker)
+        _delete([marker])
+        return
+    if not listing:  # an earlier call finished
+        if read_manifest(output) is None:
+            raise RuntimeError(f"{staging}: nothing to publish, and {output} holds no manifest.json")
+        log.info("%s is published already", output)
+        return
+    backup = _aside(staging)
+    journal = _read_json(FileSystems.join(backup, _JOURNAL))
+    if journal is None:  # the first call; a later one finds the output half-replaced by it
+        check_output(output, list(inputs), overwrite)
+    staged = _read_staged(staging, listing)
+    _verify(staging, staged)  # before the output is touched
+    try:
+        if journal is None:
+            journal = _save_replaced(output, backup, staged)
+        _copy_in(staged, output)
+        there = _listing(output)
+        wrong = [name for name, src in staged.files.items()
+                 if there.get(FileSystems.join(output, name)) != staged.sizes[src]]
+        if wrong:
+            raise RuntimeError(f"{output}: {_some(wrong)} missing or of the wrong size after copying")
+        _verify(output, staged)
+    except BaseException:
+        _roll_back(output, backup, journal)
+        raise
+    # the new output is whole and verified: only now do the old output's other files go
+    prefix = output + "/"
+    _delete(path for path in _listing(output) if path[len(prefix):] not in staged.files)
+    remove_tree(backup)
+    _write_json(marker, {"output": output})
+    _delete(path for path in _listing(staging) if path != marker)
+    _delete([marker])
+
+
+def _save_replaced(output: str, backup: str, staged: _Staged) -> dict:
+    """Copy the old output's files that the new output replaces to `backup`, then write
+    the journal: every old file's name and the names saved."""
+    prefix = output + "/"
+    old = [path[len(prefix):] for path in _listing(output)]
+    saved = [name for name in old if name in staged.files]
+    remove_tree(backup)  # an earlier try cut short before its journal: never used
+    if saved:
+        FileSystems.copy([FileSystems.join(output, n) for n in saved], [FileSystems.join(backup, n) for n in saved])
+    journal = {"output": output, "old": old, "saved": saved}
+    _write_json(FileSystems.join(backup, _JOURNAL), journal)
+    return journal
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return FileSystems.checksum(a) == FileSystems.checksum(b)
+    except Exception:  # no checksum: copy again
+        return False
+
+
+def _copy_in(staged: _Staged, output: str) -> None:
+    there = _listing(output)
     manifest = FileSystems.join(output, "manifest.json")
-    old = list_tree(output)
-    if manifest in old:
+    if manifest in there:
         FileSystems.delete([manifest])
-    rest = [f for f in old if f != manifest]
-    if rest:
-        FileSystems.delete(rest)
-    files = [f for f in files if f != staged_manifest]
-    FileSystems.rename(files, [FileSystems.join(output, f[len(prefix):]) for f in files])
-    FileSystems.rename([staged_manifest], [manifest])  # alone, after the rest: a batch has no order
+    srcs, dsts = [], []
+    for name, src in sorted(staged.files.items()):
+        dst = FileSystems.join(output, name)
+        if name == "manifest.json" or (there.get(dst) == staged.sizes[src] and _same(src, dst)):
+            continue  # the manifest goes last; an equal file is in place (an earlier try, an identical shard)
+        srcs.append(src)
+        dsts.append(dst)
+    if srcs:
+        FileSystems.copy(srcs, dsts)
+    FileSystems.copy([staged.files["manifest.json"]], [manifest])  # alone, after the rest: a batch has no order
+
+
+def _roll_back(output: str, backup: str, journal: dict | None) -> None:
+    """After a publish failed before the new output was verified: the saved files go back
+    and the files the old output did not have are deleted. Never raises: if putting back
+    fails too, the saved files stay in `backup` and the log says so."""
+    try:
+        if journal is not None:
+            saved = journal["saved"]
+            if saved:
+                FileSystems.copy([FileSystems.join(backup, n) for n in saved],
+                                 [FileSystems.join(output, n) for n in saved])
+            old, prefix = set(journal["old"]), output + "/"
+            _delete(path for path in _listing(output) if path[len(prefix):] not in old)
+            log.warning("publishing to %s failed; its previous contents are back in place", output)
+        remove_tree(backup)
+    except Exception as exc:
+        log.error("publishing to %s failed and its previous contents could not be put back (%s); the "
+                  "files the new output replaced are kept in %s (%s lists every old file)",
+                  output, exc, backup, _JOURNAL)
 
 
 def read_manifest(path: str) -> dict | None:
     """The manifest of a published curate output, or None (absent or unreadable)."""
-    try:
-        with FileSystems.open(FileSystems.join(path, "manifest.json"),
-                              compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            return json.loads(fh.read())
-    except Exception:
-        return None
+    manifest = _read_json(FileSystems.join(path, "manifest.json"))
+    return manifest if isinstance(manifest, dict) else None
