@@ -63,7 +63,9 @@ class Encoded:
 
 
 def assistant_turns(record: dict) -> int:
-    return sum(m["role"] == "assistant" for m in record["messages"])
+    """Assistant turns of a record; a bare {prompt, response} one has one."""
+    messages = record.get("messages")
+    return sum(m["role"] == "assistant" for m in messages) if messages else 1
 
 
 def split_text(record: dict, tokenizer, template: str = "plain",

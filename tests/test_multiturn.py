@@ -104,3 +104,9 @@ def test_turns_is_checked_in_the_config():
     with pytest.raises(ConfigError, match="turns must be one of 'all', 'last'"):
         make_scorer({"type": "likelihood", "turns": "first"})
     assert make_scorer({"type": "likelihood", "template": "chat", "turns": "last"}).turns == "last"
+
+
+def test_a_bare_prompt_response_record_still_encodes(tiny_lm):
+    _, tok = tiny_lm
+    enc = encode({"prompt": "Q?", "response": "A."}, tok, "plain", 64)
+    assert tok.decode(enc.input_ids[enc.prompt_len:]) == " A.<|endoftext|>"
