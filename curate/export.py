@@ -13,7 +13,7 @@ Parquet files carry the `huggingface` features metadata of the columns written, 
 `datasets.load_dataset("parquet", ...)` reads them with the same features as the shards.
 
 Safety: DIR defaults to OUT-export. It may never be, contain or lie inside OUT, nor
-contain the working, home or root directory (`curate.pipeline.sink.check_output`). An
+contain the working, home or root directory (`curate.pipeline.output.check_output`). An
 existing non-empty DIR (or a file at DIR) is refused unless `overwrite`; with it, only
 the files named above are replaced, nothing else in DIR is touched. Each file is
 written under a temporary name beside its final one and renamed into place when
@@ -35,7 +35,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
-from curate.pipeline.sink import _canonical, _inside, _is_remote, check_output, hf_schema, read_manifest
+from curate.pipeline.output import _canonical, _inside, _is_remote, check_output, read_manifest
+from curate.pipeline.sink import hf_schema
 
 FORMATS = ("jsonl", "parquet")
 PARTS = ("data", "rejected")  # kept rows (OUT) and rejected rows (OUT/rejected)

@@ -19,7 +19,7 @@ from curate import cli
 from curate.config import ConfigError, parse_job, resolve_budget
 from curate.pipeline.build import pipeline_options, run_job, scores_key
 from curate.pipeline.readers import plan_inputs
-from curate.pipeline.sink import check_output
+from curate.pipeline.output import check_output
 
 
 def write_jsonl(path, rows):
@@ -417,7 +417,7 @@ def test_a_killed_runs_leftovers_are_removed_by_the_rerun_and_inspect_refuses_th
 
 
 def test_a_live_runs_staging_directory_is_left_alone(tmp_path):
-    from curate.pipeline.sink import remove_stale_staging, staging_dir
+    from curate.pipeline.output import remove_stale_staging, staging_dir
 
     live = staging_dir(str(tmp_path / "out"))  # owned by this (live) process
     assert remove_stale_staging(str(tmp_path / "out")) == [] and os.path.isdir(live)

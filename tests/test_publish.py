@@ -12,10 +12,10 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import parse_job
-from curate.pipeline import sink
+from curate.pipeline import output
 from curate.pipeline.build import run_job
-from curate.pipeline.sink import (_WriteShard, commit_jsonl, finalize_shards, publish, read_manifest,
-                                  remove_stale_staging, shard_count, shard_of, staging_dir, write_jsonl)
+from curate.pipeline.output import publish, read_manifest, remove_stale_staging, staging_dir
+from curate.pipeline.sink import _WriteShard, commit_jsonl, finalize_shards, shard_count, shard_of, write_jsonl
 from memfs import OBJECTS, MemoryObjectStore, listing, store  # noqa: F401 (store: a fixture)
 
 SCHEMA = pa.schema([("origin", pa.string()), ("id", pa.string()), ("text", pa.string())])
@@ -149,7 +149,7 @@ def test_finalize_retried_after_it_moved_half_the_files_completes(store, monkeyp
     publish_old()
     staging = stage_new()
     copied = fail_copies_to(OUT + "/", after=4, monkeypatch=monkeypatch)
-    monkeypatch.setattr(sink, "_roll_back", lambda *a: None)  # killed: nothing runs after the failure
+    monkeypatch.setattr(output, "_roll_back", lambda *a: None)  # killed: nothing runs after the failure
     with pytest.raises(OSError, match="injected"):
         publish(staging, OUT)
     assert len(copied) == 4 and read_manifest(OUT) is None  # half-replaced, and it does not look complete
@@ -173,18 +173,18 @@ def test_a_second_call_finishes_a_cleanup_that_was_cut_short(store, monkeypatch)
     """Verified and in place, but the staging directory only partly deleted."""
     publish_old()
     staging = stage_new()
-    real_delete = sink._delete
+    real_delete = output._delete
     calls = []
 
     def delete(paths):
         paths = list(paths)
         calls.append(paths)
-        if any(p.startswith(staging) and not p.endswith(sink._PUBLISHED) for p in paths):
+        if any(p.startswith(staging) and not p.endswith(output._PUBLISHED) for p in paths):
             real_delete(paths[: len(paths) // 2])
             raise OSError("injected: killed while removing the staging directory")
         real_delete(paths)
 
-    monkeypatch.setattr(sink, "_delete", delete)
+    monkeypatch.setattr(output, "_delete", delete)
     with pytest.raises(OSError, match="injected"):
         publish(staging, OUT)
     monkeypatch.undo()
@@ -208,14 +208,14 @@ def test_a_publish_that_fails_before_the_new_manifest_is_verified_leaves_the_old
     elif failure == "manifest copy fails":
         fail_copies_to(OUT + "/manifest.json", after=0, monkeypatch=monkeypatch)
     else:
-        real_verify = sink._verify
+        real_verify = output._verify
 
         def verify(root, staged):
             if root == OUT:
                 raise RuntimeError("injected: the new output does not verify")
             real_verify(root, staged)
 
-        monkeypatch.setattr(sink, "_verify", verify)
+        monkeypatch.setattr(output, "_verify", verify)
     with pytest.raises((OSError, RuntimeError), match="injected|refusing to publish"):
         publish(staging, OUT)
     monkeypatch.undo()
@@ -282,8 +282,8 @@ def test_a_local_publish_cut_short_between_its_renames_is_finished_or_undone(tmp
     publish(staging, out)
     old = tree(out)
     staging, _ = stage(out, rows(5, "new"), shard_rows=2)
-    os.rename(out, sink._aside(staging))  # killed right after setting the old output aside
+    os.rename(out, output._aside(staging))  # killed right after setting the old output aside
     assert remove_stale_staging(out) == [] and tree(out) == old  # the next run puts it back
-    os.rename(out, sink._aside(staging))
+    os.rename(out, output._aside(staging))
     publish(staging, out)  # or the publish is called again: it finishes
     assert read_manifest(out)["counts"]["kept"] == 5 and os.listdir(tmp_path) == ["out"]

@@ -33,8 +33,8 @@ from curate import __version__, dataflow, records
 from curate.config import ConfigError, InputConfig, JobConfig
 from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
 from curate.progress import PROGRESS_DIR, ProgressDisplay, note_total
-from curate.pipeline.sink import (WriteJsonl, WriteShards, check_output, publish, read_manifest,
-                                  remove_stale_staging, remove_tree, staging_dir)
+from curate.pipeline.output import check_output, publish, read_manifest, remove_stale_staging, remove_tree, staging_dir
+from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
 from curate.transforms.handlers import SCORE_ERROR
 
