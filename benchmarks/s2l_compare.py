@@ -18,7 +18,7 @@ from collections import Counter
 import datasets
 import numpy as np
 
-from curate.selectors.random import random_key
+from curate.selectors.shared.keys import hash_unit as random_key
 
 
 def spread(counts: dict, clusters: list) -> dict:

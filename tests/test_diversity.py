@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 from curate.config import ConfigError
 from curate.pipeline.build import pipeline_options
 from curate.selectors import diversity as dv
-from curate.selectors import kmeans as km
+from curate.selectors.shared import kmeans as km
 from curate.selectors import make_selector
 
 # ---------------------------------------------------------------- budgets
@@ -162,7 +162,7 @@ def brute_force_kmq(rows, budget, k, seed, sample_size=100_000, quality="quality
     """An independent loop over the same definitions: sample, centroids, nearest centroid
     (numpy), exact allocation, the n_c largest sampling keys per cluster."""
     have = [r for r in rows if r["embedding"] is not None]
-    sample = sorted(have, key=lambda r: (km.hash_key(seed, r), r["origin"], r["id"]))[:sample_size]
+    sample = sorted(have, key=lambda r: (km.hash_unit(seed, r), r["origin"], r["id"]))[:sample_size]
     model = km.fit_model(np.array([r["embedding"] for r in sample], np.float32), k, seed=seed)
     x = np.array([r["embedding"] for r in have], np.float64)
     c = model.centroids.astype(np.float64)

@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that
 
 from curate.pipeline.build import pipeline_options
 from curate.selectors import diversity as dv
-from curate.selectors import kmeans as km
+from curate.selectors.shared import kmeans as km
 
 SOURCES = ("gsm8k_train", "codealpaca", "gpteacher_roleplay", "gpteacher_toolformer")
 

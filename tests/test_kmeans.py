@@ -6,7 +6,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from curate.pipeline.build import pipeline_options
-from curate.selectors import kmeans as km
+from curate.selectors.shared import kmeans as km
 
 
 def blobs(sizes=(60, 120, 30, 90), d=8, spread=10.0, seed=0):
@@ -82,7 +82,7 @@ def test_sample_assign_pipeline_matches_numpy():
 
     # the sample the pipeline takes: the 150 smallest hash keys among rows with a vector
     have = [r for r in rows if r["embedding"] is not None and len(r["embedding"]) == 8]
-    chosen = sorted(have, key=lambda r: (km.hash_key(seed, r), r["origin"], r["id"]))[:n_sample]
+    chosen = sorted(have, key=lambda r: (km.hash_unit(seed, r), r["origin"], r["id"]))[:n_sample]
     sample = np.array([r["embedding"] for r in chosen], np.float32)
     model = km.fit_model(sample, 4, seed=seed)
     want_labels, _ = brute_force_nearest(x, model.centroids)

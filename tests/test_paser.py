@@ -11,9 +11,9 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from curate.pipeline.build import pipeline_options
-from curate.selectors.ccg import ConceptGraph, key_phrases, run_ccg
+from curate.selectors.shared.ccg import ConceptGraph, key_phrases, run_ccg
 from curate.selectors.paser import PaserSelector, allocate_budget, ies, verdict
-from curate.selectors.spectral import (SpectralClusters, assign_nearest, elbow, fit_spectral_clusters,
+from curate.selectors.shared.spectral import (SpectralClusters, assign_nearest, elbow, fit_spectral_clusters,
                                        sample_key)
 
 

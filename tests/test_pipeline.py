@@ -8,7 +8,7 @@ import pytest
 
 from curate.config import parse_job
 from curate.pipeline.build import run_job
-from curate.selectors.random import random_key
+from curate.selectors.shared.keys import hash_unit as random_key
 
 
 def write_jsonl(path, rows):

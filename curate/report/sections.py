@@ -208,7 +208,7 @@ def grape_section(run: SelectorRun) -> str | None:
 
 # ------------------------------------------------------------------ DONOD
 def donod_section(run: SelectorRun) -> str | None:
-    from curate.selectors.topsis import closeness_from_stats, column_stats
+    from curate.selectors.donod import closeness_from_stats, column_stats
 
     criteria = run.spec.get("criteria") or [["don", "benefit"], ["nod", "cost"]]
     columns = [c for c, _ in criteria]

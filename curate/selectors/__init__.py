@@ -13,7 +13,7 @@ SELECTORS = {
     "diversity": "curate.selectors.diversity:DiversitySelector",
     "paser": "curate.selectors.paser:PaserSelector",
     "s2l": "curate.selectors.s2l:S2LSelector",
-    "donod": "curate.selectors.topsis:DonodSelector",
+    "donod": "curate.selectors.donod:DonodSelector",
     "top": "curate.selectors.top:TopSelector",
 }
 

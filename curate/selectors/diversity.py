@@ -5,7 +5,7 @@ kMQ (k-means-quality), the one-shot method:
   1. k-means on the example embeddings (the `embedding` column an embedding scorer
      writes); K given, or chosen by silhouette over `k_grid` on the training sample.
      faiss, trained on a bounded sample, every row assigned in parallel
-     (`curate.selectors.kmeans`).
+     (`curate.selectors.shared.kmeans`).
   2. A budget per cluster: proportional to the cluster's size (the paper; default), or
      equal shares (`allocation: equal`, what the released code does).
   3. Inside each cluster, sample its budget without replacement with probability
@@ -48,7 +48,7 @@ Where we depart, and why:
     left. Rows with a missing or NaN quality score rank after every scored row.
   - Embedding text: the paper embeds prompt and response, the code only user turns; that
     choice is the embedding scorer's (this selector reads whichever vectors it is given).
-  - k-means defaults: see `curate.selectors.kmeans` (niter 20, 1 run; the code uses
+  - k-means defaults: see `curate.selectors.shared.kmeans` (niter 20, 1 run; the code uses
     300 x 5 on GPU).
 
 Scale. The records are never collected: k-means trains on a sample of at most
@@ -88,7 +88,8 @@ import pyarrow as pa
 
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
-from curate.selectors.kmeans import METRICS, UNASSIGNED, AssignClusters, TrainKMeans
+from curate.selectors.shared.keys import hash_bits
+from curate.selectors.shared.kmeans import METRICS, UNASSIGNED, AssignClusters, TrainKMeans
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,7 @@ def normalised(weights: Mapping[int, float]) -> dict[int, float]:
 
 def uniform01(seed: int, record: dict, salt: str = "kmq") -> float:
     """u in (0, 1), a hash of (salt, seed, id, origin)."""
-    import hashlib
-
-    digest = hashlib.blake2b(f"{salt}\x00{seed}\x00{record['id']}\x00{record['origin']}".encode(),
-                             digest_size=8).digest()
-    return (int.from_bytes(digest, "big") + 0.5) / 2**64
+    return (hash_bits(seed, record, salt) + 0.5) / 2**64
 
 
 def gumbel(u: float) -> float:

@@ -55,8 +55,6 @@ class RefineConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
-        from curate.train import TrainConfig
-
         if self.gap not in ("perplexity", "reward"):
             raise ValueError(f"gap {self.gap!r}: expected perplexity or reward")
         if self.gap == "reward" and not self.reward_model:

@@ -6,7 +6,7 @@ and inside each on the examples it hurt most per unit of training cost, without
 admitting examples whose concepts contradict what was already selected.
 
 1. Capability clusters: spectral clustering of the `embedding` column
-   (`curate.selectors.spectral`: sparse kNN diffusion kernel, NMF; K given, default 10
+   (`curate.selectors.shared.spectral`: sparse kNN diffusion kernel, NMF; K given, default 10
    as the code, or "auto" by the NMF reconstruction-error elbow as the paper).
 2. Degradation: `jsd` per example from the `degradation` scorer (mean JSD in nats
    between the original and pruned models' next-token distributions over the response).
@@ -22,7 +22,7 @@ admitting examples whose concepts contradict what was already selected.
    response characters, and squares the sum, which only halves every IES and keeps the
    order). Guard: cost is clamped to at least 2 tokens, so log(cost) >= ln 2 > 0 and
    IES is finite with the sign of jsd. Ties: id, then origin.
-5. Concept Consistency Graph (`curate.selectors.ccg`): in priority order, accept an
+5. Concept Consistency Graph (`curate.selectors.shared.ccg`): in priority order, accept an
    example unless two of its key-phrase concepts are known but were never accepted
    together; on acceptance link all its concepts. Each cluster stops when its budget is
    met.
@@ -62,8 +62,8 @@ import pyarrow as pa
 
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
-from curate.selectors.ccg import record_concepts, run_ccg
-from curate.selectors.spectral import DEFAULT_K_GRID, NONNEG, SpectralClusters
+from curate.selectors.shared.ccg import record_concepts, run_ccg
+from curate.selectors.shared.spectral import DEFAULT_K_GRID, NONNEG, SpectralClusters
 
 MIN_COST_TOKENS = 2
 

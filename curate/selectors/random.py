@@ -8,19 +8,12 @@ a smaller budget keeps a subset of a larger one (nested selections).
 
 from __future__ import annotations
 
-import hashlib
-
 import pyarrow as pa
 
 from curate.config import parse_budget
 from curate.selectors.base import Selector
-from curate.selectors.common import KeepTop
-
-
-def random_key(seed: int, record: dict) -> float:
-    digest = hashlib.blake2b(f"{seed}\x00{record['id']}\x00{record['origin']}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+from curate.selectors.shared.cutoff import KeepTop
+from curate.selectors.shared.keys import hash_unit
 
 
 class RandomSelector(Selector):
@@ -42,7 +35,7 @@ class RandomSelector(Selector):
 
         def key(record):
             # smaller random key is better; negate so KeepTop's "largest" keeps it
-            return (-random_key(seed, record), record["origin"], record["id"])
+            return (-hash_unit(seed, record), record["origin"], record["id"])
 
         def explain(record, k, cutoff, kept):
             record = {**record, "random_key": -k[0]}

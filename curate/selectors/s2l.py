@@ -23,7 +23,7 @@ Defaults: k=100, niter=20, seed=0, faiss' random initialisation (the authors' co
 cluster-id order (the authors' code leaves this to numpy's sort).
 
 As Beam transforms with small global state only: k-means trains on a bounded hash
-sample (`curate.selectors.kmeans.SampleVectors`), every row is assigned in parallel
+sample (`curate.selectors.shared.kmeans.SampleVectors`), every row is assigned in parallel
 (`AssignClusters`, centroids as a side input); rows per (stratum, cluster) are counted
 (a combiner) and turned into quotas in one place (a dict of at most strata x K numbers,
 a side input); then each cluster's sample is its `quota` rows with the smallest
@@ -48,7 +48,6 @@ says which cluster it was in, its quota and its sample key against the cut-off.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Hashable, Mapping
 
@@ -58,6 +57,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
+from curate.selectors.shared.keys import hash_unit
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def stratified_quotas(sizes: Mapping[tuple[Hashable, Hashable], int], budget: in
 def sample_key(seed: int, record: dict) -> float:
     """u in [0, 1) from (seed, id, origin): the in-cluster sampling order. Salted apart
     from the k-means training sample's hash so the two draws are independent."""
-    digest = hashlib.blake2b(f"s2l\x00{seed}\x00{record['id']}\x00{record['origin']}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return hash_unit(seed, record, "s2l")
 
 
 def quota_table(sizes: Mapping[tuple, int], budget: int | float, stratified: bool) -> dict:
@@ -141,7 +139,7 @@ def cluster_cutoff(keys: list[tuple], take: int) -> tuple | None:
 
 
 def _fit(sample: np.ndarray, k: int, seed: int, niter: int, init: str, nredo: int):
-    from curate.selectors.kmeans import fit_model
+    from curate.selectors.shared.kmeans import fit_model
 
     if sample.size == 0:
         return None
@@ -186,7 +184,7 @@ class S2LSelector(Selector):
                 "nredo": self.nredo}
 
     def expand(self, pcoll):
-        from curate.selectors.kmeans import UNASSIGNED, AssignClusters, SampleVectors
+        from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors
 
         k, seed, niter, budget = self.k, self.seed, self.niter, self.budget
         strat, stratified = self.stratify_by, bool(self.stratify_by)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError, parse_budget
 from curate.selectors.base import Selector, reject
-from curate.selectors.common import KeepTop
+from curate.selectors.shared.cutoff import KeepTop
 
 COMPUTED = {"response_chars": lambda r: float(len(r["response"]))}
 

@@ -45,8 +45,7 @@ import apache_beam as beam
 import numpy as np
 
 from curate.config import ConfigError
-# u in [0, 1) from (seed, id, origin): the same for a row on every rerun and runner
-from curate.selectors.random import random_key as hash_key
+from curate.selectors.shared.keys import hash_unit
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +306,7 @@ class SampleVectors(beam.PTransform):
         def keyed(record):
             v, _ = vector_of(record, column)
             if v is not None:
-                yield (hash_key(seed, record), record["origin"], record["id"], v)
+                yield (hash_unit(seed, record), record["origin"], record["id"], v)
 
         def stack(items):
             if not items:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from curate.selectors.topsis import DonodSelector, topsis_closeness
+from curate.selectors.donod import DonodSelector, topsis_closeness
 
 
 def test_hand_computed_4x2():

@@ -45,7 +45,6 @@ embeddings and labels: sample_size x dim float32 (30 MB at 20k x 384).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -53,7 +52,8 @@ from typing import Sequence
 import apache_beam as beam
 import numpy as np
 
-from curate.selectors.kmeans import faiss_module
+from curate.selectors.shared.keys import hash_bits
+from curate.selectors.shared.kmeans import faiss_module
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,7 @@ def assign_nearest(fit: SpectralFit, X: np.ndarray, index=None) -> np.ndarray:
 
 def sample_key(seed: int, record: dict) -> tuple[str, str, str]:
     """A seeded pseudo-random key; the smallest keys form the fitting sample."""
-    digest = hashlib.blake2b(f"{seed}\x00{record['id']}\x00{record.get('origin', '')}".encode(),
-                             digest_size=8).hexdigest()
-    return digest, record.get("origin", ""), record["id"]
+    return f"{hash_bits(seed, record):016x}", record.get("origin", ""), record["id"]
 
 
 # ------------------------------------------------------------------ Beam

@@ -1,0 +1,4 @@
+"""What the selection methods share, each once, beneath the method modules:
+k-means (`kmeans`), spectral clustering (`spectral`), PASER's concept graph (`ccg`),
+global top-N cut-offs (`cutoff`) and seeded row hashing (`keys`). No module here
+imports a method module."""
