@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
 from curate.formatting import encode  # noqa: E402
 from curate.records import adapt, ADAPTERS  # noqa: E402
-from curate.selectors.topsis import topsis_closeness  # noqa: E402
+from curate.selectors.donod import topsis_closeness  # noqa: E402
 from curate.transforms.weight_delta import (  # noqa: E402
     _check_head, _decoder, don_nod, don_nod_batch, weight_norm,
 )

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import machine_info  # noqa: E402
-from curate.selectors import kmeans as km  # noqa: E402
+from curate.selectors.shared import kmeans as km  # noqa: E402
 
 
 class Timer:
