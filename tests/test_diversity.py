@@ -16,6 +16,7 @@ from scipy.stats import chisquare
 from curate.config import ConfigError
 from curate.pipeline.build import pipeline_options
 from curate.selectors import diversity as dv
+from curate.selectors import diversity_plan as dp
 from curate.selectors.shared import kmeans as km
 from curate.selectors import make_selector
 
@@ -23,9 +24,9 @@ from curate.selectors import make_selector
 
 
 def test_split_budget():
-    assert dv.split_budget(100, 3) == [34, 33, 33]
-    assert dv.split_budget(2, 3) == [1, 1, 0]
-    assert sum(dv.split_budget(12345, 7)) == 12345
+    assert dp.split_budget(100, 3) == [34, 33, 33]
+    assert dp.split_budget(2, 3) == [1, 1, 0]
+    assert sum(dp.split_budget(12345, 7)) == 12345
 
 
 def test_allocation_is_exact_and_proportional_within_rounding():
@@ -34,7 +35,7 @@ def test_allocation_is_exact_and_proportional_within_rounding():
         sizes = {c: rng.randint(0, 200) for c in range(rng.randint(1, 30))}
         n = sum(sizes.values())
         budget = rng.randint(0, n + 20)
-        quotas = dv.allocate(sizes, budget, dv.initial_weights(sizes, "proportional") or {})
+        quotas = dp.allocate(sizes, budget, dp.initial_weights(sizes, "proportional") or {})
         assert sum(quotas.values()) == min(budget, n)
         b = min(budget, n)
         for c, q in quotas.items():
@@ -45,15 +46,15 @@ def test_allocation_is_exact_and_proportional_within_rounding():
 
 def test_equal_allocation_rolls_small_clusters_over():
     sizes = {0: 2, 1: 3, 2: 50, 3: 50}
-    quotas = dv.allocate(sizes, 40, dv.initial_weights(sizes, "equal"))
+    quotas = dp.allocate(sizes, 40, dp.initial_weights(sizes, "equal"))
     # 10 each asked; clusters 0 and 1 give all they have (2 + 3), the other 35 split 18/17
     assert quotas == {0: 2, 1: 3, 2: 18, 3: 17}
     # a cluster with weight 0 gets rows only once the others are exhausted
-    assert dv.allocate({0: 5, 1: 5}, 4, {0: 1.0, 1: 0.0}) == {0: 4, 1: 0}
-    assert dv.allocate({0: 5, 1: 5}, 8, {0: 1.0, 1: 0.0}) == {0: 5, 1: 3}
-    assert dv.allocate({0: 5, 1: 5}, 99, {0: 1.0, 1: 1.0}) == {0: 5, 1: 5}
+    assert dp.allocate({0: 5, 1: 5}, 4, {0: 1.0, 1: 0.0}) == {0: 4, 1: 0}
+    assert dp.allocate({0: 5, 1: 5}, 8, {0: 1.0, 1: 0.0}) == {0: 5, 1: 3}
+    assert dp.allocate({0: 5, 1: 5}, 99, {0: 1.0, 1: 1.0}) == {0: 5, 1: 5}
     # largest remainder: 7 * (1/6, 2/6, 3/6) = 1.17, 2.33, 3.5 -> 1, 2, 4 (ties by weight)
-    assert dv.allocate({0: 10, 1: 10, 2: 10}, 7, {0: 1, 1: 2, 2: 3}) == {0: 1, 1: 2, 2: 4}
+    assert dp.allocate({0: 10, 1: 10, 2: 10}, 7, {0: 1, 1: 2, 2: 3}) == {0: 1, 1: 2, 2: 4}
 
 
 # ---------------------------------------------------------------- sampling
@@ -73,7 +74,7 @@ def test_first_pick_frequencies_follow_softmax(temperature):
     scores = [0.0, -0.5, 1.0, 0.3, -2.0, 0.8]
     rows = rows_with(scores)
     trials = 20_000
-    firsts = Counter(max(range(len(rows)), key=lambda i: dv.sampling_key(rows[i], seed, "q", temperature))
+    firsts = Counter(max(range(len(rows)), key=lambda i: dp.sampling_key(rows[i], seed, "q", temperature))
                      for seed in range(trials))
     observed = [firsts[i] for i in range(len(rows))]
     expected = softmax(scores, temperature) * trials
@@ -89,7 +90,7 @@ def test_two_of_four_inclusion_matches_sequential_sampling():
     trials = 20_000
     counts = Counter()
     for seed in range(trials):
-        top2 = sorted(range(4), key=lambda i: dv.sampling_key(rows[i], seed, "q"), reverse=True)[:2]
+        top2 = sorted(range(4), key=lambda i: dp.sampling_key(rows[i], seed, "q"), reverse=True)[:2]
         counts.update(top2)
     for i in range(4):
         f = counts[i] / trials
@@ -100,11 +101,11 @@ def test_two_of_four_inclusion_matches_sequential_sampling():
 def test_uniform_without_quality_and_unscored_rank_last():
     rows = rows_with([0.0] * 5)
     trials = 10_000
-    firsts = Counter(max(range(5), key=lambda i: dv.sampling_key(rows[i], seed)) for seed in range(trials))
+    firsts = Counter(max(range(5), key=lambda i: dp.sampling_key(rows[i], seed)) for seed in range(trials))
     assert chisquare([firsts[i] for i in range(5)]).pvalue > 1e-3
     rows = rows_with([-50.0, None, float("nan"), -60.0])
     for seed in range(50):
-        order = sorted(range(4), key=lambda i: dv.sampling_key(rows[i], seed, "q"), reverse=True)
+        order = sorted(range(4), key=lambda i: dp.sampling_key(rows[i], seed, "q"), reverse=True)
         assert set(order[:2]) == {0, 3}
 
 
@@ -115,19 +116,19 @@ def test_multiplicative_weight_update_hand_computed():
     w = {0: 0.5, 1: 0.3, 2: 0.2}
     s = {0: 2.0, 1: 1.0, 2: -1.0}
     # floor = 0.05 * 2.0 = 0.1 replaces -1.0; sum s+ = 3.1
-    new = dv.update_weights(w, s, score_floor=0.05)
+    new = dp.update_weights(w, s, score_floor=0.05)
     assert new == pytest.approx({0: 0.5 * 2.0 / 3.1, 1: 0.3 * 1.0 / 3.1, 2: 0.2 * 0.1 / 3.1})
     assert all(v > 0 for v in new.values())
     # an unscored cluster is multiplied by the mean score: its weight keeps its ratio to
     # a cluster that scored exactly the mean
     w = {0: 0.4, 1: 0.4, 2: 0.2}
-    new = dv.update_weights(w, {0: 3.0, 1: 1.0}, score_floor=0.05)
+    new = dp.update_weights(w, {0: 3.0, 1: 1.0}, score_floor=0.05)
     assert new == pytest.approx({0: 0.4 * 3 / 6, 1: 0.4 * 1 / 6, 2: 0.2 * 2 / 6})
     # not the released code's softmax(s): previous weights matter
     assert new[0] / new[2] == pytest.approx((0.4 / 0.2) * (3 / 2))
     # nothing positive: nothing to reweight by
-    assert dv.update_weights(w, {0: -1.0, 1: 0.0}) == w
-    assert dv.cluster_scores([0, 0, 1, 1, 1], [1.0, 3.0, float("nan"), 2.0, 4.0]) == {0: 2.0, 1: 3.0}
+    assert dp.update_weights(w, {0: -1.0, 1: 0.0}) == w
+    assert dp.cluster_scores([0, 0, 1, 1, 1], [1.0, 3.0, float("nan"), 2.0, 4.0]) == {0: 2.0, 1: 3.0}
 
 
 def test_config_errors():
@@ -172,10 +173,10 @@ def brute_force_kmq(rows, budget, k, seed, sample_size=100_000, quality="quality
         by_cluster.setdefault(int(l), []).append(r)
     sizes = {cl: len(rs) for cl, rs in by_cluster.items()}
     total = budget if isinstance(budget, int) else int(budget * len(rows) + 0.5)
-    quotas = dv.allocate(sizes, total, dv.initial_weights(sizes, allocation))
+    quotas = dp.allocate(sizes, total, dp.initial_weights(sizes, allocation))
     kept = set()
     for cl, rs in by_cluster.items():
-        rs = sorted(rs, key=lambda r: dv.sampling_key(r, seed, quality), reverse=True)
+        rs = sorted(rs, key=lambda r: dp.sampling_key(r, seed, quality), reverse=True)
         kept |= {r["id"] for r in rs[:quotas[cl]]}
     return kept, sizes, quotas
 
@@ -238,7 +239,7 @@ def test_iterative_rounds_follow_the_multiplicative_update(tmp_path):
     # the weights follow Eq. 6 from round to round, with the stand-in's cluster scores
     for prev, nxt in zip(hist, hist[1:]):
         scores = {int(c): v for c, v in prev["cluster_scores"].items()}
-        want = dv.update_weights({int(c): v for c, v in prev["weights"].items()}, scores, 0.05)
+        want = dp.update_weights({int(c): v for c, v in prev["weights"].items()}, scores, 0.05)
         assert {int(c): v for c, v in nxt["weights"].items()} == pytest.approx(want)
         assert prev["stand_in"] is True
 
