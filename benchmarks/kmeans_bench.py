@@ -6,8 +6,9 @@ embeddings, drawn around 2,000 random directions), then what the pipeline does:
     default 100k), for each K;
   - assign every row to its nearest centroid in batches of 1,024 (the DoFn's batches)
     with the same flat index the Beam DoFn builds: rows/s over all N;
-  - the Beam AssignClusters step itself on a slice of the rows (record dicts through
-    the local runner), so the per-row cost of the pipeline is visible next to faiss';
+  - the Beam AssignClusters step itself on a slice of the rows (record dicts made inside
+    a local-runner pipeline, the pipeline timed with and without the step, embeddings as
+    lists and as NumPy arrays), so the step's per-row cost is visible next to faiss';
   - K by silhouette over a grid on the first `search_rows` (20k) sample rows.
 Peak memory is the process's peak RSS (ru_maxrss) after each phase; the vectors alone
 are N x 384 x 4 bytes (1.5 GB for 1M).
@@ -137,21 +138,49 @@ def bench_synthetic(args) -> dict:
     return out
 
 
+def _bench_rows(chunk: int, dim: int, per_chunk: int, as_list: bool):
+    """`per_chunk` record dicts with unit-norm vectors, made inside the pipeline from a
+    seed: a beam.Create of the rows (or a side argument holding the vectors) would pickle
+    and bz2-compress every vector into the graph, which costs more than the step measured."""
+    block = np.random.default_rng(chunk).standard_normal((per_chunk, dim)).astype(np.float32)
+    block /= np.linalg.norm(block, axis=1, keepdims=True)
+    for i, v in enumerate(block):
+        key = chunk * per_chunk + i
+        yield {"id": f"r{key}", "origin": f"bench:{key}", "embedding": v.tolist() if as_list else v}
+
+
 def bench_beam_assign(x: np.ndarray, k: int, sample: np.ndarray) -> dict:
-    """AssignClusters (the Beam DoFn) on record dicts through the local runner."""
+    """AssignClusters (the Beam step) on record dicts through the local runner: the same
+    pipeline (rows made in a DoFn, reshuffled, counted) with and without the step, so the
+    difference is the step's own CPU per row; embeddings as lists of floats (what the
+    embedding scorer and the readers carry today) and as NumPy arrays."""
     import apache_beam as beam
 
     from curate.pipeline.build import pipeline_options
 
     model = km.fit_model(sample[:20_000], k, seed=0, niter=5)
-    rows = [{"id": f"r{i}", "origin": f"bench:{i}", "embedding": v} for i, v in enumerate(x)]
-    with Timer() as t:
-        with beam.Pipeline(options=pipeline_options([])) as p:
-            m = p | "Model" >> beam.Create([model])
-            out = p | "Rows" >> beam.Create(rows, reshuffle=False) | km.AssignClusters(m, "embedding")
-            _ = out["assigned"] | beam.combiners.Count.Globally() | beam.Map(lambda n: print("beam assigned", n))
-    res = {"rows": len(rows), "k": k, "time_s": t.wall, "cpu_s": t.cpu, "rows_per_s": round(len(rows) / t.wall),
-           "rows_per_cpu_s": round(len(rows) / max(t.cpu, 1e-9))}
+    per_chunk = 1000
+    chunks = list(range(-(-len(x) // per_chunk)))  # rows: len(x) rounded up to per_chunk
+
+    def run(assign: bool, as_list: bool) -> Timer:
+        with Timer() as t:
+            with beam.Pipeline(options=pipeline_options([])) as p:
+                rows = (p | "Chunks" >> beam.Create(chunks)
+                        | "Rows" >> beam.FlatMap(_bench_rows, x.shape[1], per_chunk, as_list)
+                        | "Spread" >> beam.Reshuffle())
+                if assign:
+                    m = p | "Model" >> beam.Create([model])
+                    rows = (rows | km.AssignClusters(m, "embedding"))["assigned"]
+                _ = rows | beam.combiners.Count.Globally()
+        return t
+
+    res = {"rows": len(x), "k": k}
+    for name, as_list in (("list", True), ("numpy", False)):
+        base, step = run(False, as_list), run(True, as_list)
+        per_row_us = (step.cpu - base.cpu) / len(x) * 1e6
+        res[name] = {"pipeline_cpu_s": base.cpu, "with_assign_cpu_s": step.cpu, "with_assign_wall_s": step.wall,
+                     "assign_cpu_us_per_row": round(per_row_us, 1),
+                     "assign_rows_per_cpu_s": round(1e6 / per_row_us) if per_row_us > 0 else None}
     print(json.dumps(res), flush=True)
     return res
 
