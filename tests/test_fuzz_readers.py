@@ -8,7 +8,7 @@ import random
 import pytest
 
 from curate.config import InputConfig
-from curate.pipeline import readers
+from curate.pipeline import formats
 from curate.pipeline.readers import ReadFile, plan_inputs
 
 GOOD = {"instruction": "Write a haiku about rain", "input": "", "output": "Soft rain on the roof"}
@@ -54,7 +54,7 @@ def test_fuzzed_jsonl_every_line_accounted_for(tmp_path, seed):
 
 
 def test_line_over_the_byte_limit_is_dead_letter(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 100)
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(dict(GOOD, output="y" * 500)) + "\n" + json.dumps(GOOD) + "\n")
     (task,) = plan_inputs([InputConfig(path=str(path), adapter="alpaca")], max_chars=10_000)

@@ -31,7 +31,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate import __version__, dataflow, records
 from curate.config import ConfigError, InputConfig, JobConfig
-from curate.pipeline.readers import DEAD, ReadInputs, arrow_dir_schema, plan_inputs
+from curate.pipeline.formats import arrow_dir_schema
+from curate.pipeline.readers import DEAD, ReadInputs, plan_inputs
 from curate.progress import PROGRESS_DIR, ProgressDisplay, note_total
 from curate.pipeline.output import check_output, publish, read_manifest, remove_stale_staging, remove_tree, staging_dir
 from curate.pipeline.sink import WriteJsonl, WriteShards
