@@ -64,9 +64,13 @@ def console_url(job_id: str, options: dict) -> str:
             f"?project={options.get('project')}")
 
 
+def _job_id(result) -> str | None:
+    return result.job_id() if hasattr(result, "job_id") else None
+
+
 def announce(result, options: dict) -> None:
     """Print the job id, console URL and how to cancel it (Beam's own log line is muted)."""
-    job_id = result.job_id() if hasattr(result, "job_id") else None
+    job_id = _job_id(result)
     if not job_id:
         return
     print(f"curate: Dataflow job {job_id}\n"
@@ -79,7 +83,7 @@ def cancel_on_interrupt(result, options: dict, staging: str) -> bool:
     """After Ctrl-C or SIGTERM while waiting: ask Dataflow to cancel the job, so it stops
     billing. True when the cancel request was accepted; otherwise says how to cancel.
     The staging directory is left alone either way: workers may still write to it."""
-    job_id = result.job_id() if hasattr(result, "job_id") else "?"
+    job_id = _job_id(result) or "?"
     try:
         result.cancel()
     except Exception as exc:  # the job may have finished, or the API may be unreachable

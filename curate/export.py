@@ -35,7 +35,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
-from curate.pipeline.output import _canonical, _inside, _is_remote, check_output, read_manifest
+from curate.pipeline.output import canonical_path, check_output, is_inside, is_remote, read_manifest
 from curate.pipeline.sink import hf_schema
 
 FORMATS = ("jsonl", "parquet")
@@ -171,11 +171,11 @@ def default_destination(out: str) -> str:
 
 def check_destination(to: str, out: str, overwrite: bool) -> None:
     """Refuse a destination the export could damage (see the module docstring)."""
-    if _is_remote(to):
+    if is_remote(to):
         raise ConfigError(f"--to {to}: export writes to a local directory")
-    dest, src = _canonical(to), _canonical(out)
-    if _inside(dest, src) or _inside(src, dest):
-        how = "is" if dest == src else ("lies inside" if _inside(dest, src) else "contains")
+    dest, src = canonical_path(to), canonical_path(out)
+    if is_inside(dest, src) or is_inside(src, dest):
+        how = "is" if dest == src else ("lies inside" if is_inside(dest, src) else "contains")
         raise ConfigError(f"--to {to} {how} the curate output {out}; export to another directory "
                           f"(--overwrite never allows this)")
     # overwrite=True: only the rules no flag lifts (not into an input, the cwd, home or /)
@@ -203,7 +203,7 @@ def export_output(out: str, fmt: str = "jsonl", to: str | None = None, columns: 
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if not _is_remote(out) and not os.path.isdir(out):
+    if not is_remote(out) and not os.path.isdir(out):
         raise ConfigError(f"{out}: no such directory" if not os.path.lexists(out)
                           else f"{out} is not a directory, not a curate output")
     if read_manifest(out) is None:
@@ -223,7 +223,7 @@ def export_output(out: str, fmt: str = "jsonl", to: str | None = None, columns: 
         schema = pick_columns(shard_schema(paths[0]), columns, where)
         plan.append((part, paths, schema))
 
-    if not _is_remote(to) and os.path.lexists(to) and not os.path.isdir(to):
+    if not is_remote(to) and os.path.lexists(to) and not os.path.isdir(to):
         os.remove(to)  # a file at DIR, and overwrite: it is replaced by the directory
     created = not os.path.isdir(to)
     os.makedirs(to, exist_ok=True)
@@ -244,4 +244,4 @@ def export_output(out: str, fmt: str = "jsonl", to: str | None = None, columns: 
         if created and not os.listdir(to):
             os.rmdir(to)
         raise
-    return {"to": _canonical(to), "format": fmt, "files": files}
+    return {"to": canonical_path(to), "format": fmt, "files": files}

@@ -41,6 +41,11 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _file_stem(stage: str) -> str:
+    """A stage name ("score:likelihood") as a file name part."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stage)
+
+
 class StageProgress:
     """One worker's counts for one stage. `directory` None: Beam counters only."""
 
@@ -52,8 +57,7 @@ class StageProgress:
         self._written = 0.0
         self._file = None
         if directory:
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage)
-            self._file = os.path.join(directory, f"{safe}.{os.getpid()}.{uuid.uuid4().hex[:6]}.json")
+            self._file = os.path.join(directory, f"{_file_stem(stage)}.{os.getpid()}.{uuid.uuid4().hex[:6]}.json")
         self._rows_counter = Metrics.counter(NAMESPACE, f"{stage}.rows")
         self._tokens_counter = Metrics.counter(NAMESPACE, f"{stage}.tokens")
 
@@ -90,9 +94,9 @@ class _NoteTotal(beam.DoFn):
     def process(self, record, total):
         if not self._done:
             self._done = True
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.stage)
             try:
-                _write_json(os.path.join(self.directory, f"{safe}.total"), {"stage": self.stage, "total": total})
+                _write_json(os.path.join(self.directory, f"{_file_stem(self.stage)}.total"),
+                            {"stage": self.stage, "total": total})
             except OSError:
                 pass
         yield record

@@ -49,16 +49,16 @@ _PUBLISHED = "_published.json"  # in a remote staging directory: the output is i
 _JOURNAL = "_journal.json"  # in a remote backup directory: what was saved; written once all of it is
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
     return "://" in path
 
 
-def _canonical(path: str) -> str:
+def canonical_path(path: str) -> str:
     """An absolute, symlink-free local path; a remote one without its trailing slash."""
-    return path.rstrip("/") if _is_remote(path) else os.path.realpath(os.path.abspath(path))
+    return path.rstrip("/") if is_remote(path) else os.path.realpath(os.path.abspath(path))
 
 
-def _inside(path: str, parent: str) -> bool:
+def is_inside(path: str, parent: str) -> bool:
     """path is parent or lies inside it (both canonical)."""
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -73,17 +73,17 @@ def check_output(output: str, inputs: list[str], overwrite: bool = False) -> Non
     """
     if not output or not output.strip():
         raise ConfigError("output: empty path")
-    out = _canonical(output)
+    out = canonical_path(output)
     for path in inputs:
-        inp = _canonical(path)
-        if _inside(out, inp) or _inside(inp, out):
-            how = "is" if out == inp else ("lies inside" if _inside(out, inp) else "contains")
+        inp = canonical_path(path)
+        if is_inside(out, inp) or is_inside(inp, out):
+            how = "is" if out == inp else ("lies inside" if is_inside(out, inp) else "contains")
             raise ConfigError(f"output {output} {how} the input {path}: publishing would replace the "
                               f"input; choose another output (--overwrite never allows this)")
-    if not _is_remote(output):
+    if not is_remote(output):
         for name, guarded in (("the working directory", os.getcwd()), ("your home directory", "~"),
                               ("the root directory", "/")):
-            if _inside(os.path.realpath(os.path.expanduser(guarded)), out):
+            if is_inside(os.path.realpath(os.path.expanduser(guarded)), out):
                 raise ConfigError(f"output {output} contains {name}: publishing replaces the output "
                                   f"directory as a whole; name a new directory (e.g. runs/NAME)")
         if os.path.exists(out) and not os.path.isdir(out):
@@ -108,7 +108,7 @@ def _some(names: list[str], k: int = 3) -> str:
 
 
 def _staging_prefix(output: str) -> tuple[str, str]:
-    parent, name = FileSystems.split(_canonical(output) if not _is_remote(output) else output.rstrip("/"))
+    parent, name = FileSystems.split(canonical_path(output) if not is_remote(output) else output.rstrip("/"))
     return parent, f".{name}.tmp-"
 
 
@@ -117,7 +117,7 @@ def staging_dir(output: str) -> str:
     output fails before any work) and marked with the process that owns it."""
     parent, prefix = _staging_prefix(output)
     staging = FileSystems.join(parent, f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-    if not _is_remote(output):
+    if not is_remote(output):
         os.makedirs(parent, exist_ok=True)
         os.mkdir(staging)
     _write_json(FileSystems.join(staging, _OWNER), {"host": socket.gethostname(), "pid": os.getpid()})
@@ -130,16 +130,16 @@ def remove_stale_staging(output: str) -> list[str]:
     previous output that a killed publish had set aside (`.old-`) while the output path is
     empty is put back instead."""
     parent, prefix = _staging_prefix(output)
-    if _is_remote(output) or not os.path.isdir(parent):
+    if is_remote(output) or not os.path.isdir(parent):
         return []
     removed = []
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
         if not (name.startswith(prefix) or name.startswith(prefix.replace(".tmp-", ".old-"))):
             continue
-        if (".old-" in name and not os.path.lexists(_canonical(output))
+        if (".old-" in name and not os.path.lexists(canonical_path(output))
                 and os.path.isfile(os.path.join(path, "manifest.json"))):
-            os.rename(path, _canonical(output))
+            os.rename(path, canonical_path(output))
             log.warning("put back %s: a killed run had set it aside while publishing", output)
             continue
         try:
@@ -168,7 +168,7 @@ def _alive(pid) -> bool:
 
 def _listing(path: str) -> dict[str, int]:
     """{file: size} of every file under `path` (a directory, or a prefix on an object store), sorted."""
-    if not _is_remote(path):
+    if not is_remote(path):
         if not os.path.isdir(path):
             return {}
         found = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
@@ -186,7 +186,7 @@ def list_tree(path: str) -> list[str]:
 
 
 def remove_tree(path: str) -> None:
-    if not _is_remote(path):
+    if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
         return
     files = list_tree(path)
@@ -197,7 +197,7 @@ def remove_tree(path: str) -> None:
 def _delete(paths) -> None:
     """Delete these files; one already gone is fine (a retried call)."""
     paths = list(paths)
-    if paths and _is_remote(paths[0]):
+    if paths and is_remote(paths[0]):
         FileSystems.delete(paths)
         return
     for path in paths:
@@ -292,7 +292,7 @@ def publish(staging: str, output: str, overwrite: bool = False, inputs: list[str
     repeats one that completed or was cut short finishes the job (see `_publish_local`
     and `_publish_remote` for how).
     """
-    if _is_remote(output):
+    if is_remote(output):
         _publish_remote(staging.rstrip("/"), output.rstrip("/"), overwrite, inputs)
     else:
         _publish_local(staging, output, overwrite, inputs)
@@ -312,7 +312,7 @@ def _publish_local(staging: str, output: str, overwrite: bool, inputs) -> None:
     renames leaves the old output aside and the output path empty; the next run of that
     output puts it back (`remove_stale_staging`).
     """
-    output = _canonical(output)
+    output = canonical_path(output)
     aside = _aside(staging)
     if not os.path.isdir(staging):  # an earlier call renamed it in
         if read_manifest(output) is None:
