@@ -1,10 +1,12 @@
 """The selection-quality benchmark end to end on a tiny random model and tiny synthetic pools:
-random + DONOD on the mixed pool (clean and noisy) and the GRAPE variant; the tables have
-the right shape, the numbers are finite, the counts add up, and a rerun is served from
-the work dir's caches."""
+every method on the mixed pool (clean and noisy), PASER's recovery variants and GRAPE;
+the tables have the right shape, the numbers are finite and recomputed here from what
+the benchmark saved (corrupted rows kept, recovery, GRAPE's two evaluations, the longest
+responses, the chosen settings), and a rerun is served from the work dir's caches."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import importlib.util
@@ -66,50 +68,96 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     sq = load_benchmark()
     data = synthetic_data(tmp_path / "data")
     out, work, summary_md = tmp_path / "results", tmp_path / "work", tmp_path / "RESULTS.md"
-    argv = ["--scale", "tiny", "--model", str(tiny_lm_dir), "--methods", "random,donod,grape",
-            "--seeds", "0,1", "--dtype", "float32", "--threads", str(one_thread), "--device", "cpu", "--data", str(data),
-            "--out", str(out), "--work-dir", str(work), "--summary", str(summary_md), "--noisy"]
+    argv = ["--scale", "tiny", "--model", str(tiny_lm_dir), "--seeds", "0,1", "--dtype", "float32",
+            "--threads", str(one_thread), "--device", "cpu", "--data", str(data), "--out", str(out),
+            "--work-dir", str(work), "--summary", str(summary_md)]
     result = sq.main(argv)
     rows = result["rows"]
 
-    # one row per (variant, method, seed), the base model first in each variant
-    got = [(r["variant"], r["method"], r["seed"]) for r in rows]
-    assert got == [(v, "base", None) for v in ["clean"]] + [("clean", "random", 0), ("clean", "random", 1),
-                                                          ("clean", "donod", None)] + \
-        [("noisy", "base", None), ("noisy", "random", 0), ("noisy", "random", 1), ("noisy", "donod", None)] + \
-        [("grape", "base", None), ("grape", "grape", None), ("grape", "random", 0), ("grape", "random", 1),
-         ("grape", "longest", None)]
+    # one row per (variant, method, seed): references first, random's seeds, then the methods
+    pool_methods = ["longest", "ppl_low", "ppl_high", "ifd", "diversity", "diversity_iterative", "donod", "s2l",
+                    "paser"]
+    random_rows = [("random", 0), ("random", 1)]
+    expected = ([("clean", m, s) for m, s in [("base", None)] + random_rows + [("full", None)]
+                 + [(m, None) for m in pool_methods]]
+                + [("noisy", m, s) for m, s in [("base", None)] + random_rows + [(m, None) for m in pool_methods]]
+                + [(f"recovery-{p}", m, s) for p in ("wanda50", "layerdrop")
+                   for m, s in [("unpruned", None), ("base", None)] + random_rows + [("paser", None)]]
+                + [("grape", m, s) for m, s in [("base", None), ("grape", None)] + random_rows + [("longest", None)]])
+    assert [(r["variant"], r["method"], r["seed"]) for r in rows] == expected
 
     pool_sets = ["gsm8k", "codealpaca", "gpteacher_roleplay", "gpteacher_toolformer"]
     budget = 12  # 25% of 4 sources x 12 rows
     meta = json.loads((work / "data" / "data.json").read_text())
     assert meta["n_pool"] == 48 and meta["n_corrupted"] == round(0.2 * 48)
-    assert all(len(v) == 4 for v in meta["eval_ids"].values())
+    kinds = collections.Counter(meta["corrupted"].values())
+    assert kinds == {"wrong_answer": 3, "swapped": 3, "truncated": 4}
+    assert all(len(v) == 4 for v in meta["eval_ids"].values()) and all(len(v) == 2 for v in meta["val_ids"].values())
+    for source in pool_sets:  # pool, validation and evaluation are disjoint
+        assert not set(meta["pool_ids"][source]) & set(meta["val_ids"][source])
+        assert not set(meta["val_ids"][source]) & set(meta["eval_ids"][source])
     for r in rows:
-        assert all(math.isfinite(x) for x in r["eval"].values()) and math.isfinite(r["eval_mean"])
+        assert all(math.isfinite(x) for x in r["eval"].values())
         assert r["eval_mean"] == pytest.approx(sum(r["eval"].values()) / len(r["eval"]))
-        if r["method"] == "base":
+        if r["method"] in ("base", "unpruned"):
             assert r["rows"] == 0 and r["train_s"] is None
             continue
         assert r["steps"] >= 1 and r["train_tokens"] > 0
-        if r["variant"] in ("clean", "noisy"):
-            assert list(r["eval"]) == pool_sets
-            assert r["rows"] == budget and sum(r["source_mix"].values()) == budget
-            assert set(r["source_mix"]) <= set(pool_sets)
-            if r["variant"] == "noisy":
-                assert 0 <= r["noisy_kept"] <= budget
-            else:
-                assert r["noisy_kept"] is None
-        else:
-            assert list(r["eval"]) == ["alpaca_eval"]
+        if r["variant"] == "grape":
+            assert list(r["eval"]) == ["gold", "all_generators"]
             # one response per instruction, from the candidates' generators
             assert r["rows"] == 6 and sum(r["generator_mix"].values()) == 6
             assert set(r["generator_mix"]) <= set(GENERATORS)
-    longest = next(r for r in rows if r["method"] == "longest")
+            continue
+        assert list(r["eval"]) == pool_sets and set(r["source_mix"]) <= set(pool_sets)
+        want = 48 if r["method"] == "full" else budget
+        # IFD keeps only rows with IFD < 1: fewer than the budget on a random model
+        assert r["rows"] == want if r["method"] != "ifd" else 0 < r["rows"] <= want
+        if r["variant"] == "noisy":
+            assert r["noisy_kept"] == sum(r["noisy_kept_by_kind"].values()) and 0 <= r["noisy_kept"] <= r["rows"]
+        else:
+            assert r["noisy_kept"] is None
+
+    # noisy_kept counts the selection's corrupted ids (read back from the selection itself)
+    import datasets
+
+    corrupted = set(meta["corrupted"])
+    for method in ("random-0", "donod"):
+        kept = datasets.load_from_disk(str(work / "noisy" / "select" / method))["id"]
+        row = next(r for r in rows if r["variant"] == "noisy" and
+                   (r["method"], r["seed"]) == (("random", 0) if method == "random-0" else ("donod", None)))
+        assert row["noisy_kept"] == len(corrupted & set(kept))
+
+    # longest: no response left out is longer than one kept
+    pool = datasets.load_from_disk(str(work / "clean" / "pool"))
+    kept = set(datasets.load_from_disk(str(work / "clean" / "select" / "longest"))["id"])
+    lengths = {i: len(t) for i, t in zip(pool["id"], pool["response"])}
+    assert min(lengths[i] for i in kept) >= max(v for i, v in lengths.items() if i not in kept)
+
+    # recovery, recomputed from the reference rows
+    for name in ("wanda50", "layerdrop"):
+        vr = {(r["method"], r["seed"]): r for r in rows if r["variant"] == f"recovery-{name}"}
+        lp, l0 = vr[("base", None)]["eval_mean"], vr[("unpruned", None)]["eval_mean"]
+        assert l0 == rows[0]["eval_mean"]  # the unpruned reference is the clean variant's base model
+        for key in [("paser", None), ("random", 0)]:
+            assert vr[key]["recovery"] == pytest.approx((lp - vr[key]["eval_mean"]) / (lp - l0))
+    # the recovery variants train the pruned copies on the clean variant's random subsets
+    by = {(r["variant"], r["method"], r["seed"]): r for r in rows}
+    assert by[("recovery-wanda50", "random", 1)]["source_mix"] == by[("clean", "random", 1)]["source_mix"]
+
+    # GRAPE: gold is gpt4's set, all_generators the mean over the generators
+    for r in (r for r in rows if r["variant"] == "grape"):
+        assert r["eval"]["gold"] == r["eval_by_generator"]["gpt4_1106_preview"]
+        assert r["eval"]["all_generators"] == pytest.approx(sum(r["eval_by_generator"].values()) / len(GENERATORS))
+    longest = by[("grape", "longest", None)]
     assert longest["generator_mix"] == {"gemma-2b-it": 6}  # the most "!"s
 
-    # the same base model is the reference row of both pool variants
-    assert rows[0]["eval"] == rows[4]["eval"]
+    # the training settings: the lowest validation loss of the grid, and every run used them
+    saved = json.loads((out / "selection_quality.json").read_text())
+    best = min(saved["settings_tried"], key=lambda t: t["val_loss"])
+    assert saved["chosen"] == {"epochs": best["epochs"], "lr": best["lr"]}
+    assert len(saved["settings_tried"]) == 2
+
     for variant, s in result["summary"].items():
         assert s["random"]["mean"]["n"] == 2
         for method, v in s["verdicts"].items():
@@ -118,19 +166,20 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
 
     # files: markdown tables, CSV (one line per row), JSON, plot, RESULTS summary
     table = (out / "selection_quality.md").read_text()
-    for title in ("### Mixed pool", "noisy kept", "### GRAPE", "random, mean ± sd (2 seeds)"):
+    for title in ("### Mixed pool", "corrupted kept", "wrong_answer", "### PASER's setting", "recovery",
+                  "### GRAPE", "random, mean ± sd (2 seeds)", "chosen on validation"):
         assert title in table
     with open(out / "selection_quality.csv") as fh:
         lines = list(csv.DictReader(fh))
     assert len(lines) == len(rows) and all(math.isfinite(float(x["loss_mean"])) for x in lines)
     assert (out / "selection_quality.png").stat().st_size > 1000
-    assert json.loads((out / "selection_quality.json").read_text())["complete"] is True
+    assert saved["complete"] is True
     assert "## Verdicts" in summary_md.read_text() and "Command: `python benchmarks/selection_quality.py" in \
         summary_md.read_text()
 
     # a rerun recomputes nothing: every model stage comes from the work dir
     again = sq.main(argv)
     stages = json.loads((out / "selection_quality.json").read_text())["stages"]
-    heavy = [s for s in stages if s["stage"].split(": ", 1)[1].startswith(("score", "select", "train", "prune"))]
+    heavy = [s for s in stages if s["kind"] in ("score", "select", "train", "prune", "eval")]
     assert heavy and all(s["cached"] for s in heavy)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in rows]
