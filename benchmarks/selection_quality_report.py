@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import statistics
@@ -227,8 +228,6 @@ def settings_lines(opts, tried: list[dict]) -> list[str]:
 
 
 def write_reports(opts, rows: list[dict], tried: list[dict], clock, machine: dict, final: bool) -> dict:
-    from benchmarks.selection_quality import write_json
-
     summary = summarise(rows)
     out = pathlib.Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +239,7 @@ def write_reports(opts, rows: list[dict], tried: list[dict], clock, machine: dic
             "settings_tried": tried, "methods": list(opts.methods), "seeds": list(opts.seeds),
             "complete": final, "stages": clock.stages, "wall_s": round(time.perf_counter() - clock.start, 1),
             "computed_s": round(sum(v["seconds"] for v in clock.computed.values()), 1)}
-    write_json(stem.with_suffix(".json"), {**meta, "rows": rows, "summary": summary})
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows, "summary": summary}, indent=2, default=str))
     write_csv(rows, stem.with_suffix(".csv"))
     plot(rows, summary, stem.with_suffix(".png"))
     header = [f"# Selection quality ({opts.scale_name} scale){'' if final else ' (partial)'}", "",
