@@ -770,19 +770,21 @@ def pool_methods(opts: Options, variant: str) -> list[tuple[str, int | None]]:
     return plan
 
 
-def run_pool_variant(opts: Options, variant: str, data: dict, clock: Clock, pruned: dict[str, str],
-                     base_eval: dict) -> list[dict]:
+def select_pool_variant(opts: Options, variant: str, data: dict, clock: Clock,
+                        pruned: dict[str, str]) -> list[tuple[str, int | None, list[dict]]]:
+    """Score the variant's pool once per scorer set, then select with every method:
+    [(method, seed, kept rows)]. All selections come before any training, so the
+    corrupted rows each method keeps are known early (printed, and in the work dir)."""
     from curate.config import resolve_budget
 
     work = pathlib.Path(opts.work_dir) / variant
     inputs = data["inputs"][variant]
-    corrupted = data["corrupted"] if variant == "noisy" else None
     pool, n_pool = pool_stage(opts, variant, data, clock)
     budget = resolve_budget(opts.scale.budget, n_pool)
     plan = pool_methods(opts, variant)
     sets = scorer_sets(opts, variant, inputs, pruned, [SCORER_SET[m] for m, _ in plan if SCORER_SET[m]])
     scores = {name: score_set(opts, clock, variant, name, inputs, scorers, n_pool) for name, scorers in sets.items()}
-    rows = [result_row(variant, "base", None, [], None, base_eval=base_eval, extra={"note": "no fine-tuning"})]
+    picks = []
     for method, seed in plan:
         label = method if seed is None else f"{method}-{seed}"
         if method == "full":
@@ -791,6 +793,22 @@ def run_pool_variant(opts: Options, variant: str, data: dict, clock: Clock, prun
             source = scores[SCORER_SET[method]] if SCORER_SET[method] else pool
             selected = select_stage(opts, clock, variant, label, source,
                                     selector_spec(opts, method, budget, seed or 0, work), work / "select" / label)
+        picks.append((method, seed, selected))
+    if variant == "noisy":
+        kept = {(m if s is None else f"{m}:{s}"): sum(r["id"] in data["corrupted"] for r in rows)
+                for m, s, rows in picks}
+        write_json(work / "corrupted_kept.json", {"budget": budget, "kept": kept})
+        clock.say("noisy: corrupted rows kept of " + str(budget) + ": "
+                  + ", ".join(f"{k} {v}" for k, v in kept.items()))
+    return picks
+
+
+def train_pool_variant(opts: Options, variant: str, picks, data: dict, clock: Clock, base_eval: dict) -> list[dict]:
+    work = pathlib.Path(opts.work_dir) / variant
+    corrupted = data["corrupted"] if variant == "noisy" else None
+    rows = [result_row(variant, "base", None, [], None, base_eval=base_eval, extra={"note": "no fine-tuning"})]
+    for method, seed, selected in picks:
+        label = method if seed is None else f"{method}-{seed}"
         rows.append(train_row(opts, clock, variant, method, seed, selected, work / "train" / label,
                               data["evals"], corrupted))
     return rows
@@ -936,23 +954,32 @@ def run(opts: Options) -> dict:
     if "s2l" in opts.methods:
         pruned["s2l-proxy"] = make_pruned(opts, clock, "s2l-proxy", data["inputs"]["clean"])
     tried = choose_training(opts, data, clock)
-    rows: list[dict] = []
+    parts: dict[str, list[dict]] = {}  # rows by variant, reported in this order
+    order = ["clean", "noisy"] + [f"recovery-{name}" for name in PRUNED] + ["grape"]
 
     def report(final: bool = False) -> dict:
+        rows = [r for v in order for r in parts.get(v, [])]
         return write_reports(opts, rows, tried, clock, machine, final)
 
     if any(m in POOL_METHODS for m in opts.methods):
         base_eval = base_evaluation(opts, data["evals"], clock, "pool")
-        for variant in ("clean", "noisy") if opts.scale.noisy else ("clean",):
-            rows += run_pool_variant(opts, variant, data, clock, pruned, base_eval)
-            report()
+        variants = ("clean", "noisy") if opts.scale.noisy else ("clean",)
+        # every selection first (the noisy variant's corrupted shares need no training), then
+        # the trainings: clean, PASER's recovery, noisy
+        picks = {v: select_pool_variant(opts, v, data, clock, pruned) for v in variants}
+        parts["clean"] = train_pool_variant(opts, "clean", picks["clean"], data, clock, base_eval)
+        report()
         if "paser" in opts.methods:
             for name in PRUNED:
-                rows += run_recovery_variant(opts, name, data, clock, pruned, base_eval)
+                parts[f"recovery-{name}"] = run_recovery_variant(opts, name, data, clock, pruned, base_eval)
                 report()
+        if "noisy" in picks:
+            parts["noisy"] = train_pool_variant(opts, "noisy", picks["noisy"], data, clock, base_eval)
+            report()
     if "grape" in opts.methods:
-        rows += run_grape_variant(opts, data, clock)
+        parts["grape"] = run_grape_variant(opts, data, clock)
     summary = report(final=True)
+    rows = [r for v in order for r in parts.get(v, [])]
     clock.say(f"done: {opts.out}/selection_quality.md" + (f", {opts.summary}" if opts.summary else ""))
     return {"rows": rows, "summary": summary}
 
