@@ -261,7 +261,7 @@ def test_trajectories_equal_direct_loss_per_checkpoint_in_step_order(proxy_run, 
     assert [c.step for c in found] == [4, 8, 12] and {c.kind for c in found} == {"lora"}
     scorer = TrajectoryScorer(checkpoints=str(proxy_run), model=str(tiny_lm_dir), device="cpu",
                               dtype="float32")
-    scored = scorer.load_runner(scorer.prepare()).score(records)
+    scored = scorer.load_runner().score(records)
     got = np.array([r["trajectory"] for r in scored])
     expected = np.array([direct_losses(tiny_lm_dir, c.path.parent, records) for c in found]).T
     assert got.shape == (6, 3)
@@ -275,7 +275,7 @@ def test_trajectories_equal_direct_loss_per_checkpoint_in_step_order(proxy_run, 
     assert sorted(p.name for p in hf.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert [c.step for c in discover_checkpoints(hf)] == [4, 8, 12]
     hf_scorer = TrajectoryScorer(checkpoints=str(hf), model=str(tiny_lm_dir), device="cpu", dtype="float32")
-    again = hf_scorer.load_runner(hf_scorer.prepare()).score(records)
+    again = hf_scorer.load_runner().score(records)
     np.testing.assert_allclose([r["trajectory"] for r in again], expected, rtol=1e-5, atol=1e-5)
     # a subset of steps keeps step order
     sub = TrajectoryScorer(checkpoints=str(hf), model=str(tiny_lm_dir), steps=[12, 4], device="cpu")
@@ -344,6 +344,6 @@ def test_full_model_checkpoints_swap_weights(tmp_path, tiny_lm_dir):
     scorer = TrajectoryScorer(checkpoints=str(tmp_path), model=str(tiny_lm_dir), device="cpu", dtype="float32")
     found = scorer.prepare()
     assert [(c.step, c.kind) for c in found] == [(2, "full"), (4, "full")]
-    got = [r["trajectory"] for r in scorer.load_runner(found).score(records)]
+    got = [r["trajectory"] for r in scorer.load_runner().score(records)]
     expected = np.array([direct_losses(c.path, c.path.parent, records) for c in found]).T
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

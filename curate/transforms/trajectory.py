@@ -48,9 +48,10 @@ from typing import ClassVar, Literal, Optional
 import pyarrow as pa
 
 from curate.config import ConfigError
-from curate.formatting import TEMPLATES, encode
-from curate.transforms.base import Scorer
-from curate.transforms.handlers import RecordModelHandler
+from curate.formatting import TEMPLATES
+from curate.models.batching import pad_id
+from curate.models.logprobs import score_encoded
+from curate.transforms.base import ModelScorer
 
 log = logging.getLogger(__name__)
 
@@ -107,73 +108,26 @@ def finite_or_zero(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-class _TrajectoryRunner:
+@dataclasses.dataclass
+class LoadedProxy:
     """Worker side: the proxy (base + T adapters, or one model reloaded per checkpoint)."""
 
-    def __init__(self, scorer: "TrajectoryScorer", checkpoints: list[Checkpoint]):
-        from curate.models import load_causal_lm
-        from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH
-
-        self.scorer, self.checkpoints = scorer, checkpoints
-        self.kind = checkpoints[0].kind
-        base = scorer.model if self.kind == "lora" else str(checkpoints[0].path)
-        model, self.tokenizer = load_causal_lm(base, device=scorer.device, dtype=scorer.dtype,
-                                               trust_remote_code=scorer.trust_remote_code)
-        if self.kind == "lora":
-            from peft import PeftModel
-
-            names = [self.adapter_name(c) for c in checkpoints]
-            model = PeftModel.from_pretrained(model, str(checkpoints[0].path), adapter_name=names[0])
-            for c, name in zip(checkpoints[1:], names[1:]):
-                model.load_adapter(str(c.path), adapter_name=name)
-            model.eval()
-            self.peft = model
-            # the transformer with the LoRA layers in place: what response_logprobs runs
-            self.model = model.get_base_model()
-        else:
-            self.peft, self.model = None, model
-        device_type = self.model.get_output_embeddings().weight.device.type
-        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
-            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        self.pad_token_id = self.tokenizer.pad_token_id or 0
-        self.progress = scorer.progress()
-
-    @staticmethod
-    def adapter_name(c: Checkpoint) -> str:
-        return f"step-{c.step}"
+    checkpoints: list[Checkpoint]
+    model: object        # what response_logprobs runs (with LoRA layers in place for adapters)
+    peft: object | None  # the PeftModel holding one adapter per checkpoint, or None
+    tokenizer: object
+    max_tokens: int
+    pad_token_id: int
 
     def use(self, c: Checkpoint) -> None:
-        if self.kind == "lora":
-            self.peft.set_adapter(self.adapter_name(c))
+        if self.peft is not None:
+            self.peft.set_adapter(adapter_name(c))
         else:
             _load_full(self.model, c.path)
 
-    def losses(self, encoded) -> list[list[float]]:
-        """[example][checkpoint] mean response-token loss, checkpoints in step order."""
-        from curate.transforms.likelihood import score_encoded
 
-        per_ckpt = []
-        for c in self.checkpoints:
-            self.use(c)
-            scored = score_encoded(self.model, encoded, max_tokens_per_batch=self.max_tokens,
-                                   pad_token_id=self.pad_token_id,
-                                   max_logit_elements=self.scorer.max_logit_elements)
-            per_ckpt.append([finite_or_zero(-mean) for _, mean, _ in scored])
-        return [list(row) for row in zip(*per_ckpt)]
-
-    def score(self, records: list[dict]) -> list[dict]:
-        encoded = []
-        for record in records:
-            try:
-                encoded.append(encode(record, self.tokenizer, self.scorer.template,
-                                      self.scorer.max_length, turns=self.scorer.turns))
-            except Exception as err:
-                raise ValueError(f"trajectory: cannot encode record {record.get('id')!r}: "
-                                 f"{err}") from err
-        column = self.scorer.column
-        out = [{**r, column: t} for r, t in zip(records, self.losses(encoded))]
-        self.progress.add(len(records), len(self.checkpoints) * sum(len(e.input_ids) for e in encoded))
-        return out
+def adapter_name(c: Checkpoint) -> str:
+    return f"step-{c.step}"
 
 
 def _load_full(model, path: Path) -> None:
@@ -194,7 +148,7 @@ def _load_full(model, path: Path) -> None:
 
 
 @dataclasses.dataclass
-class TrajectoryScorer(Scorer):
+class TrajectoryScorer(ModelScorer):
     """S2L loss trajectories: adds `trajectory` (list<float64>, one loss per checkpoint).
 
     Options: `checkpoints` (the proxy run directory), `model` (the base the LoRA
@@ -216,14 +170,7 @@ class TrajectoryScorer(Scorer):
     turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 512
     column: str = "trajectory"
-    max_tokens_per_batch: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
     max_logit_elements: int = 1 << 24
-    min_batch_size: int = 32
-    max_batch_size: int = 1024
-    model_copies: Optional[int] = None
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -263,20 +210,45 @@ class TrajectoryScorer(Scorer):
         self._found = found
         return found
 
-    def load_runner(self, checkpoints: list[Checkpoint]) -> _TrajectoryRunner:
-        return _TrajectoryRunner(self, checkpoints)
+    def load(self) -> LoadedProxy:
+        checkpoints = self.prepare()  # found on the driver; pickled with the scorer
+        kind = checkpoints[0].kind
+        model, tokenizer = self.load_lm(self.model if kind == "lora" else str(checkpoints[0].path))
+        peft = None
+        if kind == "lora":
+            from peft import PeftModel
 
-    def model_handler(self) -> RecordModelHandler:
-        import functools
+            names = [adapter_name(c) for c in checkpoints]
+            peft = PeftModel.from_pretrained(model, str(checkpoints[0].path), adapter_name=names[0])
+            for c, name in zip(checkpoints[1:], names[1:]):
+                peft.load_adapter(str(c.path), adapter_name=name)
+            peft.eval()
+            # the transformer with the LoRA layers in place: what response_logprobs runs
+            model = peft.get_base_model()
+        return LoadedProxy(checkpoints, model, peft, tokenizer,
+                           self.token_budget(model.get_output_embeddings().weight.device.type), pad_id(tokenizer))
 
-        found = self.prepare()
-        return RecordModelHandler(functools.partial(self.load_runner, found), self.type,
-                                  min_batch_size=self.min_batch_size,
-                                  max_batch_size=self.max_batch_size,
-                                  model_copies=self.model_copies)
+    def losses(self, proxy: LoadedProxy, encoded: list) -> list[list[float]]:
+        """[example][checkpoint] mean response-token loss, checkpoints in step order."""
+        per_ckpt = []
+        for c in proxy.checkpoints:
+            proxy.use(c)
+            scored = score_encoded(proxy.model, encoded, max_tokens_per_batch=proxy.max_tokens,
+                                   pad_token_id=proxy.pad_token_id, max_logit_elements=self.max_logit_elements)
+            per_ckpt.append([finite_or_zero(-mean) for _, mean, _ in scored])
+        return [list(row) for row in zip(*per_ckpt)]
+
+    def score_batch(self, proxy: LoadedProxy, records: list[dict]) -> tuple[list[dict], int]:
+        encoded = self.encode_all(records, proxy.tokenizer)
+        out = [{**r, self.column: t} for r, t in zip(records, self.losses(proxy, encoded))]
+        return out, len(proxy.checkpoints) * sum(len(e.input_ids) for e in encoded)
+
+    def model_handler(self):
+        self.prepare()  # the driver trains the proxy / finds the checkpoints before the graph runs
+        return super().model_handler()
 
     def describe(self) -> dict:
-        out = {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        out = super().describe()
         if self._found is not None:
             out["checkpoint_steps"] = [c.step for c in self._found]
             out["checkpoint_kind"] = self._found[0].kind
