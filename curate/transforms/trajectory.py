@@ -29,9 +29,11 @@ the checkpoint's safetensors before each pass (T weight loads per batch, so rais
 `min_batch_size` to amortise them). Either way one pass costs one forward of the proxy;
 a row costs T forwards.
 
-Proxy training from the job (`proxy: {data: ..., <trainer options>}`): before the
-pipeline runs, the driver trains the proxy into `checkpoints` unless that run is already
-complete there (`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
+Proxy training from the job (`proxy: {<trainer options>, data: optional inputs}`): a
+model stage before the pipeline (`curate.pipeline.stages`) reads the pool (the job's
+inputs, or `data`) through the pipeline's readers, validation and filters, and trains the
+proxy into `checkpoints` unless that run is already complete there
+(`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
 With `scores:` in the job the trajectories are computed once and `curate select --scores
 DIR --method s2l` re-selects from them without any model.
 """
@@ -152,8 +154,9 @@ class TrajectoryScorer(ModelScorer):
     """S2L loss trajectories: adds `trajectory` (list<float64>, one loss per checkpoint).
 
     Options: `checkpoints` (the proxy run directory), `model` (the base the LoRA
-    adapters were trained on), `proxy` (trainer options plus `data`: train the proxy into
-    `checkpoints` first unless that run is complete there), `steps` (a subset of
+    adapters were trained on), `proxy` (trainer options, and `data` to train on other inputs
+    than the job's: a model stage trains the proxy into `checkpoints` first unless that
+    run is complete there), `steps` (a subset of
     checkpoint steps), template / max_length (as the proxy was trained: the defaults
     match `train_proxy`'s), batching and device as the likelihood scorer.
     Resources: one base model + T adapters per SDK process (or `model_copies` shared),
@@ -177,30 +180,35 @@ class TrajectoryScorer(ModelScorer):
             raise ValueError(f"trajectory: unknown template {self.template!r}; expected one of "
                              f"{', '.join(TEMPLATES)}")
         if self.proxy is not None and not isinstance(self.proxy, dict):
-            raise ValueError("trajectory: proxy must be a mapping of trainer options with 'data'")
-        if self.proxy is not None and "data" not in self.proxy:
-            raise ValueError("trajectory: proxy needs 'data': the pool to train on "
-                             "(in a job, `data: *pool` re-uses `inputs: &pool [...]`)")
+            raise ValueError("trajectory: proxy must be a mapping of trainer options (and optional 'data')")
         self._proxy_metrics: dict | None = None
         self._found: list[Checkpoint] | None = None
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.column: pa.list_(pa.float64())}
 
+    def before_pipeline(self, read_pool) -> dict | None:
+        """Model stage (curate.pipeline.stages): train the proxy on the pool, `proxy.data`
+        or else the job's inputs, after the job's validation and filters; the trainer
+        returns at once when the same run is already complete in `checkpoints`."""
+        if self.proxy is None:
+            return None
+        from curate.train.proxy import train_proxy
+
+        records = read_pool(self.proxy.get("data"))
+        options = {k: v for k, v in self.proxy.items() if k != "data"}
+        log.info("trajectory: proxy run in %s", self.checkpoints)
+        m = train_proxy(records, self.checkpoints, model=self.model, template=self.template, turns=self.turns,
+                        max_length=self.max_length, **options)
+        self._proxy_metrics = {k: m.get(k) for k in (
+            "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
+            "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
+        return {"proxy_run": self.checkpoints, **self._proxy_metrics}
+
     def prepare(self) -> list[Checkpoint]:
-        """Driver side, before the pipeline: train the proxy if asked, find the checkpoints."""
+        """Driver side, after the model stage: the checkpoints to score with."""
         if self._found is not None:
             return self._found
-        if self.proxy is not None:
-            from curate.train.proxy import train_proxy
-
-            options = {k: v for k, v in self.proxy.items() if k != "data"}
-            log.info("trajectory: proxy run in %s", self.checkpoints)
-            m = train_proxy(self.proxy["data"], self.checkpoints, model=self.model,
-                            template=self.template, turns=self.turns, max_length=self.max_length, **options)
-            self._proxy_metrics = {k: m.get(k) for k in (
-                "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
-                "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
         found = discover_checkpoints(self.checkpoints, self.steps)
         if not found:
             raise ConfigError(f"trajectory: no checkpoints in {self.checkpoints}; train a proxy "
