@@ -128,21 +128,28 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     """
     if not (job.scores and job.scorers):
         return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress)
-    tasks = plan_inputs(job.inputs, job.validate.max_chars)
-    inputs = [t.path for t in tasks]
+    inputs = [t.path for t in plan_inputs(job.inputs, job.validate.max_chars)]
     check_output(job.scores, inputs, overwrite)
     check_output(job.output, inputs + [job.scores], overwrite)
-    key = scores_key(job, tasks)
-    previous = read_manifest(job.scores)
-    if previous and previous.get("scores_key") == key:
-        log.info("re-using scores in %s (key %s)", job.scores, key)
-        scoring = previous
-    else:
-        log.info("scoring into %s (key %s)", job.scores, key)
-        scoring = run_pipeline(dataclasses.replace(job, selectors=[], output=job.scores), beam_args,
-                               extra={"scores_key": key}, overwrite=overwrite, progress=progress)
+    scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress)
     return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite,
                               progress=progress)
+
+
+def score_once(job: JobConfig, scores: str, beam_args: list[str] | None = None, overwrite: bool = False,
+               progress: bool = True) -> tuple[dict, bool]:
+    """Score `job`'s pool into `scores` unless that directory already holds the scores of
+    the same inputs, validation, filters and scorers (`scores_key`); returns (its
+    manifest, whether it was re-used). The one score-once path of `curate run` with
+    `scores:`, `curate score` and the benchmarks."""
+    key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
+    previous = read_manifest(scores)
+    if previous and previous.get("scores_key") == key:
+        log.info("re-using scores in %s (key %s)", scores, key)
+        return previous, True
+    log.info("scoring into %s (key %s)", scores, key)
+    return run_pipeline(dataclasses.replace(job, selectors=[], output=scores), beam_args,
+                        extra={"scores_key": key}, overwrite=overwrite, progress=progress), False
 
 
 def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None,

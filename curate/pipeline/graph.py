@@ -19,7 +19,7 @@ from curate.pipeline.plan import Plan
 from curate.pipeline.readers import DEAD, ReadInputs
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
-from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup
+from curate.transforms.filters import REJECTED, ApplyFilters
 from curate.transforms.handlers import SCORE_ERROR
 
 SCORE_FAILED = "score_failed"
@@ -33,7 +33,7 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
     recs = read["records"]
     rejected = []
 
-    # consecutive per-example filters share one step; dedup is its own global step
+    # consecutive per-example filters share one step; a whole-pool step (dedup) is its own
     pending = []
 
     def flush_filters(recs, i):
@@ -45,13 +45,13 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
         return out.kept
 
     for i, step in enumerate(plan.filters):
-        if isinstance(step, ExactDedup):
+        if step.per_example:
+            pending.append(step)
+        else:
             recs = flush_filters(recs, i)
-            out = recs | f"Dedup{i}" >> step
+            out = recs | f"Filter{i}:{step.type}" >> step
             rejected.append(out[REJECTED])
             recs = out.kept
-        else:
-            pending.append(step)
     return read, flush_filters(recs, len(plan.filters)), rejected
 
 
