@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import ConfigError, InputConfig
-from curate.pipeline.readers import ReadFile, iter_rows, plan_inputs
+from curate.inputs.files import iter_rows, plan_inputs
+from curate.pipeline.readers import ReadFile
 
 
 def read_all(path, **kw):

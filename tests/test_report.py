@@ -27,7 +27,8 @@ import pytest
 from curate.config import load_job
 from curate.pipeline.build import select_from_scores
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import ReadFile, plan_inputs
+from curate.inputs.files import plan_inputs
+from curate.pipeline.readers import ReadFile
 from curate.records import BASE_SCHEMA
 from curate.report.sections import selector_sections
 

@@ -31,7 +31,7 @@ from curate.config import InputConfig, JobConfig
 from curate.pipeline.graph import build
 from curate.pipeline.output import check_output, publish, read_manifest, remove_stale_staging, remove_tree, staging_dir
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import plan_inputs
+from curate.inputs.files import plan_inputs
 from curate.pipeline.stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
 

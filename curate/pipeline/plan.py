@@ -8,8 +8,8 @@ import pyarrow as pa
 
 from curate import records
 from curate.config import ConfigError, JobConfig
-from curate.pipeline.formats import arrow_dir_schema
-from curate.pipeline.readers import plan_inputs
+from curate.inputs.formats import arrow_dir_schema
+from curate.inputs.files import plan_inputs
 from curate.transforms.filters import make_filter_steps
 
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
