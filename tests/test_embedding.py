@@ -87,6 +87,8 @@ def test_runner_adds_the_column(tiny_bert_dir):
     runner = scorer.load_runner()
     out = runner.score(records)
     assert [r["id"] for r in out] == [r["id"] for r in records]
+    # vectors travel between steps as float32 arrays, not lists of Python floats
+    assert all(isinstance(r["emb_prompt"], np.ndarray) and r["emb_prompt"].dtype == np.float32 for r in out)
     vectors = np.array([r["emb_prompt"] for r in out], dtype=np.float32)
     assert vectors.shape == (len(TEXTS), 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

@@ -74,7 +74,8 @@ class LoadedEncoder:
 
 @dataclasses.dataclass
 class EmbeddingScorer(ModelScorer):
-    """Adds `column` (default `embedding`): list<float32>, unit L2 norm."""
+    """Adds `column` (default `embedding`): list<float32> in the output, unit L2 norm; a
+    float32 NumPy array between steps."""
 
     type: ClassVar[str] = "embedding"
     TOKENS_PER_BATCH: ClassVar[dict[str, int]] = {"cpu": 16384, "cuda": 131072}
@@ -100,4 +101,5 @@ class EmbeddingScorer(ModelScorer):
         texts = [record_text(r, self.field) for r in records]
         vectors = embed_texts(enc.model, enc.tokenizer, texts, max_length=self.max_length,
                               max_tokens_per_batch=enc.max_tokens)
-        return [{**record, self.column: vector.tolist()} for record, vector in zip(records, vectors)], 0
+        # one float32 array per row (a copy: a view would keep the whole batch alive)
+        return [{**record, self.column: vector.copy()} for record, vector in zip(records, vectors)], 0

@@ -47,6 +47,7 @@ import re
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from curate.config import ConfigError
@@ -248,7 +249,7 @@ class TrajectoryScorer(ModelScorer):
 
     def score_batch(self, proxy: LoadedProxy, records: list[dict]) -> tuple[list[dict], int]:
         encoded = self.encode_all(records, proxy.tokenizer)
-        out = [{**r, self.column: t} for r, t in zip(records, self.losses(proxy, encoded))]
+        out = [{**r, self.column: np.asarray(t, dtype=np.float64)} for r, t in zip(records, self.losses(proxy, encoded))]
         return out, len(proxy.checkpoints) * sum(len(e.input_ids) for e in encoded)
 
     def model_handler(self):
