@@ -54,7 +54,7 @@ from curate.selectors.donod import topsis_closeness  # noqa: E402
 from curate.transforms.weight_delta import (  # noqa: E402
     _check_head, _decoder, don_nod, don_nod_batch, weight_norm,
 )
-from curate.transforms.likelihood import batches_by_token_budget  # noqa: E402
+from curate.models.batching import batches_by_token_budget  # noqa: E402
 
 
 # ------------------------------------------------------------------ setup

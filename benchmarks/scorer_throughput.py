@@ -210,7 +210,7 @@ def run_method(spec: dict) -> dict:
     dtype = {"loop_fp32": "float32", "loop_bf16": "bfloat16"}.get(method, spec.get("dtype") or auto)
     if method == "scorer":
         runner = LikelihoodScorer(model=spec["model"], dtype=dtype, device="cpu").load_runner()
-        model, tokenizer = runner.model, runner.tokenizer
+        model, tokenizer = runner.loaded.model, runner.loaded.tokenizer
     else:
         model, tokenizer = load_causal_lm(spec["model"], device="cpu", dtype=dtype)
     encoded = [encode(r, tokenizer, "plain", 2048) for r in records]

@@ -444,15 +444,9 @@ def _job(inputs, output, name, scorers=(), selectors=(), filters=({"type": "dedu
 def score_into(opts: Options, inputs, scorers, out: pathlib.Path, name: str) -> tuple[dict, bool]:
     """`curate score`: read, dedup, score into `out` once; re-used while the inputs,
     filters and scorers are unchanged (the pipeline's scores key)."""
-    from curate.pipeline.build import read_manifest, run_pipeline, scores_key
-    from curate.pipeline.readers import plan_inputs
+    from curate.pipeline.build import score_once
 
-    job = _job(inputs, out, name, scorers=scorers)
-    key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
-    previous = read_manifest(str(out))
-    if previous and previous.get("scores_key") == key:
-        return previous, True
-    return run_pipeline(job, opts.beam_args, extra={"scores_key": key}), False
+    return score_once(_job(inputs, out, name, scorers=scorers), str(out), opts.beam_args)
 
 
 def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathlib.Path) -> tuple[dict, bool]:

@@ -80,15 +80,12 @@ def cmd_score(args) -> int:
     job = load_job(args.job)
     if not job.scorers:
         raise ConfigError(f"{args.job}: no scorers to run")
-    import dataclasses
-
-    from curate.pipeline.build import run_pipeline, scores_key
-    from curate.pipeline.readers import plan_inputs
+    from curate.pipeline.build import score_once
 
     out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
-    key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
-    manifest = run_pipeline(dataclasses.replace(job, selectors=[], output=out), args.beam_args,
-                            extra={"scores_key": key}, overwrite=args.overwrite, progress=not args.quiet)
+    manifest, reused = score_once(job, out, args.beam_args, overwrite=args.overwrite, progress=not args.quiet)
+    if reused:
+        print(f"{out} already holds these scores (same inputs, filters and scorers): nothing to do")
     print_summary(manifest)
     return 0
 

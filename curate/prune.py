@@ -299,32 +299,22 @@ def load_calibration(paths: Iterable[str], n_rows: int = 64, seed: int = 0) -> l
     """`n_rows` records drawn uniformly (seeded reservoir sample) from pool files.
 
     Any input the pipeline reads works (jsonl/json/parquet/arrow, globs, adapters
-    detected); unreadable rows are skipped here (the pipeline's dead letter reports them).
+    detected), read by the pipeline's readers (`curate.inputs`); unreadable rows are
+    skipped here (the pipeline's dead letter reports them).
     """
-    from curate import records
     from curate.config import InputConfig
-    from curate.pipeline.readers import iter_rows, plan_inputs
+    from curate.inputs.files import read_records
 
     rng = random.Random(seed)
     sample: list[dict] = []
-    seen = 0
-    for task in plan_inputs([InputConfig(path=p) for p in paths], max_chars=10**9):
-        adapter = records.ADAPTERS[task.adapter]
-        for _, row, error in iter_rows(task.path, task.format, task.limit):
-            if error is not None:
-                continue
-            try:
-                recs = records.adapt(row, adapter, task.fields, task.source)
-            except records.RowError:
-                continue
-            for rec in recs:
-                seen += 1
-                if len(sample) < n_rows:
-                    sample.append(rec)
-                else:
-                    j = rng.randrange(seen)
-                    if j < n_rows:
-                        sample[j] = rec
+    recs, _ = read_records([InputConfig(path=p) for p in paths], max_chars=10**9)
+    for seen, rec in enumerate(recs, 1):
+        if len(sample) < n_rows:
+            sample.append(rec)
+        else:
+            j = rng.randrange(seen)
+            if j < n_rows:
+                sample[j] = rec
     return sample
 
 

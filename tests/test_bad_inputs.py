@@ -23,9 +23,10 @@ import pytest
 
 from curate import cli
 from curate.config import ConfigError, InputConfig, parse_job
-from curate.pipeline import readers
+from curate.inputs import files as readers
 from curate.pipeline.build import run_job
-from curate.pipeline.readers import ReadFile, iter_rows, plan_inputs
+from curate.inputs.files import iter_rows, plan_inputs
+from curate.pipeline.readers import ReadFile
 
 
 def qa(i, answer=None):

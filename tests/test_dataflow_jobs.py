@@ -19,8 +19,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate.config import ConfigError, load_job, parse_job
-from curate.pipeline.build import LOCAL_RUNNER, Plan, build, pipeline_options, run_job
-from curate.pipeline.readers import plan_inputs
+from curate.pipeline.build import LOCAL_RUNNER, pipeline_options, run_job
+from curate.pipeline.graph import build
+from curate.pipeline.plan import Plan
+from curate.inputs.files import plan_inputs
 from memfs import OBJECTS as _OBJECTS, listing as _listing, store  # noqa: F401 (store: a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

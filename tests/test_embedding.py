@@ -87,11 +87,13 @@ def test_runner_adds_the_column(tiny_bert_dir):
     runner = scorer.load_runner()
     out = runner.score(records)
     assert [r["id"] for r in out] == [r["id"] for r in records]
+    # vectors travel between steps as float32 arrays, not lists of Python floats
+    assert all(isinstance(r["emb_prompt"], np.ndarray) and r["emb_prompt"].dtype == np.float32 for r in out)
     vectors = np.array([r["emb_prompt"] for r in out], dtype=np.float32)
     assert vectors.shape == (len(TEXTS), 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # the embedding of the prompt field alone, whatever the response
-    model_vectors = embed_texts(runner.model, runner.tokenizer, TEXTS)
+    model_vectors = embed_texts(runner.loaded.model, runner.loaded.tokenizer, TEXTS)
     np.testing.assert_allclose(vectors, model_vectors, atol=2e-5)
 
 
@@ -105,6 +107,6 @@ def test_minilm_embedding_shape_and_norm():
     assert vectors.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     # a trained model: a paraphrase is nearer than an unrelated sentence
-    a, b, c = embed_texts(runner.model, runner.tokenizer, ["What is two plus two?", "What is 2 + 2?",
+    a, b, c = embed_texts(runner.loaded.model, runner.loaded.tokenizer, ["What is two plus two?", "What is 2 + 2?",
                                                            "Arr, she be the fastest ship at sea."])
     assert a @ b > a @ c + 0.2

@@ -168,21 +168,21 @@ def test_pipeline_sends_the_failing_row_to_the_dead_letter(tmp_path, monkeypatch
 def test_pipeline_likelihood_oom_split_gives_the_unsplit_scores(tmp_path, tiny_lm_dir, monkeypatch, caplog):
     """The real likelihood scorer on the tiny model: an OOM for batches of more than 3 rows
     is split away, and every row gets the score it gets unsplit."""
-    from curate.transforms.likelihood import _LikelihoodRunner
+    from curate.transforms.likelihood import LikelihoodScorer
 
     scorer = {"type": "likelihood", "model": str(tiny_lm_dir), "dtype": "float32"}
     run_job(pipeline_job(tmp_path, scorer, out="unsplit"))
 
     seen = []
-    score = _LikelihoodRunner.score
+    score = LikelihoodScorer.score_batch
 
-    def score_or_oom(self, recs):
+    def score_or_oom(self, lm, recs):
         seen.append(len(recs))
         if len(recs) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return score(self, recs)
+        return score(self, lm, recs)
 
-    monkeypatch.setattr(_LikelihoodRunner, "score", score_or_oom)
+    monkeypatch.setattr(LikelihoodScorer, "score_batch", score_or_oom)
     with caplog.at_level(logging.WARNING, logger="curate.transforms.handlers"):
         m = run_job(pipeline_job(tmp_path, scorer, out="split"))
     assert max(seen) > 3 and "ran out of memory" in caplog.text  # a split really happened

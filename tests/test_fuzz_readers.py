@@ -8,8 +8,9 @@ import random
 import pytest
 
 from curate.config import InputConfig
-from curate.pipeline import formats
-from curate.pipeline.readers import ReadFile, plan_inputs
+from curate.inputs import formats
+from curate.inputs.files import plan_inputs
+from curate.pipeline.readers import ReadFile
 
 GOOD = {"instruction": "Write a haiku about rain", "input": "", "output": "Soft rain on the roof"}
 

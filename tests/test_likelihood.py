@@ -16,11 +16,8 @@ from conftest import make_tiny_lm
 from curate.formatting import encode
 from curate.records import adapt_qa, make_record
 from curate.transforms import LikelihoodScorer, make_scorer
-from curate.transforms.likelihood import (
-    batches_by_token_budget,
-    response_logprobs,
-    score_encoded,
-)
+from curate.models.batching import batches_by_token_budget
+from curate.models.logprobs import response_logprobs, score_encoded
 
 TEXTS = [
     ("What is two plus two?", "Two plus two is four."),

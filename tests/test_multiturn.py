@@ -11,7 +11,7 @@ from curate.formatting import encode
 from curate.records import ADAPTERS, adapt
 from curate.train.data import collate, tokenize
 from curate.transforms import make_scorer
-from curate.transforms.likelihood import response_logprobs
+from curate.models.logprobs import response_logprobs
 
 CONVERSATION = {"messages": [
     {"role": "system", "content": "You are terse."},

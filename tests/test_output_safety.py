@@ -18,7 +18,7 @@ import pytest
 from curate import cli
 from curate.config import ConfigError, parse_job, resolve_budget
 from curate.pipeline.build import pipeline_options, run_job, scores_key
-from curate.pipeline.readers import plan_inputs
+from curate.inputs.files import plan_inputs
 from curate.pipeline.output import check_output
 
 

@@ -256,7 +256,7 @@ def _minilm_embed(texts):
 @pytest.mark.integration
 def test_spectral_clusters_separate_sources_of_the_real_pool(shared_data):
     from curate.config import InputConfig
-    from curate.pipeline.readers import iter_rows, plan_inputs
+    from curate.inputs.files import iter_rows, plan_inputs
     from curate import records
 
     per_source = 150

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import ConfigError, InputConfig
-from curate.pipeline.readers import ReadFile, iter_rows, plan_inputs
+from curate.inputs.files import iter_rows, plan_inputs
+from curate.pipeline.readers import ReadFile
 
 
 def read_all(path, **kw):
@@ -127,3 +128,20 @@ def test_limit_prompts_on_the_alpaca_eval_pool(shared_data):
                 if r["instruction"] in set(first) and r["output"].strip()}  # an empty answer is a dead letter
     assert len(expected) >= 990
     assert sorted((r["prompt"], r["generator"]) for r in recs) == sorted(expected)
+
+
+def test_vectors_read_back_as_arrays():
+    """list<float> columns of a curate output (embeddings, trajectories) come back as NumPy
+    arrays of their own float type; other columns as Python values."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.inputs.formats import batch_rows
+
+    batch = pa.record_batch({"e": pa.array([[1.0, 2.0], None], type=pa.list_(pa.float32())),
+                             "t": pa.array([[0.5], [1.5, 2.5]], type=pa.list_(pa.float64())),
+                             "tags": pa.array([["a"], []], type=pa.list_(pa.string())), "s": ["x", "y"]})
+    first, second = batch_rows(batch)
+    assert first["e"].dtype == np.float32 and first["e"].tolist() == [1.0, 2.0] and second["e"] is None
+    assert second["t"].dtype == np.float64 and second["t"].tolist() == [1.5, 2.5]
+    assert first["tags"] == ["a"] and first["s"] == "x"

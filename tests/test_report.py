@@ -25,8 +25,10 @@ import pyarrow as pa
 import pytest
 
 from curate.config import load_job
-from curate.pipeline.build import Plan, select_from_scores
-from curate.pipeline.readers import ReadFile, plan_inputs
+from curate.pipeline.build import select_from_scores
+from curate.pipeline.plan import Plan
+from curate.inputs.files import plan_inputs
+from curate.pipeline.readers import ReadFile
 from curate.records import BASE_SCHEMA
 from curate.report.sections import selector_sections
 

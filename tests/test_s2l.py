@@ -261,7 +261,7 @@ def test_trajectories_equal_direct_loss_per_checkpoint_in_step_order(proxy_run, 
     assert [c.step for c in found] == [4, 8, 12] and {c.kind for c in found} == {"lora"}
     scorer = TrajectoryScorer(checkpoints=str(proxy_run), model=str(tiny_lm_dir), device="cpu",
                               dtype="float32")
-    scored = scorer.load_runner(scorer.prepare()).score(records)
+    scored = scorer.load_runner().score(records)
     got = np.array([r["trajectory"] for r in scored])
     expected = np.array([direct_losses(tiny_lm_dir, c.path.parent, records) for c in found]).T
     assert got.shape == (6, 3)
@@ -275,7 +275,7 @@ def test_trajectories_equal_direct_loss_per_checkpoint_in_step_order(proxy_run, 
     assert sorted(p.name for p in hf.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert [c.step for c in discover_checkpoints(hf)] == [4, 8, 12]
     hf_scorer = TrajectoryScorer(checkpoints=str(hf), model=str(tiny_lm_dir), device="cpu", dtype="float32")
-    again = hf_scorer.load_runner(hf_scorer.prepare()).score(records)
+    again = hf_scorer.load_runner().score(records)
     np.testing.assert_allclose([r["trajectory"] for r in again], expected, rtol=1e-5, atol=1e-5)
     # a subset of steps keeps step order
     sub = TrajectoryScorer(checkpoints=str(hf), model=str(tiny_lm_dir), steps=[12, 4], device="cpu")
@@ -344,6 +344,52 @@ def test_full_model_checkpoints_swap_weights(tmp_path, tiny_lm_dir):
     scorer = TrajectoryScorer(checkpoints=str(tmp_path), model=str(tiny_lm_dir), device="cpu", dtype="float32")
     found = scorer.prepare()
     assert [(c.step, c.kind) for c in found] == [(2, "full"), (4, "full")]
-    got = [r["trajectory"] for r in scorer.load_runner(found).score(records)]
+    got = [r["trajectory"] for r in scorer.load_runner().score(records)]
     expected = np.array([direct_losses(c.path, c.path.parent, records) for c in found]).T
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_proxy_model_stage_trains_on_the_pool_after_the_jobs_filters(tmp_path, tiny_lm_dir, monkeypatch):
+    """Without `proxy.data` the proxy trains on the job's own pool, read by the pipeline's
+    readers and passed through its filters (here: a length filter drops 8 of 24 rows and
+    a duplicate), in read order; the manifest records the model stage."""
+    from curate.config import parse_job
+    from curate.pipeline.build import run_job
+    from curate.pipeline.stages import read_order
+    from curate.transforms import SCORERS
+    from curate.transforms.trajectory import TrajectoryScorer
+
+    monkeypatch.setitem(SCORERS, "trajectory", TrajectoryScorer)
+    monkeypatch.setattr("curate.report.html.render_report", lambda *a, **k: None)
+    rows = [{"question": f"Question number {i}" + (" padded" * 40 if i % 3 == 0 else ""), "answer": f"Answer {i}."}
+            for i in range(24)]
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows + [rows[1]])  # line 25 repeats line 2
+    trained = []
+    import curate.train
+
+    real_train = curate.train.train
+
+    def spy_train(records, cfg, out, **kw):
+        trained.append([r["origin"] for r in records])
+        return real_train(records, cfg, out, **kw)
+
+    monkeypatch.setattr("curate.train.train", spy_train)
+    spec = {
+        "inputs": [{"path": pool, "source": "toy"}],
+        "filters": [{"type": "length", "unit": "chars", "max": 100}, {"type": "dedup"}],
+        "scorers": [{"type": "trajectory", "model": str(tiny_lm_dir), "checkpoints": str(tmp_path / "proxy"),
+                     "device": "cpu", "max_length": 64,
+                     "proxy": {"max_steps": 2, "num_checkpoints": 2, "batch_size": 4, "lora_r": 4}}],
+        "selectors": [{"type": "s2l", "budget": 4, "k": 2, "seed": 0}],
+        "output": str(tmp_path / "out"),
+    }
+    m = run_job(parse_job(spec))
+    assert m["counts"]["filtered"] == {"filter:length": 8, "filter:dedup": 1}
+    expected = [f"pool.jsonl:{i + 1}" for i in range(24) if i % 3]
+    assert trained == [expected]  # the 16 rows the scorer sees, in file order
+    stage = m["model_stages"]["score:trajectory"]
+    assert stage["n_train"] == 16 and stage["proxy_run"] == str(tmp_path / "proxy")
+    # read order: file, then line as a number (line 10 after line 9)
+    key = read_order(type("P", (), {"tasks": [type("T", (), {"name": "a"})(), type("T", (), {"name": "ab"})()]})())
+    recs = [{"origin": o, "id": o} for o in ("ab:1", "a:10", "a:9", "a:9:2", "a:9:1")]
+    assert [r["origin"] for r in sorted(recs, key=key)] == ["a:9", "a:9:1", "a:9:2", "a:10", "ab:1"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_lm
 from curate.formatting import encode, truncate
 from curate.transforms.weight_delta import (
-    WeightDeltaScorer, _WeightDeltaRunner, don_nod, don_nod_batch, weight_norm,
+    WeightDeltaScorer, don_nod, don_nod_batch, weight_norm,
 )
 
 RECORDS = [
@@ -213,10 +213,11 @@ def test_runner_adds_columns_in_order(untied):
     model, tok = untied
     scorer = WeightDeltaScorer(eta=1e-3, max_length=64, max_tokens_per_batch=60)
     assert set(scorer.output_columns()) == {"don", "nod", "n_response_tokens"}
-    runner = _WeightDeltaRunner(scorer, model, tok)
-    assert runner.W_norm == pytest.approx(weight_norm(model.get_output_embeddings().weight))
+    loaded = scorer.loaded_from(model, tok)
+    assert loaded.W_norm == pytest.approx(weight_norm(model.get_output_embeddings().weight))
     recs = _records()
-    out = runner.score(recs)
+    out, tokens = scorer.score_batch(loaded, recs)
+    assert tokens == sum(len(encode(r, tok, max_length=64).input_ids) for r in recs)
     assert [r["id"] for r in out] == [r["id"] for r in recs]
     expect = don_nod_batch(model, [encode(r, tok, max_length=64) for r in recs], 1e-3)
     for r, (don, nod, n) in zip(out, expect):

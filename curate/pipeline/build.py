@@ -1,8 +1,6 @@
-"""Job -> Beam pipeline -> published output directory with a manifest.
-
-    read -> validate (dead letter) -> filters -> scorers -> selectors -> shards
-                                           \\         \\__ rejected rows (with reasons)
-                                            \\__ rows a scorer failed on: dead letter
+"""Running a job: plan (curate.pipeline.plan), model stages before the pipeline
+(curate.pipeline.stages), the graph (curate.pipeline.graph), then publish the output
+directory with a manifest; and score once / select many (`run_job`, `score_once`).
 
 Output directory:
     data-*.arrow, dataset_info.json, state.json   the kept examples (load_from_disk)
@@ -24,29 +22,24 @@ import time
 from importlib import metadata
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from curate import __version__, dataflow, records
-from curate.config import ConfigError, InputConfig, JobConfig
-from curate.pipeline.formats import arrow_dir_schema
-from curate.pipeline.readers import DEAD, ReadInputs, plan_inputs
-from curate.progress import PROGRESS_DIR, ProgressDisplay, note_total
+from curate import __version__, dataflow
+from curate.config import InputConfig, JobConfig
+from curate.pipeline.graph import build
 from curate.pipeline.output import check_output, publish, read_manifest, remove_stale_staging, remove_tree, staging_dir
-from curate.pipeline.sink import WriteJsonl, WriteShards
-from curate.transforms.filters import REJECTED, ApplyFilters, ExactDedup, make_filter_steps
-from curate.transforms.handlers import SCORE_ERROR
+from curate.pipeline.plan import Plan
+from curate.inputs.files import plan_inputs
+from curate.pipeline.stages import run_model_stages
+from curate.progress import PROGRESS_DIR, ProgressDisplay
 
 log = logging.getLogger(__name__)
 
 # Beam's DirectRunner tries Prism first, which downloads a binary; the in-process
 # FnApiRunner is the same local engine without that (and honours direct_running_mode).
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
-REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
-SCORE_FAILED = "score_failed"
-READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
 VERSIONED = ("apache-beam", "torch", "transformers", "datasets", "pyarrow", "faiss-cpu", "faiss-gpu-cu12",
              "scikit-learn", "peft", "numpy")
 
@@ -72,179 +65,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def output_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
-    schema = records.BASE_SCHEMA
-    for name, dtype in columns.items():
-        if name in schema.names:
-            raise ConfigError(f"two steps write the column {name!r}; give one of them a prefix or name")
-        schema = schema.append(pa.field(name, dtype))
-    return schema
-
-
-class Plan:
-    """Everything the driver decides before the pipeline runs."""
-
-    def __init__(self, job: JobConfig):
-        from curate.selectors import make_selector
-
-        self.job = job
-        self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
-        self.filters = make_filter_steps(job.filters)
-        self.scorers = []
-        if job.scorers:
-            from curate.transforms import make_scorer
-
-            self.scorers = [make_scorer(dict(s)) for s in job.scorers]
-        self.selectors = [make_selector(dict(s)) for s in job.selectors]
-        columns = self.input_columns()
-        written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
-        columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them
-        for step in self.scorers + self.selectors:
-            for name, dtype in step.output_columns().items():
-                if name in columns or name in records.BASE_COLUMNS:
-                    raise ConfigError(f"two steps write the column {name!r}; set a prefix on one")
-                columns[name] = dtype
-            for need in getattr(step, "requires", ()):
-                if need not in columns:
-                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
-                                      f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
-        # reject_stage names, in pipeline order
-        self.filter_stages = list(dict.fromkeys(f"filter:{f.type}" for f in self.filters))
-        types = [s.type for s in self.scorers]
-        self.scorer_stages = [f"score:{t}" if types.count(t) == 1 else f"score{i}:{t}"
-                              for i, t in enumerate(types)]
-        self.selector_stages = [f"select:{s.type}" if len(self.selectors) == 1 else f"select{i}:{s.type}"
-                                for i, s in enumerate(self.selectors)]
-        self.schema = output_schema(columns)
-        self.rejected_schema = output_schema({**columns, **REJECT_COLUMNS})
-
-    def input_columns(self) -> dict[str, pa.DataType]:
-        """Score columns already present in inputs that are curate outputs (`curate select`)."""
-        columns: dict[str, pa.DataType] = {}
-        for task in self.tasks:
-            if task.adapter == "curate" and task.format == "arrow" and not task.path.endswith(".arrow"):
-                for f in arrow_dir_schema(task.path):
-                    if f.name not in records.BASE_COLUMNS and f.name not in REJECT_COLUMNS:
-                        columns.setdefault(f.name, f.type)
-        return columns
-
-    def describe(self) -> dict:
-        return {
-            "inputs": [{"path": t.path, "name": t.name, "source": t.source, "format": t.format,
-                        "adapter": t.adapter} for t in self.tasks],
-            "empty_inputs": list(self.tasks.empty_files),  # skipped: they hold no rows
-            "filters": [{"type": f.type, **{k: v for k, v in vars(f).items() if not k.startswith("_") and
-                                             k not in ("label", "side_inputs", "pipeline")
-                                             and isinstance(v, (int, float, str, type(None)))}}
-                        for f in self.filters],
-            "scorers": [s.describe() for s in self.scorers],
-            "selectors": [s.describe() for s in self.selectors],
-        }
-
-
-def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None) -> None:
-    """The job's graph. `progress_dir`: where workers write progress counts (local runs)."""
-    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir)
-    recs = read["records"]
-    rejected = []
-
-    # consecutive per-example filters share one step; dedup is its own global step
-    pending = []
-
-    def flush_filters(recs, i):
-        if not pending:
-            return recs
-        out = recs | f"Filter{i}" >> beam.ParDo(ApplyFilters(list(pending))).with_outputs(REJECTED, main="kept")
-        rejected.append(out[REJECTED])
-        pending.clear()
-        return out.kept
-
-    for i, step in enumerate(plan.filters):
-        if isinstance(step, ExactDedup):
-            recs = flush_filters(recs, i)
-            out = recs | f"Dedup{i}" >> step
-            rejected.append(out[REJECTED])
-            recs = out.kept
-        else:
-            pending.append(step)
-    recs = flush_filters(recs, len(plan.filters))
-
-    # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
-    # dead letter right after that scorer, so later steps only see complete rows
-    score_failed = []
-    if plan.scorers:
-        from apache_beam.ml.inference.base import RunInference
-
-        for i, scorer in enumerate(plan.scorers):
-            scorer.stage, scorer.progress_dir = plan.scorer_stages[i], progress_dir
-            if progress_dir:  # the rows a scorer will see, counted first: its progress has an ETA
-                recs = note_total(recs, progress_dir, scorer.stage, f"Progress{i}")
-            scored = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
-            out = scored | f"ScoreFailures{i}" >> beam.FlatMap(
-                route_score_failure, plan.scorer_stages[i]).with_outputs(SCORE_FAILED, main="scored")
-            score_failed.append(out[SCORE_FAILED])
-            recs = out.scored
-
-    for i, selector in enumerate(plan.selectors):
-        out = recs | f"Select{i}:{selector.type}" >> selector
-        stage = plan.selector_stages[i]
-        rejected.append(out["rejected"] | f"Stage{i}" >> beam.Map(lambda r, s=stage: {**r, "reject_stage": s}))
-        recs = out["kept"]
-
-    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows)
-    all_rejected = (rejected | "AllRejected" >> beam.Flatten()) if rejected else (
-        p | "NoRejected" >> beam.Create([]))
-    rejected_info = all_rejected | "WriteRejected" >> WriteShards(
-        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
-    dead = ([read[DEAD]] + score_failed) | "AllDeadLetter" >> beam.Flatten()
-    dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
-    examples_n = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
-    by_stage = (all_rejected
-                | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
-                | "CountByStage" >> beam.combiners.Count.PerElement()
-                | "StageCounts" >> beam.combiners.ToDict())
-    dead_by_stage = (dead
-                     | "DeadStageOf" >> beam.Map(lambda r: r.get("stage", READ_STAGE))
-                     | "CountDeadByStage" >> beam.combiners.Count.PerElement()
-                     | "DeadStageCounts" >> beam.combiners.ToDict())
-
-    def write_counts(kept, rejected, dead, examples, stages, dead_stages):
-        stages = {**{s: 0 for s in plan.filter_stages + plan.selector_stages}, **stages}
-        invalid = dead_stages.get(READ_STAGE, 0)
-        counts = {
-            "read": examples + invalid,
-            "invalid": invalid,
-            "examples": examples,
-            "filtered": {k: v for k, v in stages.items() if k.startswith("filter:")},
-            "score_failed": {s: dead_stages.get(s, 0) for s in plan.scorer_stages},
-            "not_selected": {k: v for k, v in stages.items() if k.startswith("select")},
-            "kept": kept["rows"],
-            "rejected_rows_written": rejected["rows"],
-            "dead_letter_rows_written": dead,
-            "shards": kept["shards"],
-        }
-        with FileSystems.create(FileSystems.join(staging, "_counts.json")) as fh:
-            fh.write(json.dumps(counts).encode())
-
-    (p | "Once" >> beam.Create([None])
-       | "WriteCounts" >> beam.Map(
-           lambda _, k, r, d, e, s, ds: write_counts(k, r, d, e, s, ds),
-           beam.pvalue.AsSingleton(kept_info), beam.pvalue.AsSingleton(rejected_info),
-           beam.pvalue.AsSingleton(dead_n), beam.pvalue.AsSingleton(examples_n),
-           beam.pvalue.AsSingleton(by_stage), beam.pvalue.AsSingleton(dead_by_stage)))
-
-
-def route_score_failure(record: dict, stage: str):
-    """A scored record onward; one its scorer failed on to the dead letter, with why."""
-    error = record.get(SCORE_ERROR)
-    if error is None:
-        yield record
-    else:
-        yield beam.pvalue.TaggedOutput(SCORE_FAILED, {
-            "origin": record["origin"], "id": record["id"], "stage": stage, "reason": error,
-            "raw": record["prompt"][:200]})
 
 
 def check_counts(counts: dict) -> None:
@@ -308,21 +128,28 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     """
     if not (job.scores and job.scorers):
         return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress)
-    tasks = plan_inputs(job.inputs, job.validate.max_chars)
-    inputs = [t.path for t in tasks]
+    inputs = [t.path for t in plan_inputs(job.inputs, job.validate.max_chars)]
     check_output(job.scores, inputs, overwrite)
     check_output(job.output, inputs + [job.scores], overwrite)
-    key = scores_key(job, tasks)
-    previous = read_manifest(job.scores)
-    if previous and previous.get("scores_key") == key:
-        log.info("re-using scores in %s (key %s)", job.scores, key)
-        scoring = previous
-    else:
-        log.info("scoring into %s (key %s)", job.scores, key)
-        scoring = run_pipeline(dataclasses.replace(job, selectors=[], output=job.scores), beam_args,
-                               extra={"scores_key": key}, overwrite=overwrite, progress=progress)
+    scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress)
     return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite,
                               progress=progress)
+
+
+def score_once(job: JobConfig, scores: str, beam_args: list[str] | None = None, overwrite: bool = False,
+               progress: bool = True) -> tuple[dict, bool]:
+    """Score `job`'s pool into `scores` unless that directory already holds the scores of
+    the same inputs, validation, filters and scorers (`scores_key`); returns (its
+    manifest, whether it was re-used). The one score-once path of `curate run` with
+    `scores:`, `curate score` and the benchmarks."""
+    key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
+    previous = read_manifest(scores)
+    if previous and previous.get("scores_key") == key:
+        log.info("re-using scores in %s (key %s)", scores, key)
+        return previous, True
+    log.info("scoring into %s (key %s)", scores, key)
+    return run_pipeline(dataclasses.replace(job, selectors=[], output=scores), beam_args,
+                        extra={"scores_key": key}, overwrite=overwrite, progress=progress), False
 
 
 def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None,
@@ -362,6 +189,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     try:
         if progress_dir:
             FileSystems.mkdirs(progress_dir)
+        model_stages = run_model_stages(plan, options, staging)
         p = beam.Pipeline(options=options)
         build(p, plan, staging, progress_dir)
         display = ProgressDisplay(progress_dir).start() if progress and progress_dir else None
@@ -402,6 +230,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             "timings_s": {"plan": round(t_plan - t0, 3), "pipeline": round(t_run - t_plan, 3),
                           "total": round(time.time() - t0, 3)},
             "metrics": _beam_metrics(result),
+            **({"model_stages": model_stages} if model_stages else {}),
             **(extra or {}),
         }
         if "://" not in staging:

@@ -447,7 +447,7 @@ DRAW_CLUSTERS = {"diversity", "s2l", "paser"}
 
 
 def selector_stages(manifest: dict) -> list[str]:
-    """The reject_stage of each selector, in order (as curate.pipeline.build.Plan names them)."""
+    """The reject_stage of each selector, in order (as curate.pipeline.plan.Plan names them)."""
     specs = manifest.get("plan", {}).get("selectors", [])
     named = list(manifest.get("counts", {}).get("not_selected", {}))
     if len(named) == len(specs):

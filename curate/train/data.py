@@ -15,9 +15,7 @@ run sees no long-to-short trend.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from curate.formatting import encode
-from curate.records import RowError, adapt, detect_adapter, describe_shapes, prompt_text
+from curate.records import prompt_text
 
 log = logging.getLogger("curate.train")
 
@@ -65,48 +63,19 @@ def load_records(data: Any, limit: int | None = None, source: str | None = None)
 
 def read_jsonl_records(path: str | os.PathLike, limit: int | None = None,
                        source: str | None = None) -> list[dict]:
-    """Canonical records from a JSONL(.gz) file through the `curate.records` adapters.
+    """Canonical records of a data file (JSONL or any format the pipeline reads) through
+    the pipeline's readers, adapters and validation (`curate.inputs`), so a training
+    example is the record a scorer sees. A row that cannot become a record is skipped
+    with a warning naming file, line and reason (the pipeline's dead-letter output keeps
+    such rows; the trainer only reads)."""
+    from curate.config import InputConfig
+    from curate.inputs.files import read_records
 
-    The shape is detected on the first row; a row that does not fit it is skipped with a
-    warning naming file, line and reason (the pipeline's dead-letter output is where such
-    rows are kept; the trainer only reads)."""
-    path = Path(path)
-    source = source or path.name.split(".")[0]
-    opener = gzip.open if path.suffix == ".gz" else open
-    records: list[dict] = []
-    adapter = None
-    skipped = 0
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped += 1
-                log.warning("%s:%d: skipped: invalid JSON (%s)", path, line_no, e)
-                continue
-            if adapter is None:
-                if isinstance(row, dict) and {"prompt", "response", "messages"} <= row.keys():
-                    adapter = "record"
-                else:
-                    adapter = detect_adapter(row, {}) if isinstance(row, dict) else None
-                    if adapter is None:
-                        raise RowError(f"{path}:{line_no}: unknown row shape with fields "
-                                       f"{sorted(row) if isinstance(row, dict) else type(row).__name__}; "
-                                       f"expected one of: {describe_shapes()}")
-            try:
-                if adapter == "record":
-                    records.append(row)
-                else:
-                    records.extend(adapt(row, adapter, {}, source))
-            except RowError as e:
-                skipped += 1
-                log.warning("%s:%d: skipped: %s", path, line_no, e)
-    if skipped:
-        log.warning("%s: %d rows skipped", path, skipped)
+    records, dead = read_records([InputConfig(path=str(path), source=source, limit=limit)])
+    for row in dead[:5]:
+        log.warning("%s: skipped: %s", row["origin"], row["reason"])
+    if dead:
+        log.warning("%s: %d rows skipped", path, len(dead))
     return records[:limit] if limit is not None else records
 
 

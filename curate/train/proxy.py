@@ -1,9 +1,10 @@
 """S2L's proxy run: fine-tune a small model on the whole pool and keep T checkpoints.
 
-`train_proxy(data, output_dir, **options)` reads the pool the way the pipeline reads it
-(the same readers, adapters and validation, so a proxy example is byte for byte the
-record the trajectory scorer later sees; filters are not applied) and runs the trainer
-stage (`curate.train.train`) with S2L's schedule. The trainer resumes an interrupted run
+`train_proxy(records, output_dir, **options)` runs the trainer stage
+(`curate.train.train`) with S2L's schedule on the pool's records. The trajectory
+scorer's model stage (`curate.pipeline.stages`) reads them the way the pipeline reads
+them (the same readers, adapters, validation and the job's filters, in read order), so
+a proxy example is byte for byte the record the scorer later sees. The trainer resumes an interrupted run
 and returns at once when the same run (config + data fingerprint) is already complete,
 so calling this before every trajectory job costs a model load and a tokenisation, not
 a retraining; checkpoints of a *different* run in `output_dir` are an error.
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from curate.config import ConfigError, InputConfig, ValidateConfig, expand_vars
+from curate.config import ConfigError
 
 log = logging.getLogger("curate.train")
 
@@ -42,47 +43,6 @@ PROXY_DEFAULTS: dict[str, Any] = {
     "scheduler": "cosine",
     "warmup_ratio": 0.03,
 }
-
-
-def _input_specs(data: Any) -> list[InputConfig]:
-    if isinstance(data, (str, dict)):
-        data = [data]
-    if not isinstance(data, list) or not data:
-        raise ConfigError("proxy: 'data' must be an input (path or {path, limit, ...}) or a list "
-                          "of them; in a job, `data: *pool` re-uses `inputs: &pool [...]`")
-    specs = []
-    for i, item in enumerate(data):
-        item = {"path": item} if isinstance(item, str) else dict(item)
-        try:
-            spec = InputConfig(**item)
-        except TypeError as exc:
-            raise ConfigError(f"proxy: data[{i}]: {exc}") from None
-        spec.path = expand_vars(str(spec.path))
-        specs.append(spec)
-    return specs
-
-
-def read_pool(data: Any, max_chars: int | None = None) -> list[dict]:
-    """Canonical records of the inputs, read as the pipeline reads them (dead-letter rows
-    are skipped and counted in the log)."""
-    from apache_beam.pvalue import TaggedOutput
-
-    from curate.pipeline.readers import ReadFile, plan_inputs
-
-    tasks = plan_inputs(_input_specs(data), max_chars or ValidateConfig().max_chars)
-    records, dead = [], 0
-    reader = ReadFile()
-    for task in tasks:
-        for item in reader.process(task):
-            if isinstance(item, TaggedOutput):
-                dead += 1
-            else:
-                records.append(item)
-    if dead:
-        log.warning("proxy pool: %d unreadable rows skipped (the pipeline's dead letter lists them)", dead)
-    if not records:
-        raise ConfigError("proxy: the pool is empty")
-    return records
 
 
 def proxy_config(options: dict, model: str, template: str, max_length: int | None = None):
@@ -106,7 +66,7 @@ def proxy_config(options: dict, model: str, template: str, max_length: int | Non
         raise ConfigError(f"proxy: {exc}") from None
 
 
-def train_proxy(data: Any, output_dir: str | Path, *, model: str = "default",
+def train_proxy(records: list[dict], output_dir: str | Path, *, model: str = "default",
                 template: str = "plain", max_length: int | None = None,
                 progress: bool = True, **options) -> dict:
     """Train (or resume, or find complete) the proxy run; returns the trainer's metrics
@@ -115,7 +75,8 @@ def train_proxy(data: Any, output_dir: str | Path, *, model: str = "default",
 
     t0 = time.perf_counter()
     cfg = proxy_config(options, model, template, max_length)
-    records = read_pool(data)
+    if not records:
+        raise ConfigError("proxy: the pool is empty (after the job's filters)")
     log.info("proxy: %d examples -> %s (%s, %d checkpoints)", len(records), output_dir, cfg.method,
              len(cfg.checkpoint_steps or []) or cfg.num_checkpoints or 0)
     try:

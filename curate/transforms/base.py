@@ -1,12 +1,26 @@
 """Contracts for per-example steps.
 
-A `Scorer` is a model-backed step used through Beam's `RunInference`: it owns how to
-load the model, how to run one batch and which columns it adds; the pipeline composes
-scorers and knows nothing about torch. Its handler's `run_inference` takes a batch of
-record dicts and returns the same records (same order) with its columns added.
+A `Scorer` is a step used through Beam's `RunInference`: it says which columns it adds
+and gives a `ModelHandler`; the pipeline composes scorers and knows nothing about torch.
+
+`ModelScorer` is the base of every model-backed scorer and owns the mechanics once:
+    resources    device, dtype, token budget per forward, model copies, Beam batch sizes
+                 (the same fields in every scorer's config)
+    loading      `load()` runs on the worker, once per model copy; `load_lm` /
+                 `load_encoder` apply the resource fields
+    batching     `encode_all` (with the failing record named), `token_budget` by device
+    Beam         `model_handler()`: `RecordModelHandler` (OOM halving, bisection to the
+                 failing row, one batch at a time per model, see handlers.py)
+    progress     rows and tokens of every batch, counted by `ModelRunner`
+    describe     every config field, for the manifest
+A scorer implements `load()`, `score_batch(loaded, records) -> (records with its
+columns, tokens processed)` and `output_columns()`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 
@@ -35,3 +49,85 @@ class Scorer:
     def describe(self) -> dict:
         """What to record in the manifest (model, template, dtype, ...)."""
         return {"type": self.type}
+
+
+@dataclasses.dataclass
+class ModelScorer(Scorer):
+    """A scorer backed by one or more models; see the module docstring."""
+
+    # tokens per forward pass (batch size x longest length) when `max_tokens_per_batch` is
+    # None, by device type; scorers override
+    TOKENS_PER_BATCH: ClassVar[dict[str, int]] = {"cpu": 1, "cuda": 65536}
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_tokens_per_batch: Optional[int] = None   # None: TOKENS_PER_BATCH by device
+    trust_remote_code: bool = False
+    min_batch_size: int = 32                     # Beam's batches; the runner re-batches by tokens
+    max_batch_size: int = 1024
+    model_copies: Optional[int] = None           # set (e.g. 1 per GPU) to share across processes
+
+    # ---- what a scorer implements
+    def load(self) -> Any:
+        """Worker side, once per model copy: whatever `score_batch` needs."""
+        raise NotImplementedError
+
+    def score_batch(self, loaded: Any, records: list[dict]) -> tuple[list[dict], int]:
+        """The records (same order) with this scorer's columns added, and the tokens processed."""
+        raise NotImplementedError
+
+    # ---- shared mechanics
+    def load_lm(self, name: str):
+        """(causal LM in eval mode, tokenizer) with this scorer's device, dtype and trust."""
+        from curate.models import load_causal_lm
+
+        return load_causal_lm(name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+
+    def load_encoder(self, name: str):
+        from curate.models import load_embedder
+
+        return load_embedder(name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+
+    def token_budget(self, device_type: str) -> int:
+        return self.max_tokens_per_batch or self.TOKENS_PER_BATCH.get(device_type, self.TOKENS_PER_BATCH["cpu"])
+
+    def encode_all(self, records: list[dict], tokenizer, **options) -> list:
+        """`curate.formatting.encode` of every record with this scorer's template, length and
+        turns; a record that cannot be encoded fails the batch naming it (the handler then
+        bisects to it and sends it to the dead letter)."""
+        from curate.formatting import encode
+
+        out = []
+        for record in records:
+            try:
+                out.append(encode(record, tokenizer, self.template, self.max_length, turns=self.turns, **options))
+            except Exception as err:
+                raise ValueError(f"{self.type}: cannot encode record {record.get('id')!r}: {err}") from err
+        return out
+
+    def load_runner(self) -> "ModelRunner":
+        return ModelRunner(self)
+
+    def model_handler(self):
+        from curate.transforms.handlers import RecordModelHandler
+
+        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
+                                  max_batch_size=self.max_batch_size, model_copies=self.model_copies)
+
+    def describe(self) -> dict:
+        return {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+class ModelRunner:
+    """Worker side: the loaded models of one scorer; `score(records)` is what the handler
+    calls (through a MultiProcessShared proxy when `model_copies` is set)."""
+
+    def __init__(self, scorer: ModelScorer):
+        self.scorer = scorer
+        self.loaded = scorer.load()
+        self.progress = scorer.progress()
+
+    def score(self, records: list[dict]) -> list[dict]:
+        out, tokens = self.scorer.score_batch(self.loaded, records)
+        self.progress.add(len(records), tokens)
+        return out

@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Literal, Optional, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import pyarrow as pa
 
-from curate.formatting import TEMPLATES, Encoded, encode
-from curate.transforms.base import Scorer
-from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
-from curate.transforms.handlers import RecordModelHandler
+from curate.formatting import TEMPLATES, Encoded
+from curate.models.batching import map_token_batches, pad_batch, pad_id, predicting_positions
+from curate.transforms.base import ModelScorer
 
 LN2 = math.log(2.0)
 MAX_LOGITS_PER_CHUNK = 1 << 22
@@ -97,18 +96,6 @@ class LogitHead:
         return z if self.transform is None else self.transform(z)
 
 
-def _pad_batch(encoded: Sequence[Encoded], pad_token_id: int):
-    import torch
-
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, :len(e.input_ids)] = 1
-    return ids, mask
-
-
 def degradation_batch(original, pruned, encoded: Sequence[Encoded], pad_token_id: int = 0,
                       heads: tuple[LogitHead, LogitHead] | None = None,
                       max_logit_elements: int = MAX_LOGITS_PER_CHUNK) -> list[tuple[float, int, int]]:
@@ -124,17 +111,11 @@ def degradation_batch(original, pruned, encoded: Sequence[Encoded], pad_token_id
                          f"({vocab} vs {head_p.weight.shape[0]})")
     chunk = max(1, max_logit_elements // vocab)
     device = next(original.parameters()).device
-    ids, mask = _pad_batch(encoded, pad_token_id)
-    # position t - 1 predicts token t, for every token t of the response span(s)
-    rows, cols, owner = [], [], []
-    for i, e in enumerate(encoded):
-        targets = e.targets
-        rows += [i] * len(targets)
-        cols += [t - 1 for t in targets]
-        owner += [i] * len(targets)
+    ids, mask = pad_batch(encoded, pad_token_id)
+    rows, cols = predicting_positions(encoded)
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     cols_t = torch.tensor(cols, dtype=torch.long, device=device)
-    owner_t = torch.tensor(owner, dtype=torch.long)
+    owner_t = torch.tensor(rows, dtype=torch.long)
     totals = torch.zeros(len(encoded), dtype=torch.float64)
     with torch.inference_mode():
         ids_d = ids.to(device)
@@ -160,51 +141,26 @@ def score_pairs(original, pruned, encoded: Sequence[Encoded], *, max_tokens_per_
                 pad_token_id: int = 0, heads: tuple[LogitHead, LogitHead] | None = None,
                 max_logit_elements: int = MAX_LOGITS_PER_CHUNK) -> list[tuple[float, int, int]]:
     """`degradation_batch` over any number of examples, cut by token budget; input order."""
-
     heads = heads or (LogitHead(original), LogitHead(pruned))
-    results: list = [None] * len(encoded)
-    for batch in batches_by_token_budget([len(e.input_ids) for e in encoded], max_tokens_per_batch):
-        scored = degradation_batch(original, pruned, [encoded[i] for i in batch], pad_token_id, heads,
-                                   max_logit_elements=max_logit_elements)
-        for i, value in zip(batch, scored):
-            results[i] = value
-    return results
-
-
-class _DegradationRunner:
-    """Both models, the tokenizer and both heads, loaded once per worker."""
-
-    def __init__(self, scorer: "DegradationScorer"):
-        from curate.models import load_causal_lm
-
-        self.scorer = scorer
-        kw = dict(device=scorer.device, dtype=scorer.dtype, trust_remote_code=scorer.trust_remote_code)
-        self.original, self.tokenizer = load_causal_lm(scorer.model, **kw)
-        self.pruned, pruned_tok = load_causal_lm(scorer.pruned_model, **kw)
-        if len(pruned_tok) != len(self.tokenizer):
-            raise ValueError(f"degradation: the pruned model's tokenizer ({len(pruned_tok)} tokens) differs "
-                             f"from the original's ({len(self.tokenizer)}); prune the same model")
-        self.heads = (LogitHead(self.original), LogitHead(self.pruned))
-        device_type = self.heads[0].weight.device.type
-        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
-            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        tok = self.tokenizer
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.progress = scorer.progress()
-
-    def score(self, records: list[dict]) -> list[dict]:
-        encoded = [encode(r, self.tokenizer, self.scorer.template, self.scorer.max_length,
-                          turns=self.scorer.turns) for r in records]
-        scores = score_pairs(self.original, self.pruned, encoded, max_tokens_per_batch=self.max_tokens,
-                             pad_token_id=self.pad_token_id, heads=self.heads,
-                             max_logit_elements=self.scorer.max_logit_elements)
-        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded))
-        return [{**r, "jsd": float(j), "jsd_tokens": int(n), "jsd_total_tokens": int(t)}
-                for r, (j, n, t) in zip(records, scores)]
+    return map_token_batches(encoded, [len(e.input_ids) for e in encoded], max_tokens_per_batch,
+                             lambda batch: degradation_batch(original, pruned, batch, pad_token_id, heads,
+                                                             max_logit_elements=max_logit_elements))
 
 
 @dataclasses.dataclass
-class DegradationScorer(Scorer):
+class LoadedPair:
+    """Both models, the tokenizer and both heads, loaded once per worker."""
+
+    original: object
+    pruned: object
+    tokenizer: object
+    heads: tuple
+    max_tokens: int
+    pad_token_id: int
+
+
+@dataclasses.dataclass
+class DegradationScorer(ModelScorer):
     """Per-example JSD between the original and a pruned model (METHODS.md "PASER").
 
     Options: pruned_model (required: a path or id, e.g. made by `curate prune`), model
@@ -222,14 +178,7 @@ class DegradationScorer(Scorer):
     template: str = "plain"
     turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 1024
-    max_tokens_per_batch: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
     max_logit_elements: int = MAX_LOGITS_PER_CHUNK
-    min_batch_size: int = 32
-    max_batch_size: int = 1024
-    model_copies: Optional[int] = None
 
     def __post_init__(self):
         from curate.config import ConfigError
@@ -245,12 +194,22 @@ class DegradationScorer(Scorer):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {"jsd": pa.float64(), "jsd_tokens": pa.int64(), "jsd_total_tokens": pa.int64()}
 
-    def load_runner(self) -> _DegradationRunner:
-        return _DegradationRunner(self)
+    def load(self) -> LoadedPair:
+        original, tokenizer = self.load_lm(self.model)
+        pruned, pruned_tok = self.load_lm(self.pruned_model)
+        if len(pruned_tok) != len(tokenizer):
+            raise ValueError(f"degradation: the pruned model's tokenizer ({len(pruned_tok)} tokens) differs "
+                             f"from the original's ({len(tokenizer)}); prune the same model")
+        heads = (LogitHead(original), LogitHead(pruned))
+        return LoadedPair(original, pruned, tokenizer, heads, self.token_budget(heads[0].weight.device.type),
+                          pad_id(tokenizer))
 
-    def model_handler(self) -> RecordModelHandler:
-        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
-                                  max_batch_size=self.max_batch_size, model_copies=self.model_copies)
+    def score_batch(self, m: LoadedPair, records: list[dict]) -> tuple[list[dict], int]:
+        encoded = self.encode_all(records, m.tokenizer)
+        scores = score_pairs(m.original, m.pruned, encoded, max_tokens_per_batch=m.max_tokens,
+                             pad_token_id=m.pad_token_id, heads=m.heads, max_logit_elements=self.max_logit_elements)
+        return ([{**r, "jsd": float(j), "jsd_tokens": int(n), "jsd_total_tokens": int(t)}
+                 for r, (j, n, t) in zip(records, scores)], sum(len(e.input_ids) for e in encoded))
 
     def describe(self) -> dict:
-        return {"type": self.type, **dataclasses.asdict(self), "units": "nats, mean over response tokens"}
+        return {**super().describe(), "units": "nats, mean over response tokens"}

@@ -10,17 +10,15 @@ released code embeds the user turns only, which is `field: prompt`).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from curate.transforms.base import Scorer
-from curate.transforms.handlers import RecordModelHandler
-from curate.transforms.likelihood import batches_by_token_budget
+from curate.models.batching import batches_by_token_budget
+from curate.transforms.base import ModelScorer
 
 FIELDS = ("prompt", "response", "prompt_response")
-DEFAULT_TOKENS_PER_BATCH = {"cpu": 16384, "cuda": 131072}
 
 
 def record_text(record: dict, field: str) -> str:
@@ -44,7 +42,7 @@ def mean_pool(last_hidden_state, attention_mask):
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256,
-                max_tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH["cpu"]) -> np.ndarray:
+                max_tokens_per_batch: int = 16384) -> np.ndarray:
     """Unit-norm embeddings of `texts`, (len(texts), dim) float32, in input order."""
     import torch
 
@@ -67,47 +65,25 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256
     return out
 
 
-class _EmbeddingRunner:
-    def __init__(self, scorer: "EmbeddingScorer"):
-        from curate.models import load_embedder
-
-        self.scorer = scorer
-        self.model, self.tokenizer = load_embedder(
-            scorer.model, device=scorer.device, dtype=scorer.dtype,
-            trust_remote_code=scorer.trust_remote_code)
-        device_type = next(self.model.parameters()).device.type
-        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
-            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        self.progress = scorer.progress()
-
-    def score(self, records: list[dict]) -> list[dict]:
-        texts = [record_text(r, self.scorer.field) for r in records]
-        vectors = embed_texts(self.model, self.tokenizer, texts,
-                              max_length=self.scorer.max_length,
-                              max_tokens_per_batch=self.max_tokens)
-        column = self.scorer.column
-        out = [{**record, column: vector.tolist()} for record, vector in zip(records, vectors)]
-        self.progress.add(len(records), 0)
-        return out
+@dataclasses.dataclass
+class LoadedEncoder:
+    model: object
+    tokenizer: object
+    max_tokens: int
 
 
 @dataclasses.dataclass
-class EmbeddingScorer(Scorer):
-    """Adds `column` (default `embedding`): list<float32>, unit L2 norm."""
+class EmbeddingScorer(ModelScorer):
+    """Adds `column` (default `embedding`): list<float32> in the output, unit L2 norm; a
+    float32 NumPy array between steps."""
 
     type: ClassVar[str] = "embedding"
+    TOKENS_PER_BATCH: ClassVar[dict[str, int]] = {"cpu": 16384, "cuda": 131072}
 
     model: str = "minilm"
     field: str = "prompt_response"
     max_length: int = 256
     column: str = "embedding"
-    max_tokens_per_batch: Optional[int] = None  # None: by device (DEFAULT_TOKENS_PER_BATCH)
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    min_batch_size: int = 32
-    max_batch_size: int = 1024
-    model_copies: Optional[int] = None
 
     def __post_init__(self):
         if self.field not in FIELDS:
@@ -117,13 +93,13 @@ class EmbeddingScorer(Scorer):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.column: pa.list_(pa.float32())}
 
-    def load_runner(self) -> _EmbeddingRunner:
-        return _EmbeddingRunner(self)
+    def load(self) -> LoadedEncoder:
+        model, tokenizer = self.load_encoder(self.model)
+        return LoadedEncoder(model, tokenizer, self.token_budget(next(model.parameters()).device.type))
 
-    def model_handler(self) -> RecordModelHandler:
-        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
-                                  max_batch_size=self.max_batch_size,
-                                  model_copies=self.model_copies)
-
-    def describe(self) -> dict:
-        return {"type": self.type, **dataclasses.asdict(self)}
+    def score_batch(self, enc: LoadedEncoder, records: list[dict]) -> tuple[list[dict], int]:
+        texts = [record_text(r, self.field) for r in records]
+        vectors = embed_texts(enc.model, enc.tokenizer, texts, max_length=self.max_length,
+                              max_tokens_per_batch=enc.max_tokens)
+        # one float32 array per row (a copy: a view would keep the whole batch alive)
+        return [{**record, self.column: vector.copy()} for record, vector in zip(records, vectors)], 0

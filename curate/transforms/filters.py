@@ -19,7 +19,10 @@ REJECTED = "rejected"
 
 
 class Filter:
+    """A per-example filter: `reason_to_drop(record)`. Consecutive ones share one Beam step."""
+
     type = ""
+    per_example = True
 
     def setup(self) -> None:
         """Load what the filter needs once per worker (tokenizers...)."""
@@ -122,6 +125,7 @@ class ExactDedup(beam.PTransform):
     """
 
     type = "dedup"
+    per_example = False  # a whole-pool step: a PTransform with `kept` and `rejected` outputs
 
     def __init__(self, key: str = "prompt_response"):
         super().__init__()

@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from curate.formatting import Encoded, encode
-from curate.transforms.likelihood import LikelihoodScorer, _LikelihoodRunner, score_encoded
+from curate.formatting import Encoded
+from curate.transforms.likelihood import LikelihoodScorer, LoadedLM
 
 
 def encode_alone(record: dict, tokenizer, max_length: int, include_eos: bool) -> Encoded:
@@ -35,24 +35,6 @@ def encode_alone(record: dict, tokenizer, max_length: int, include_eos: bool) ->
     if include_eos and tokenizer.eos_token_id is not None:
         full = full + [tokenizer.eos_token_id]
     return Encoded(full[:max_length], 1, len(full) > max_length)
-
-
-class _IfdRunner(_LikelihoodRunner):
-    def score(self, records: list[dict]) -> list[dict]:
-        s = self.scorer
-        conditioned = [encode(r, self.tokenizer, s.template, s.max_length, s.include_eos, s.turns)
-                       for r in records]
-        alone = [encode_alone(r, self.tokenizer, s.max_length, s.include_eos) for r in records]
-        scores = score_encoded(self.model, conditioned + alone, max_tokens_per_batch=self.max_tokens,
-                               pad_token_id=self.pad_token_id, max_logit_elements=s.max_logit_elements)
-        c_ifd, c_cond, c_alone = s.column_names()
-        out = []
-        for i, record in enumerate(records):
-            loss_cond, loss_alone = -scores[i][1], -scores[len(records) + i][1]
-            ifd = loss_cond / loss_alone if loss_alone > 0 and not math.isnan(loss_cond) else float("nan")
-            out.append({**record, c_ifd: ifd, c_cond: loss_cond, c_alone: loss_alone})
-        self.progress.add(len(records), sum(len(e.input_ids) for e in conditioned + alone))
-        return out
 
 
 @dataclasses.dataclass
@@ -72,5 +54,14 @@ class IfdScorer(LikelihoodScorer):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {name: pa.float64() for name in self.column_names()}
 
-    def load_runner(self) -> _IfdRunner:
-        return _IfdRunner(self)
+    def score_batch(self, lm: LoadedLM, records: list[dict]) -> tuple[list[dict], int]:
+        conditioned = self.encode_all(records, lm.tokenizer, include_eos=self.include_eos)
+        alone = [encode_alone(r, lm.tokenizer, self.max_length, self.include_eos) for r in records]
+        scores = self.logprobs(lm, conditioned + alone)
+        c_ifd, c_cond, c_alone = self.column_names()
+        out = []
+        for i, record in enumerate(records):
+            loss_cond, loss_alone = -scores[i][1], -scores[len(records) + i][1]
+            ifd = loss_cond / loss_alone if loss_alone > 0 and not math.isnan(loss_cond) else float("nan")
+            out.append({**record, c_ifd: ifd, c_cond: loss_cond, c_alone: loss_alone})
+        return out, sum(len(e.input_ids) for e in conditioned + alone)

@@ -29,9 +29,11 @@ the checkpoint's safetensors before each pass (T weight loads per batch, so rais
 `min_batch_size` to amortise them). Either way one pass costs one forward of the proxy;
 a row costs T forwards.
 
-Proxy training from the job (`proxy: {data: ..., <trainer options>}`): before the
-pipeline runs, the driver trains the proxy into `checkpoints` unless that run is already
-complete there (`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
+Proxy training from the job (`proxy: {<trainer options>, data: optional inputs}`): a
+model stage before the pipeline (`curate.pipeline.stages`) reads the pool (the job's
+inputs, or `data`) through the pipeline's readers, validation and filters, and trains the
+proxy into `checkpoints` unless that run is already complete there
+(`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
 With `scores:` in the job the trajectories are computed once and `curate select --scores
 DIR --method s2l` re-selects from them without any model.
 """
@@ -45,12 +47,14 @@ import re
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from curate.config import ConfigError
-from curate.formatting import TEMPLATES, encode
-from curate.transforms.base import Scorer
-from curate.transforms.handlers import RecordModelHandler
+from curate.formatting import TEMPLATES
+from curate.models.batching import pad_id
+from curate.models.logprobs import score_encoded
+from curate.transforms.base import ModelScorer
 
 log = logging.getLogger(__name__)
 
@@ -107,73 +111,26 @@ def finite_or_zero(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-class _TrajectoryRunner:
+@dataclasses.dataclass
+class LoadedProxy:
     """Worker side: the proxy (base + T adapters, or one model reloaded per checkpoint)."""
 
-    def __init__(self, scorer: "TrajectoryScorer", checkpoints: list[Checkpoint]):
-        from curate.models import load_causal_lm
-        from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH
-
-        self.scorer, self.checkpoints = scorer, checkpoints
-        self.kind = checkpoints[0].kind
-        base = scorer.model if self.kind == "lora" else str(checkpoints[0].path)
-        model, self.tokenizer = load_causal_lm(base, device=scorer.device, dtype=scorer.dtype,
-                                               trust_remote_code=scorer.trust_remote_code)
-        if self.kind == "lora":
-            from peft import PeftModel
-
-            names = [self.adapter_name(c) for c in checkpoints]
-            model = PeftModel.from_pretrained(model, str(checkpoints[0].path), adapter_name=names[0])
-            for c, name in zip(checkpoints[1:], names[1:]):
-                model.load_adapter(str(c.path), adapter_name=name)
-            model.eval()
-            self.peft = model
-            # the transformer with the LoRA layers in place: what response_logprobs runs
-            self.model = model.get_base_model()
-        else:
-            self.peft, self.model = None, model
-        device_type = self.model.get_output_embeddings().weight.device.type
-        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
-            device_type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        self.pad_token_id = self.tokenizer.pad_token_id or 0
-        self.progress = scorer.progress()
-
-    @staticmethod
-    def adapter_name(c: Checkpoint) -> str:
-        return f"step-{c.step}"
+    checkpoints: list[Checkpoint]
+    model: object        # what response_logprobs runs (with LoRA layers in place for adapters)
+    peft: object | None  # the PeftModel holding one adapter per checkpoint, or None
+    tokenizer: object
+    max_tokens: int
+    pad_token_id: int
 
     def use(self, c: Checkpoint) -> None:
-        if self.kind == "lora":
-            self.peft.set_adapter(self.adapter_name(c))
+        if self.peft is not None:
+            self.peft.set_adapter(adapter_name(c))
         else:
             _load_full(self.model, c.path)
 
-    def losses(self, encoded) -> list[list[float]]:
-        """[example][checkpoint] mean response-token loss, checkpoints in step order."""
-        from curate.transforms.likelihood import score_encoded
 
-        per_ckpt = []
-        for c in self.checkpoints:
-            self.use(c)
-            scored = score_encoded(self.model, encoded, max_tokens_per_batch=self.max_tokens,
-                                   pad_token_id=self.pad_token_id,
-                                   max_logit_elements=self.scorer.max_logit_elements)
-            per_ckpt.append([finite_or_zero(-mean) for _, mean, _ in scored])
-        return [list(row) for row in zip(*per_ckpt)]
-
-    def score(self, records: list[dict]) -> list[dict]:
-        encoded = []
-        for record in records:
-            try:
-                encoded.append(encode(record, self.tokenizer, self.scorer.template,
-                                      self.scorer.max_length, turns=self.scorer.turns))
-            except Exception as err:
-                raise ValueError(f"trajectory: cannot encode record {record.get('id')!r}: "
-                                 f"{err}") from err
-        column = self.scorer.column
-        out = [{**r, column: t} for r, t in zip(records, self.losses(encoded))]
-        self.progress.add(len(records), len(self.checkpoints) * sum(len(e.input_ids) for e in encoded))
-        return out
+def adapter_name(c: Checkpoint) -> str:
+    return f"step-{c.step}"
 
 
 def _load_full(model, path: Path) -> None:
@@ -194,12 +151,13 @@ def _load_full(model, path: Path) -> None:
 
 
 @dataclasses.dataclass
-class TrajectoryScorer(Scorer):
+class TrajectoryScorer(ModelScorer):
     """S2L loss trajectories: adds `trajectory` (list<float64>, one loss per checkpoint).
 
     Options: `checkpoints` (the proxy run directory), `model` (the base the LoRA
-    adapters were trained on), `proxy` (trainer options plus `data`: train the proxy into
-    `checkpoints` first unless that run is complete there), `steps` (a subset of
+    adapters were trained on), `proxy` (trainer options, and `data` to train on other inputs
+    than the job's: a model stage trains the proxy into `checkpoints` first unless that
+    run is complete there), `steps` (a subset of
     checkpoint steps), template / max_length (as the proxy was trained: the defaults
     match `train_proxy`'s), batching and device as the likelihood scorer.
     Resources: one base model + T adapters per SDK process (or `model_copies` shared),
@@ -216,44 +174,42 @@ class TrajectoryScorer(Scorer):
     turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 512
     column: str = "trajectory"
-    max_tokens_per_batch: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
     max_logit_elements: int = 1 << 24
-    min_batch_size: int = 32
-    max_batch_size: int = 1024
-    model_copies: Optional[int] = None
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"trajectory: unknown template {self.template!r}; expected one of "
                              f"{', '.join(TEMPLATES)}")
         if self.proxy is not None and not isinstance(self.proxy, dict):
-            raise ValueError("trajectory: proxy must be a mapping of trainer options with 'data'")
-        if self.proxy is not None and "data" not in self.proxy:
-            raise ValueError("trajectory: proxy needs 'data': the pool to train on "
-                             "(in a job, `data: *pool` re-uses `inputs: &pool [...]`)")
+            raise ValueError("trajectory: proxy must be a mapping of trainer options (and optional 'data')")
         self._proxy_metrics: dict | None = None
         self._found: list[Checkpoint] | None = None
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.column: pa.list_(pa.float64())}
 
+    def before_pipeline(self, read_pool) -> dict | None:
+        """Model stage (curate.pipeline.stages): train the proxy on the pool, `proxy.data`
+        or else the job's inputs, after the job's validation and filters; the trainer
+        returns at once when the same run is already complete in `checkpoints`."""
+        if self.proxy is None:
+            return None
+        from curate.train.proxy import train_proxy
+
+        records = read_pool(self.proxy.get("data"))
+        options = {k: v for k, v in self.proxy.items() if k != "data"}
+        log.info("trajectory: proxy run in %s", self.checkpoints)
+        m = train_proxy(records, self.checkpoints, model=self.model, template=self.template, turns=self.turns,
+                        max_length=self.max_length, **options)
+        self._proxy_metrics = {k: m.get(k) for k in (
+            "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
+            "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
+        return {"proxy_run": self.checkpoints, **self._proxy_metrics}
+
     def prepare(self) -> list[Checkpoint]:
-        """Driver side, before the pipeline: train the proxy if asked, find the checkpoints."""
+        """Driver side, after the model stage: the checkpoints to score with."""
         if self._found is not None:
             return self._found
-        if self.proxy is not None:
-            from curate.train.proxy import train_proxy
-
-            options = {k: v for k, v in self.proxy.items() if k != "data"}
-            log.info("trajectory: proxy run in %s", self.checkpoints)
-            m = train_proxy(self.proxy["data"], self.checkpoints, model=self.model,
-                            template=self.template, turns=self.turns, max_length=self.max_length, **options)
-            self._proxy_metrics = {k: m.get(k) for k in (
-                "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
-                "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
         found = discover_checkpoints(self.checkpoints, self.steps)
         if not found:
             raise ConfigError(f"trajectory: no checkpoints in {self.checkpoints}; train a proxy "
@@ -263,20 +219,45 @@ class TrajectoryScorer(Scorer):
         self._found = found
         return found
 
-    def load_runner(self, checkpoints: list[Checkpoint]) -> _TrajectoryRunner:
-        return _TrajectoryRunner(self, checkpoints)
+    def load(self) -> LoadedProxy:
+        checkpoints = self.prepare()  # found on the driver; pickled with the scorer
+        kind = checkpoints[0].kind
+        model, tokenizer = self.load_lm(self.model if kind == "lora" else str(checkpoints[0].path))
+        peft = None
+        if kind == "lora":
+            from peft import PeftModel
 
-    def model_handler(self) -> RecordModelHandler:
-        import functools
+            names = [adapter_name(c) for c in checkpoints]
+            peft = PeftModel.from_pretrained(model, str(checkpoints[0].path), adapter_name=names[0])
+            for c, name in zip(checkpoints[1:], names[1:]):
+                peft.load_adapter(str(c.path), adapter_name=name)
+            peft.eval()
+            # the transformer with the LoRA layers in place: what response_logprobs runs
+            model = peft.get_base_model()
+        return LoadedProxy(checkpoints, model, peft, tokenizer,
+                           self.token_budget(model.get_output_embeddings().weight.device.type), pad_id(tokenizer))
 
-        found = self.prepare()
-        return RecordModelHandler(functools.partial(self.load_runner, found), self.type,
-                                  min_batch_size=self.min_batch_size,
-                                  max_batch_size=self.max_batch_size,
-                                  model_copies=self.model_copies)
+    def losses(self, proxy: LoadedProxy, encoded: list) -> list[list[float]]:
+        """[example][checkpoint] mean response-token loss, checkpoints in step order."""
+        per_ckpt = []
+        for c in proxy.checkpoints:
+            proxy.use(c)
+            scored = score_encoded(proxy.model, encoded, max_tokens_per_batch=proxy.max_tokens,
+                                   pad_token_id=proxy.pad_token_id, max_logit_elements=self.max_logit_elements)
+            per_ckpt.append([finite_or_zero(-mean) for _, mean, _ in scored])
+        return [list(row) for row in zip(*per_ckpt)]
+
+    def score_batch(self, proxy: LoadedProxy, records: list[dict]) -> tuple[list[dict], int]:
+        encoded = self.encode_all(records, proxy.tokenizer)
+        out = [{**r, self.column: np.asarray(t, dtype=np.float64)} for r, t in zip(records, self.losses(proxy, encoded))]
+        return out, len(proxy.checkpoints) * sum(len(e.input_ids) for e in encoded)
+
+    def model_handler(self):
+        self.prepare()  # the driver trains the proxy / finds the checkpoints before the graph runs
+        return super().model_handler()
 
     def describe(self) -> dict:
-        out = {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        out = super().describe()
         if self._found is not None:
             out["checkpoint_steps"] = [c.step for c in self._found]
             out["checkpoint_kind"] = self._found[0].kind

@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import pyarrow as pa
 
-from curate.formatting import TEMPLATES, Encoded, encode
-from curate.transforms.base import Scorer
-from curate.transforms.likelihood import DEFAULT_TOKENS_PER_BATCH, batches_by_token_budget
+from curate.formatting import TEMPLATES, Encoded
+from curate.models.batching import map_token_batches, pad_batch, pad_id
+from curate.transforms.base import ModelScorer
 
 DEFAULT_ETA = 1e-4
 DEFAULT_VOCAB_CHUNK = 8192
@@ -237,12 +237,7 @@ def don_nod_batch(model, encoded: Sequence[Encoded], eta: float, W_norm: float |
     if W_norm is None:
         W_norm = weight_norm(W, vocab_chunk)
     device = next(model.parameters()).device
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, :len(e.input_ids)] = 1
+    ids, mask = pad_batch(encoded, pad_token_id)
     with torch.inference_mode():
         hidden = _decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  use_cache=False).last_hidden_state
@@ -259,46 +254,19 @@ def don_nod_batch(model, encoded: Sequence[Encoded], eta: float, W_norm: float |
 # ------------------------------------------------------------------ Beam wrapper
 
 
-class _WeightDeltaRunner:
-    """The loaded model, its tokenizer and ||W||_F: scores batches of records (worker side)."""
+@dataclasses.dataclass
+class LoadedHead:
+    """The model, its tokenizer and ||W||_F (computed once per model)."""
 
-    def __init__(self, scorer: "WeightDeltaScorer", model=None, tokenizer=None):
-        if model is None:
-            from curate.models import load_causal_lm  # lazy: heavy imports stay on workers
-
-            model, tokenizer = load_causal_lm(scorer.model, device=scorer.device, dtype=scorer.dtype,
-                                              trust_remote_code=scorer.trust_remote_code)
-        self.scorer, self.model, self.tokenizer = scorer, model.eval(), tokenizer
-        W = _check_head(model)
-        self.W_norm = weight_norm(W, scorer.vocab_chunk)  # once per model
-        self.max_tokens = scorer.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH.get(
-            W.device.type, DEFAULT_TOKENS_PER_BATCH["cpu"])
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        self.progress = scorer.progress()
-
-    def score(self, records: list[dict]) -> list[dict]:
-        s = self.scorer
-        encoded = []
-        for record in records:
-            try:
-                encoded.append(encode(record, self.tokenizer, s.template, s.max_length, turns=s.turns))
-            except Exception as err:
-                raise ValueError(f"weight_delta: cannot encode record {record.get('id')!r}: {err}") from err
-        results: list = [None] * len(records)
-        for group in batches_by_token_budget([len(e.input_ids) for e in encoded], self.max_tokens):
-            scores = don_nod_batch(self.model, [encoded[i] for i in group], s.eta, self.W_norm,
-                                   self.pad_token_id, s.vocab_chunk, s.time_chunk)
-            for i, value in zip(group, scores):
-                results[i] = value
-        out = [{**r, "don": float(don), "nod": float(nod), "n_response_tokens": int(n)}
-               for r, (don, nod, n) in zip(records, results)]
-        self.progress.add(len(records), sum(len(e.input_ids) for e in encoded))
-        return out
+    model: Any
+    tokenizer: Any
+    W_norm: float
+    max_tokens: int
+    pad_token_id: int
 
 
 @dataclasses.dataclass
-class WeightDeltaScorer(Scorer):
+class WeightDeltaScorer(ModelScorer):
     """DON and NOD of each example (METHODS.md "DONOD"); the `donod` selector ranks them.
 
     Adds `don` (float64), `nod` (float64) and `n_response_tokens` (int64).
@@ -319,15 +287,8 @@ class WeightDeltaScorer(Scorer):
     turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 1024
     eta: float = DEFAULT_ETA
-    max_tokens_per_batch: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "auto"
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK
     time_chunk: int = DEFAULT_TIME_CHUNK
-    trust_remote_code: bool = False
-    min_batch_size: int = 32
-    max_batch_size: int = 1024
-    model_copies: Optional[int] = None  # set (e.g. 1 per GPU) to share across processes
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -343,15 +304,22 @@ class WeightDeltaScorer(Scorer):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {"don": pa.float64(), "nod": pa.float64(), "n_response_tokens": pa.int64()}
 
-    def load_runner(self) -> _WeightDeltaRunner:
-        return _WeightDeltaRunner(self)
+    def load(self) -> LoadedHead:
+        return self.loaded_from(*self.load_lm(self.model))
 
-    def model_handler(self):
-        from curate.transforms.handlers import RecordModelHandler
+    def loaded_from(self, model, tokenizer) -> LoadedHead:
+        """What `score_batch` needs, around an already loaded model (tests, benchmarks)."""
+        W = _check_head(model)
+        return LoadedHead(model.eval(), tokenizer, weight_norm(W, self.vocab_chunk), self.token_budget(W.device.type),
+                          pad_id(tokenizer))
 
-        return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
-                                  max_batch_size=self.max_batch_size, model_copies=self.model_copies)
+    def score_batch(self, m: LoadedHead, records: list[dict]) -> tuple[list[dict], int]:
+        encoded = self.encode_all(records, m.tokenizer)
+        results = map_token_batches(encoded, [len(e.input_ids) for e in encoded], m.max_tokens,
+                                    lambda batch: don_nod_batch(m.model, batch, self.eta, m.W_norm, m.pad_token_id,
+                                                                self.vocab_chunk, self.time_chunk))
+        return ([{**r, "don": float(don), "nod": float(nod), "n_response_tokens": int(n)}
+                 for r, (don, nod, n) in zip(records, results)], sum(len(e.input_ids) for e in encoded))
 
     def describe(self) -> dict:
-        return {"type": self.type, **dataclasses.asdict(self),
-                "head": "LM head only (a tied embedding counts only its head path)"}
+        return {**super().describe(), "head": "LM head only (a tied embedding counts only its head path)"}

@@ -118,6 +118,23 @@ def _json_rows(path: str, name: str):
         yield f"{name}:item {i}", row, None
 
 
+def batch_rows(batch):
+    """A record batch's rows as dicts; list<float> columns (embeddings, trajectories) as
+    NumPy arrays of their float type: vectors travel between steps as arrays, never as
+    lists of Python floats (pickling a list costs a Python object per number)."""
+    import numpy as np
+    import pyarrow as pa
+
+    vectors = {f.name: np.float32 if pa.types.is_float32(f.type.value_type) else np.float64
+               for f in batch.schema
+               if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)}
+    for row in batch.to_pylist():
+        for name, dtype in vectors.items():
+            if row.get(name) is not None:
+                row[name] = np.asarray(row[name], dtype=dtype)
+        yield row
+
+
 def _parquet_rows(path: str, name: str):
     import pyarrow.parquet as pq
 
@@ -137,7 +154,7 @@ def _parquet_rows(path: str, name: str):
         # group would then lose the earlier ones too
         for group in range(pf.num_row_groups):
             for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
-                for row in batch.to_pylist():
+                for row in batch_rows(batch):
                     i += 1
                     yield f"{name}:row {i}", row, None
     except Exception as exc:
@@ -200,7 +217,7 @@ def _arrow_rows(path: str, name: str):
         try:
             with _open(shard) as fh:
                 for batch in pa.ipc.open_stream(fh):
-                    for row in batch.to_pylist():
+                    for row in batch_rows(batch):
                         i += 1
                         k += 1
                         yield f"{name}:row {i}", row, None

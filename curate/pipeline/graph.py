@@ -1,0 +1,135 @@
+"""The Beam graph of a planned job:
+
+    read -> validate (dead letter) -> filters -> scorers -> selectors -> shards
+                                           \\         \\__ rejected rows (with reasons)
+                                            \\__ rows a scorer failed on: dead letter
+
+`read_and_filter` is the front every pipeline shares (the job's own, and the pool a
+model stage trains on); `build` adds scoring, selection and the writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from curate.pipeline.plan import Plan
+from curate.pipeline.readers import DEAD, ReadInputs
+from curate.pipeline.sink import WriteJsonl, WriteShards
+from curate.progress import note_total
+from curate.transforms.filters import REJECTED, ApplyFilters
+from curate.transforms.handlers import SCORE_ERROR
+
+SCORE_FAILED = "score_failed"
+READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
+
+
+def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = None):
+    """Read, validate (dead letter) and filter: (the read step's outputs, the examples
+    that pass every filter, the filters' rejected PCollections)."""
+    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir)
+    recs = read["records"]
+    rejected = []
+
+    # consecutive per-example filters share one step; a whole-pool step (dedup) is its own
+    pending = []
+
+    def flush_filters(recs, i):
+        if not pending:
+            return recs
+        out = recs | f"Filter{i}" >> beam.ParDo(ApplyFilters(list(pending))).with_outputs(REJECTED, main="kept")
+        rejected.append(out[REJECTED])
+        pending.clear()
+        return out.kept
+
+    for i, step in enumerate(plan.filters):
+        if step.per_example:
+            pending.append(step)
+        else:
+            recs = flush_filters(recs, i)
+            out = recs | f"Filter{i}:{step.type}" >> step
+            rejected.append(out[REJECTED])
+            recs = out.kept
+    return read, flush_filters(recs, len(plan.filters)), rejected
+
+
+def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None) -> None:
+    """The job's graph. `progress_dir`: where workers write progress counts (local runs)."""
+    read, recs, rejected = read_and_filter(p, plan, progress_dir)
+
+    # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
+    # dead letter right after that scorer, so later steps only see complete rows
+    score_failed = []
+    if plan.scorers:
+        from apache_beam.ml.inference.base import RunInference
+
+        for i, scorer in enumerate(plan.scorers):
+            scorer.stage, scorer.progress_dir = plan.scorer_stages[i], progress_dir
+            if progress_dir:  # the rows a scorer will see, counted first: its progress has an ETA
+                recs = note_total(recs, progress_dir, scorer.stage, f"Progress{i}")
+            scored = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
+            out = scored | f"ScoreFailures{i}" >> beam.FlatMap(
+                route_score_failure, plan.scorer_stages[i]).with_outputs(SCORE_FAILED, main="scored")
+            score_failed.append(out[SCORE_FAILED])
+            recs = out.scored
+
+    for i, selector in enumerate(plan.selectors):
+        out = recs | f"Select{i}:{selector.type}" >> selector
+        stage = plan.selector_stages[i]
+        rejected.append(out["rejected"] | f"Stage{i}" >> beam.Map(lambda r, s=stage: {**r, "reject_stage": s}))
+        recs = out["kept"]
+
+    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows)
+    all_rejected = (rejected | "AllRejected" >> beam.Flatten()) if rejected else (
+        p | "NoRejected" >> beam.Create([]))
+    rejected_info = all_rejected | "WriteRejected" >> WriteShards(
+        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
+    dead = ([read[DEAD]] + score_failed) | "AllDeadLetter" >> beam.Flatten()
+    dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
+    examples_n = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
+    by_stage = (all_rejected
+                | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
+                | "CountByStage" >> beam.combiners.Count.PerElement()
+                | "StageCounts" >> beam.combiners.ToDict())
+    dead_by_stage = (dead
+                     | "DeadStageOf" >> beam.Map(lambda r: r.get("stage", READ_STAGE))
+                     | "CountDeadByStage" >> beam.combiners.Count.PerElement()
+                     | "DeadStageCounts" >> beam.combiners.ToDict())
+
+    def write_counts(kept, rejected, dead, examples, stages, dead_stages):
+        stages = {**{s: 0 for s in plan.filter_stages + plan.selector_stages}, **stages}
+        invalid = dead_stages.get(READ_STAGE, 0)
+        counts = {
+            "read": examples + invalid,
+            "invalid": invalid,
+            "examples": examples,
+            "filtered": {k: v for k, v in stages.items() if k.startswith("filter:")},
+            "score_failed": {s: dead_stages.get(s, 0) for s in plan.scorer_stages},
+            "not_selected": {k: v for k, v in stages.items() if k.startswith("select")},
+            "kept": kept["rows"],
+            "rejected_rows_written": rejected["rows"],
+            "dead_letter_rows_written": dead,
+            "shards": kept["shards"],
+        }
+        with FileSystems.create(FileSystems.join(staging, "_counts.json")) as fh:
+            fh.write(json.dumps(counts).encode())
+
+    (p | "Once" >> beam.Create([None])
+       | "WriteCounts" >> beam.Map(
+           lambda _, k, r, d, e, s, ds: write_counts(k, r, d, e, s, ds),
+           beam.pvalue.AsSingleton(kept_info), beam.pvalue.AsSingleton(rejected_info),
+           beam.pvalue.AsSingleton(dead_n), beam.pvalue.AsSingleton(examples_n),
+           beam.pvalue.AsSingleton(by_stage), beam.pvalue.AsSingleton(dead_by_stage)))
+
+
+def route_score_failure(record: dict, stage: str):
+    """A scored record onward; one its scorer failed on to the dead letter, with why."""
+    error = record.get(SCORE_ERROR)
+    if error is None:
+        yield record
+    else:
+        yield beam.pvalue.TaggedOutput(SCORE_FAILED, {
+            "origin": record["origin"], "id": record["id"], "stage": stage, "reason": error,
+            "raw": record["prompt"][:200]})

@@ -1,0 +1,85 @@
+"""The plan of a job: everything the driver decides before a pipeline runs (the input
+files, the steps built from their configs, the columns each step writes and needs, the
+reject-stage names and the output schemas)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from curate import records
+from curate.config import ConfigError, JobConfig
+from curate.inputs.formats import arrow_dir_schema
+from curate.inputs.files import plan_inputs
+from curate.transforms.filters import make_filter_steps
+
+REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
+
+
+def output_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
+    schema = records.BASE_SCHEMA
+    for name, dtype in columns.items():
+        if name in schema.names:
+            raise ConfigError(f"two steps write the column {name!r}; give one of them a prefix or name")
+        schema = schema.append(pa.field(name, dtype))
+    return schema
+
+
+class Plan:
+    """Everything the driver decides before the pipeline runs."""
+
+    def __init__(self, job: JobConfig):
+        from curate.selectors import make_selector
+
+        self.job = job
+        self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
+        self.filters = make_filter_steps(job.filters)
+        self.scorers = []
+        if job.scorers:
+            from curate.transforms import make_scorer
+
+            self.scorers = [make_scorer(dict(s)) for s in job.scorers]
+        self.selectors = [make_selector(dict(s)) for s in job.selectors]
+        columns = self.input_columns()
+        written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
+        columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them
+        for step in self.scorers + self.selectors:
+            for name, dtype in step.output_columns().items():
+                if name in columns or name in records.BASE_COLUMNS:
+                    raise ConfigError(f"two steps write the column {name!r}; set a prefix on one")
+                columns[name] = dtype
+            for need in getattr(step, "requires", ()):
+                if need not in columns:
+                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
+                                      f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
+        # reject_stage names, in pipeline order
+        self.filter_stages = list(dict.fromkeys(f"filter:{f.type}" for f in self.filters))
+        types = [s.type for s in self.scorers]
+        self.scorer_stages = [f"score:{t}" if types.count(t) == 1 else f"score{i}:{t}"
+                              for i, t in enumerate(types)]
+        self.selector_stages = [f"select:{s.type}" if len(self.selectors) == 1 else f"select{i}:{s.type}"
+                                for i, s in enumerate(self.selectors)]
+        self.schema = output_schema(columns)
+        self.rejected_schema = output_schema({**columns, **REJECT_COLUMNS})
+
+    def input_columns(self) -> dict[str, pa.DataType]:
+        """Score columns already present in inputs that are curate outputs (`curate select`)."""
+        columns: dict[str, pa.DataType] = {}
+        for task in self.tasks:
+            if task.adapter == "curate" and task.format == "arrow" and not task.path.endswith(".arrow"):
+                for f in arrow_dir_schema(task.path):
+                    if f.name not in records.BASE_COLUMNS and f.name not in REJECT_COLUMNS:
+                        columns.setdefault(f.name, f.type)
+        return columns
+
+    def describe(self) -> dict:
+        return {
+            "inputs": [{"path": t.path, "name": t.name, "source": t.source, "format": t.format,
+                        "adapter": t.adapter} for t in self.tasks],
+            "empty_inputs": list(self.tasks.empty_files),  # skipped: they hold no rows
+            "filters": [{"type": f.type, **{k: v for k, v in vars(f).items() if not k.startswith("_") and
+                                             k not in ("label", "side_inputs", "pipeline")
+                                             and isinstance(v, (int, float, str, type(None)))}}
+                        for f in self.filters],
+            "scorers": [s.describe() for s in self.scorers],
+            "selectors": [s.describe() for s in self.selectors],
+        }
