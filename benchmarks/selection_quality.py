@@ -767,8 +767,8 @@ def pool_methods(opts: Options, variant: str) -> list[tuple[str, int | None]]:
 def select_pool_variant(opts: Options, variant: str, data: dict, clock: Clock,
                         pruned: dict[str, str]) -> list[tuple[str, int | None, list[dict]]]:
     """Score the variant's pool once per scorer set, then select with every method:
-    [(method, seed, kept rows)]. All selections come before any training, so the
-    corrupted rows each method keeps are known early (printed, and in the work dir)."""
+    [(method, seed, kept rows)]. The selections come before the variant's trainings, so
+    the corrupted rows each method keeps are known early (printed, and in the work dir)."""
     from curate.config import resolve_budget
 
     work = pathlib.Path(opts.work_dir) / variant
@@ -957,18 +957,18 @@ def run(opts: Options) -> dict:
 
     if any(m in POOL_METHODS for m in opts.methods):
         base_eval = base_evaluation(opts, data["evals"], clock, "pool")
-        variants = ("clean", "noisy") if opts.scale.noisy else ("clean",)
-        # every selection first (the noisy variant's corrupted shares need no training), then
-        # the trainings: clean, PASER's recovery, noisy
-        picks = {v: select_pool_variant(opts, v, data, clock, pruned) for v in variants}
-        parts["clean"] = train_pool_variant(opts, "clean", picks["clean"], data, clock, base_eval)
+        # the clean table first; the noisy variant's selections (its corrupted shares need no
+        # training) before PASER's recovery runs and the noisy trainings
+        picks = select_pool_variant(opts, "clean", data, clock, pruned)
+        parts["clean"] = train_pool_variant(opts, "clean", picks, data, clock, base_eval)
         report()
+        noisy = select_pool_variant(opts, "noisy", data, clock, pruned) if opts.scale.noisy else None
         if "paser" in opts.methods:
             for name in PRUNED:
                 parts[f"recovery-{name}"] = run_recovery_variant(opts, name, data, clock, pruned, base_eval)
                 report()
-        if "noisy" in picks:
-            parts["noisy"] = train_pool_variant(opts, "noisy", picks["noisy"], data, clock, base_eval)
+        if noisy is not None:
+            parts["noisy"] = train_pool_variant(opts, "noisy", noisy, data, clock, base_eval)
             report()
     if "grape" in opts.methods:
         parts["grape"] = run_grape_variant(opts, data, clock)
