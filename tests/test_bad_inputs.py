@@ -25,8 +25,7 @@ from curate import cli
 from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs import files as readers
 from curate.pipeline.build import run_job
-from curate.inputs.files import iter_rows, plan_inputs
-from curate.pipeline.readers import ReadFile
+from curate.inputs.files import iter_rows, plan_inputs, task_records
 
 
 def qa(i, answer=None):
@@ -42,8 +41,8 @@ def write_jsonl(path, rows):
 def read_tasks(tasks):
     recs, dead = [], []
     for task in tasks:
-        for item in ReadFile().process(task):
-            (dead if hasattr(item, "tag") else recs).append(getattr(item, "value", item))
+        for rec, bad in task_records(task):  # reading, adapting and validation, as the pipeline
+            (recs.append(rec) if bad is None else dead.append(bad))
     return recs, dead
 
 

@@ -102,6 +102,7 @@ def no_model_loading(monkeypatch):
     import transformers
 
     import curate.models
+    import curate.train  # noqa: F401  imported first, so it binds the real loaders, not `refuse`
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded while building the pipeline graph")
@@ -137,7 +138,7 @@ def test_job_builds_its_pipeline_graph(path, tmp_path, no_model_loading, monkeyp
         assert f"Score{i}:{scorer['type']}" in names and f"ScoreFailures{i}" in names
     for i, selector in enumerate(job.selectors):
         assert f"Select{i}:{selector['type']}" in names
-    assert {"ReadInputs", "WriteKept", "WriteRejected", "WriteDeadLetter", "WriteCounts"} <= names
+    assert {"ReadInputs", "Validate", "WriteKept", "WriteRejected", "WriteDeadLetter", "WriteCounts"} <= names
     assert not (tmp_path / "staging").exists() and not (tmp_path / "out").exists()
 
 

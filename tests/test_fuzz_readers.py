@@ -9,8 +9,7 @@ import pytest
 
 from curate.config import InputConfig
 from curate.inputs import formats
-from curate.inputs.files import plan_inputs
-from curate.pipeline.readers import ReadFile
+from curate.inputs.files import plan_inputs, task_records
 
 GOOD = {"instruction": "Write a haiku about rain", "input": "", "output": "Soft rain on the roof"}
 
@@ -44,10 +43,10 @@ def test_fuzzed_jsonl_every_line_accounted_for(tmp_path, seed):
     path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
     (task,) = plan_inputs([InputConfig(path=str(path))], max_chars=1000)
     recs = dead = 0
-    for item in ReadFile().process(task):
-        if hasattr(item, "tag"):
+    for rec, bad in task_records(task):
+        if bad is not None:
             dead += 1
-            assert item.value["reason"] and item.value["origin"].startswith(path.name + ":")
+            assert bad["reason"] and bad["origin"].startswith(path.name + ":")
         else:
             recs += 1
     assert recs + dead == len(lines)
@@ -59,7 +58,6 @@ def test_line_over_the_byte_limit_is_dead_letter(tmp_path, monkeypatch):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(dict(GOOD, output="y" * 500)) + "\n" + json.dumps(GOOD) + "\n")
     (task,) = plan_inputs([InputConfig(path=str(path), adapter="alpaca")], max_chars=10_000)
-    out = list(ReadFile().process(task))
-    reasons = [o.value["reason"] for o in out if hasattr(o, "tag")]
-    assert reasons == ["line longer than 100 bytes"]
-    assert sum(1 for o in out if not hasattr(o, "tag")) == 2
+    out = list(task_records(task))
+    assert [bad["reason"] for _, bad in out if bad is not None] == ["line longer than 100 bytes"]
+    assert sum(1 for _, bad in out if bad is None) == 2

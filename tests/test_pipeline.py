@@ -50,6 +50,17 @@ def test_broken_lines_dead_letter_and_counts_add_up(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+def test_validation_is_its_own_step_and_sends_over_long_rows_to_the_dead_letter(tmp_path):
+    rows = [qa(i) for i in range(6)] + [qa(6, answer="x" * 300)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    spec = {"inputs": [path], "output": str(tmp_path / "out"), "validate": {"max_chars": 200}}
+    m = run_job(parse_job(spec))
+    c = m["counts"]
+    assert c["read"] == 7 and c["invalid"] == 1 and c["examples"] == 6 and c["kept"] == 6
+    (dead,) = [json.loads(l) for l in (tmp_path / "out" / "dead_letter.jsonl").read_text().splitlines()]
+    assert dead["origin"] == "in.jsonl:7" and dead["reason"].startswith("over-long example: 3")
+
+
 def test_random_budget_exact_seeded_and_nested(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [qa(i) for i in range(200)])
 

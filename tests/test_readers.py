@@ -6,15 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import ConfigError, InputConfig
-from curate.inputs.files import iter_rows, plan_inputs
-from curate.pipeline.readers import ReadFile
+from curate.inputs.files import iter_rows, plan_inputs, task_records
 
 
 def read_all(path, **kw):
     (task,) = plan_inputs([InputConfig(path=str(path), **kw)], max_chars=1000)
     recs, dead = [], []
-    for item in ReadFile().process(task):
-        (dead if hasattr(item, "tag") else recs).append(getattr(item, "value", item))
+    for rec, bad in task_records(task):  # reading, adapting and validation, as the pipeline
+        (recs.append(rec) if bad is None else dead.append(bad))
     return recs, dead
 
 
@@ -120,7 +119,7 @@ def test_limit_prompts_keeps_every_response_to_the_first_prompts(tmp_path):
 def test_limit_prompts_on_the_alpaca_eval_pool(shared_data):
     (task,) = plan_inputs([InputConfig(path=str(shared_data / "alpaca_eval_pool.jsonl.gz"), adapter="alpaca",
                                        limit_prompts=100)], max_chars=32_000)
-    recs = [r for r in ReadFile().process(task) if not hasattr(r, "tag")]
+    recs = [r for r, bad in task_records(task) if bad is None]
     with gzip.open(shared_data / "alpaca_eval_pool.jsonl.gz", "rt") as fh:
         raw = [json.loads(line) for line in fh]
     first = list(dict.fromkeys(r["instruction"] for r in raw))[:100]

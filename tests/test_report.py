@@ -27,8 +27,7 @@ import pytest
 from curate.config import load_job
 from curate.pipeline.build import select_from_scores
 from curate.pipeline.plan import Plan
-from curate.inputs.files import plan_inputs
-from curate.pipeline.readers import ReadFile
+from curate.inputs.files import plan_inputs, task_records
 from curate.records import BASE_SCHEMA
 from curate.report.sections import selector_sections
 
@@ -84,7 +83,7 @@ def read_rows(job) -> list[dict]:
     file is sorted by generator, so its first rows all answer different prompts)."""
     rows = []
     for task in plan_inputs(job.inputs, job.validate.max_chars):
-        rows += [r for r in ReadFile().process(task) if isinstance(r, dict)]
+        rows += [r for r, bad in task_records(task) if bad is None]
     if any(s["type"] == "grape" for s in job.selectors):
         first = list(dict.fromkeys(r["prompt_id"] for r in rows))[:POOL_ROWS // 10]
         rows = [r for r in rows if r["prompt_id"] in set(first)]

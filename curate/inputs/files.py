@@ -220,10 +220,17 @@ def validate_record(record: dict, max_chars: int) -> str | None:
     return None
 
 
-def task_records(task: FileTask, outside_limit=None):
+def invalid_dead_letter(record: dict, max_chars: int) -> dict | None:
+    """The dead-letter row of a record that fails validation, or None when it passes."""
+    reason = validate_record(record, max_chars)
+    return dead_letter(record["origin"], reason, record["prompt"][:200]) if reason else None
+
+
+def task_records(task: FileTask, outside_limit=None, validate: bool = True):
     """The rows of one planned file as (record, None) or (None, dead-letter row): reading,
-    adapting and validation, the one path every reader takes (the pipeline's `ReadFile`,
-    and `read_records` for the trainer, pruning calibration and model stages).
+    adapting and (unless `validate` is False: the pipeline validates in a step of its
+    own) validation, the one path every reader takes (the pipeline's `ReadFile`, and
+    `read_records` for the trainer, pruning calibration and model stages).
 
     With `limit_prompts` the whole file is read, and only the records answering its first
     N distinct prompts are kept (every candidate response of a multi-response pool, however
@@ -251,11 +258,8 @@ def task_records(task: FileTask, outside_limit=None):
                 rec["origin"] = origin if len(recs) == 1 else f"{origin}:{k}"
             elif task.prefix_origin:  # a curate row keeps its first origin, made unique
                 rec["origin"] = f"{task.name}:{rec['origin']}"
-            reason = validate_record(rec, task.max_chars)
-            if reason:
-                yield None, dead_letter(rec["origin"], reason, rec["prompt"][:200])
-            else:
-                yield rec, None
+            dead = invalid_dead_letter(rec, task.max_chars) if validate else None
+            yield (rec, None) if dead is None else (None, dead)
 
 
 def read_records(specs: list[InputConfig], max_chars: int | None = None) -> tuple[list[dict], list[dict]]:

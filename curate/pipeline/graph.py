@@ -1,8 +1,8 @@
 """The Beam graph of a planned job:
 
-    read -> validate (dead letter) -> filters -> scorers -> selectors -> shards
-                                           \\         \\__ rejected rows (with reasons)
-                                            \\__ rows a scorer failed on: dead letter
+    read -> validate -> filters -> scorers -> selectors -> kept shards
+    dead_letter.jsonl: rows reading or validation could not make examples, rows a scorer failed on
+    rejected/:         rows a filter or a selector dropped, with reject_stage and reject_reason
 
 `read_and_filter` is the front every pipeline shares (the job's own, and the pool a
 model stage trains on); `build` adds scoring, selection and the writes.
@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import DEAD, ReadInputs
+from curate.pipeline.readers import DEAD, ReadInputs, Validate
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
 from curate.transforms.filters import REJECTED, ApplyFilters
@@ -27,10 +27,14 @@ READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
 
 
 def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = None):
-    """Read, validate (dead letter) and filter: (the read step's outputs, the examples
-    that pass every filter, the filters' rejected PCollections)."""
+    """Read, validate and filter, each a step of its own: (the examples, i.e. the valid
+    records; the rows that never became examples, with their reasons; the examples that
+    pass every filter; the filters' rejected PCollections)."""
     read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir)
-    recs = read["records"]
+    valid = read["records"] | "Validate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
+        DEAD, main="records")
+    examples = recs = valid.records
+    invalid = [read[DEAD], valid[DEAD]]
     rejected = []
 
     # consecutive per-example filters share one step; a whole-pool step (dedup) is its own
@@ -52,12 +56,12 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
             out = recs | f"Filter{i}:{step.type}" >> step
             rejected.append(out[REJECTED])
             recs = out.kept
-    return read, flush_filters(recs, len(plan.filters)), rejected
+    return examples, invalid, flush_filters(recs, len(plan.filters)), rejected
 
 
 def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None) -> None:
     """The job's graph. `progress_dir`: where workers write progress counts (local runs)."""
-    read, recs, rejected = read_and_filter(p, plan, progress_dir)
+    examples, invalid, recs, rejected = read_and_filter(p, plan, progress_dir)
 
     # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
     # dead letter right after that scorer, so later steps only see complete rows
@@ -86,9 +90,9 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
         p | "NoRejected" >> beam.Create([]))
     rejected_info = all_rejected | "WriteRejected" >> WriteShards(
         FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
-    dead = ([read[DEAD]] + score_failed) | "AllDeadLetter" >> beam.Flatten()
+    dead = (invalid + score_failed) | "AllDeadLetter" >> beam.Flatten()
     dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
-    examples_n = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
+    examples_n = examples | "CountExamples" >> beam.combiners.Count.Globally()
     by_stage = (all_rejected
                 | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
                 | "CountByStage" >> beam.combiners.Count.PerElement()

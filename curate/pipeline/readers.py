@@ -7,7 +7,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from curate.inputs.files import FileTask, task_records
+from curate.inputs.files import FileTask, invalid_dead_letter, task_records
 from curate.progress import StageProgress
 
 DEAD = "dead_letter"
@@ -22,10 +22,21 @@ class ReadFile(beam.DoFn):
     def process(self, task: FileTask):
         progress = StageProgress("read", self.progress_dir)  # rows as the manifest counts them
         outside = Metrics.counter("read", "outside_limit_prompts")
-        for rec, dead in task_records(task, outside):
+        for rec, dead in task_records(task, outside, validate=False):
             progress.add(1)
             yield rec if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
         progress.flush()
+
+
+class Validate(beam.DoFn):
+    """Adapted records -> valid records, or dead-letter rows with the reason (`max_chars`)."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+
+    def process(self, record: dict):
+        dead = invalid_dead_letter(record, self.max_chars)
+        yield record if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
 
 
 class ReadInputs(beam.PTransform):

@@ -55,7 +55,7 @@ def read_filtered_pool(plan: Plan, inputs, options, work_dir: str) -> list[dict]
     pool_plan = Plan(dataclasses.replace(job, scorers=[], selectors=[]))
     path = FileSystems.join(work_dir, "pool.jsonl")
     p = beam.Pipeline(options=options)
-    _, recs, _ = read_and_filter(p, pool_plan)
+    _, _, recs, _ = read_and_filter(p, pool_plan)
     _ = recs | "WritePool" >> WriteJsonl(path)
     p.run().wait_until_finish()
     with FileSystems.open(path) as fh:
