@@ -138,8 +138,8 @@ def test_config_errors():
         make_selector({"type": "diversity", "budget": 10, "k": 0})
     with pytest.raises(ConfigError, match="reward_model"):
         make_selector({"type": "diversity", "budget": 10, "rounds": 3, "gap": "reward"})
-    with pytest.raises(ConfigError, match="unknown option"):
-        make_selector({"type": "diversity", "budget": 10, "rounds": 3, "train": {"bogus": 1}})
+    # a bad `train:` of the refinement fails when the plan builds its model stage
+    # (test_diversity_refine.py), before any scoring
     sel = make_selector({"type": "diversity", "budget": 0.25, "k": 5, "quality_column": "logprob_mean"})
     assert sel.requires == ("embedding", "logprob_mean")
 

@@ -11,12 +11,13 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from curate.pipeline.build import pipeline_options
+from curate.pipeline.plan import attach_model_stage
 from curate.selectors import make_selector
 from test_diversity import blob_rows
 
 
 def test_refinement_step_on_a_tiny_lm(tiny_lm_dir, tmp_path):
-    from curate.selectors.diversity_refine import (RefineConfig, TrainGenerateScore,
+    from curate.train.refine import (RefineConfig, TrainGenerateScore,
                                                    mean_response_logprobs)
     from curate.train import evaluate_loss, load_model
 
@@ -50,6 +51,8 @@ def test_iterative_selector_with_the_tiny_lm(tiny_lm_dir, tmp_path):
     sel = make_selector({"type": "diversity", "budget": 12, "k": 3, "rounds": 2, "model": str(tiny_lm_dir),
                          "max_length": 64, "max_new_tokens": 4, "device": "cpu", "dtype": "fp32",
                          "train": {"max_steps": 1, "batch_size": 8}, "work_dir": str(tmp_path)})
+    assert sel.model_stage() is not None and sel.gap_fn is None  # the selector holds no model code
+    attach_model_stage(sel)  # what the pipeline's plan does: the train/generate/score stage
     with beam.Pipeline(options=pipeline_options([])) as p:
         out = p | beam.Create(rows) | sel
         assert_that(out["kept"] | beam.Map(lambda r: (r["diversity_round"], r["diversity_gap"] is not None)),
@@ -62,3 +65,20 @@ def _check_tiny(got):
     c = Counter(got)
     # round 1's six rows were scored by the refinement step; round 2's were not
     assert c == Counter({(1, True): 6, (2, False): 6}), c
+
+
+def test_a_bad_refinement_config_fails_before_any_scoring(tmp_path, monkeypatch):
+    from curate.config import ConfigError, parse_job
+    from curate.pipeline.build import run_job
+
+    def no_work(*a, **k):
+        raise AssertionError("a pipeline ran before the configuration was checked")
+
+    monkeypatch.setattr("curate.pipeline.build.run_pipeline", no_work)
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n')
+    job = parse_job({"inputs": [str(path)], "output": str(tmp_path / "out"), "scores": str(tmp_path / "s"),
+                     "scorers": [{"type": "embedding"}],
+                     "selectors": [{"type": "diversity", "budget": 1, "rounds": 2, "train": {"bogus": 1}}]})
+    with pytest.raises(ConfigError, match="selector 'diversity'.*bogus"):
+        run_job(job)

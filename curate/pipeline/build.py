@@ -128,7 +128,8 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     """
     if not (job.scores and job.scorers):
         return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress)
-    inputs = [t.path for t in plan_inputs(job.inputs, job.validate.max_chars)]
+    plan = Plan(job)  # every step built and checked (selectors' model stages too) before the scoring
+    inputs = [t.path for t in plan.tasks]
     check_output(job.scores, inputs, overwrite)
     check_output(job.output, inputs + [job.scores], overwrite)
     scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress)

@@ -24,6 +24,20 @@ def output_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
     return schema
 
 
+def attach_model_stage(selector) -> None:
+    """Build the model work a selector asks for (`model_stage()`) and hand it over: the
+    selector calls it, but the model code lives in curate.train, never in selectors/."""
+    spec = selector.model_stage()
+    if spec is None:
+        return
+    from curate.train.refine import RefineConfig, TrainGenerateScore
+
+    try:
+        selector.use_model_stage(TrainGenerateScore(RefineConfig.from_dict(spec)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"selector {selector.type!r}: {exc}") from None
+
+
 class Plan:
     """Everything the driver decides before the pipeline runs."""
 
@@ -39,6 +53,8 @@ class Plan:
 
             self.scorers = [make_scorer(dict(s)) for s in job.scorers]
         self.selectors = [make_selector(dict(s)) for s in job.selectors]
+        for step in self.selectors:
+            attach_model_stage(step)
         columns = self.input_columns()
         written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
         columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them

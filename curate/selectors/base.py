@@ -5,7 +5,10 @@ A selector is a Beam PTransform over scored records. `expand` returns a dict wit
 (why it was not kept) and every kept record the columns that explain why it was
 (score, rank, cluster, quota...). The pipeline adds `reject_stage`.
 Selectors never load a model: they read score columns, which is what makes
-"score once, select many" possible.
+"score once, select many" possible. A method that needs model work between its steps
+(iterative diversity's train / generate / score rounds) says so with `model_stage()`;
+the pipeline's plan builds that stage (`curate.train.refine`) and hands it to the
+selector, which calls it as a function of the rows drawn so far.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ class Selector(beam.PTransform):
 
     def describe(self) -> dict:
         return {"type": self.type}
+
+    def model_stage(self) -> dict | None:
+        """The config of the model work this selector needs (None: none)."""
+        return None
+
+    def use_model_stage(self, stage) -> None:
+        """Receive the built model stage (a callable) from the pipeline's plan."""
+        raise NotImplementedError(f"selector {self.type!r} takes no model stage")
 
 
 def reject(record: dict, reason: str) -> dict:

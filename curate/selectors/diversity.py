@@ -156,15 +156,16 @@ class DiversitySelector(Selector):
                        "max_length": max_length, "max_new_tokens": max_new_tokens,
                        "batch_size": batch_size, "train": dict(train or {}), "device": device,
                        "dtype": dtype}
-        self.gap_fn = gap_fn
-        if rounds > 1 and gap_fn is None:
-            from curate.selectors.diversity_refine import RefineConfig
-
-            try:
-                RefineConfig.from_dict(self.refine)  # fail at plan time, not after k-means
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}: {exc}") from None
+        self.gap_fn = gap_fn  # the refinement's model stage: given here (tests) or by the plan
         self.requires = (embedding_column,) + ((quality_column,) if quality_column else ())
+
+    def model_stage(self) -> dict | None:
+        """Iterative refinement trains, generates and scores between rounds: the plan builds
+        that from `refine` (curate.train.refine) unless a gap function was given."""
+        return self.refine if self.rounds > 1 and self.gap_fn is None else None
+
+    def use_model_stage(self, stage) -> None:
+        self.gap_fn = stage
 
     def output_columns(self):
         return {"cluster": pa.int64(), "cluster_distance": pa.float64(), "cluster_size": pa.int64(),
@@ -307,24 +308,19 @@ class _RefineStep:
     """One refinement step: the rows drawn so far -> S per row -> the next plan.
 
     Runs once per round on one worker (a Map over the one-element plan collection); the
-    model is loaded there (lazily, once per worker) by `gap_fn` or the default
-    perplexity/reward gap of `curate.selectors.diversity_refine`."""
+    model is loaded there (lazily, once per worker) by `gap_fn`: the model stage the plan
+    attached (curate.train.refine's perplexity/reward gap) or one given directly."""
 
     def __init__(self, refine: dict, gap_fn: Callable | None, score_floor: float, seed: int,
                  work_dir: str | None):
         self.refine, self.gap_fn, self.score_floor = refine, gap_fn, score_floor
         self.seed, self.work_dir = seed, work_dir
-        self._fn = None
 
     def _gap_fn(self):
-        if self._fn is None:
-            if self.gap_fn is not None:
-                self._fn = self.gap_fn
-            else:
-                from curate.selectors.diversity_refine import RefineConfig, TrainGenerateScore
-
-                self._fn = TrainGenerateScore(RefineConfig.from_dict(self.refine))
-        return self._fn
+        if self.gap_fn is None:
+            raise RuntimeError("diversity: rounds > 1 needs its model stage; build the selector through "
+                               "the pipeline's plan (curate.pipeline.plan.Plan), which attaches it")
+        return self.gap_fn
 
     def __call__(self, plan: dict, selected: list[dict]) -> dict:
         round_index = len(plan["history"])
