@@ -8,12 +8,12 @@ from collections import Counter
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from curate.pipeline.build import pipeline_options
 from curate.selectors.shared.ccg import ConceptGraph, key_phrases, run_ccg
 from curate.selectors.paser import PaserSelector, allocate_budget, ies, verdict
-from curate.selectors.shared.spectral import (SpectralClusters, assign_nearest, elbow, fit_spectral_clusters,
+from curate.selectors.shared.spectral import (SpectralClusters, elbow, fit_spectral_clusters,
                                        sample_key)
 
 
@@ -134,16 +134,30 @@ def test_spectral_separates_blobs_and_chooses_k():
     assert elbow([1, 2, 3, 4, 5, 6], [10, 5, 1, 0.9, 0.8, 0.7]) == 3
 
 
+def nearest_fitted_label(fit, X) -> np.ndarray:
+    """Brute force: the cluster of each row's nearest fitted point (squared L2, NumPy)."""
+    d2 = ((np.asarray(X, dtype=np.float64)[:, None, :] - fit.points.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    return fit.labels[d2.argmin(axis=1)]
+
+
 def test_held_out_points_take_their_nearest_fitted_neighbours_cluster():
+    """The shared AssignClusters step with a SpectralFit: each row gets the cluster of its
+    nearest fitted point (checked by brute force); fitted points keep their own."""
+    from curate.selectors.shared.kmeans import AssignClusters
+
     X, _ = blobs(40, centers=4, noise=0.6, seed=1)  # noisy: the blobs touch
     rng = np.random.default_rng(2)
     order = rng.permutation(len(X))
     fit_X, held = X[order[:100]], X[order[100:]]
     fit = fit_spectral_clusters(fit_X, 4, k_neighbors=8)
-    got = assign_nearest(fit, held)
-    d2 = ((held[:, None, :] - fit_X[None, :, :]) ** 2).sum(-1)
-    assert np.array_equal(got, fit.labels[d2.argmin(axis=1)])
-    assert np.array_equal(assign_nearest(fit, fit_X), fit.labels)  # fitted points keep their own
+    rows = [{"id": f"h{i}", "origin": f"h:{i}", "embedding": v} for i, v in enumerate(held)]
+    rows += [{"id": f"f{i}", "origin": f"f:{i}", "embedding": v} for i, v in enumerate(fit_X)]
+    expected = [(f"h{i}", int(c)) for i, c in enumerate(nearest_fitted_label(fit, held))]
+    expected += [(f"f{i}", int(c)) for i, c in enumerate(fit.labels)]
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        model = p | "Fit" >> beam.Create([fit])
+        out = p | "Rows" >> beam.Create(rows) | AssignClusters(model, distance_column=None, gpu=False)
+        assert_that(out["assigned"] | beam.Map(lambda r: (r["id"], r["cluster"])), equal_to(expected))
 
 
 def test_spectral_beam_transform_fits_a_sample_and_extends_it():
@@ -153,7 +167,7 @@ def test_spectral_beam_transform_fits_a_sample_and_extends_it():
     sample = sorted(rows, key=lambda r: sample_key(7, r))[:40]
     fit = fit_spectral_clusters(np.array([r["embedding"] for r in sample], dtype=np.float32), 3, k_neighbors=6,
                                 seed=7)
-    expected = {r["id"]: int(assign_nearest(fit, np.array([r["embedding"]], dtype=np.float32))[0]) for r in rows}
+    expected = {r["id"]: int(nearest_fitted_label(fit, np.array([r["embedding"]]))[0]) for r in rows}
 
     def check(got):
         assert dict(got) == expected

@@ -242,6 +242,10 @@ class KMeansModel:
         h.update(np.ascontiguousarray(self.centroids, np.float32).tobytes())
         return h.hexdigest()
 
+    def reference(self) -> tuple[np.ndarray, None]:
+        """The points rows are assigned to, and their labels (None: a centroid's index)."""
+        return self.centroids, None
+
     def describe(self) -> dict:
         return {"k": self.k, "dim": self.dim, "metric": self.metric, "seed": self.seed,
                 "niter": self.niter, "sample_rows": self.sample_rows,
@@ -346,28 +350,31 @@ class TrainKMeans(beam.PTransform):
 
 
 class _AssignBatch(beam.DoFn):
-    """Nearest centroid for a batch of records; the index is built once per worker (and
-    again only if a different model arrives)."""
+    """The label of each record's nearest reference point (k-means: the centroids, the
+    label is the centroid's index; spectral clustering: the fitted sample points and their
+    clusters), with the distance. The index is built once per worker (and again only if a
+    different fitted state arrives)."""
 
-    def __init__(self, column: str, distance_column: str | None, gpu: bool | str):
-        self.column, self.distance_column, self.gpu = column, distance_column, gpu
+    def __init__(self, column: str, out_column: str, distance_column: str | None, gpu: bool | str):
+        self.column, self.out_column, self.distance_column, self.gpu = column, out_column, distance_column, gpu
         self._index = None
         self._fingerprint = None
 
     def setup(self):
         self._index, self._fingerprint = None, None
 
-    def process(self, batch: list[dict], model: KMeansModel | None):
-        if model is None:
+    def process(self, batch: list[dict], fitted):
+        if fitted is None:
             for r in batch:
                 yield beam.pvalue.TaggedOutput(UNASSIGNED, (r, f"no row has a {self.column!r} vector"))
             return
-        if self._fingerprint != model.fingerprint:
-            self._index = flat_index(model.centroids, model.metric, self.gpu)
-            self._fingerprint = model.fingerprint
+        points, labels = fitted.reference()
+        if self._fingerprint != fitted.fingerprint:
+            self._index = flat_index(points, fitted.metric, self.gpu)
+            self._fingerprint = fitted.fingerprint
         rows, vectors = [], []
         for r in batch:
-            v, why = vector_of(r, self.column, model.dim)
+            v, why = vector_of(r, self.column, fitted.dim)
             if v is None:
                 yield beam.pvalue.TaggedOutput(UNASSIGNED, (r, why))
             else:
@@ -375,9 +382,10 @@ class _AssignBatch(beam.DoFn):
                 vectors.append(v)
         if not rows:
             return
-        clusters, dists = search(self._index, np.stack(vectors), model.metric)
+        nearest, dists = search(self._index, np.stack(vectors), fitted.metric)
+        clusters = nearest if labels is None else labels[nearest]
         for r, c, d in zip(rows, clusters.tolist(), dists.tolist()):
-            out = {**r, "cluster": int(c)}
+            out = {**r, self.out_column: int(c)}
             if self.distance_column:
                 out[self.distance_column] = float(d)
             yield out
@@ -386,18 +394,20 @@ class _AssignBatch(beam.DoFn):
 class AssignClusters(beam.PTransform):
     """Records -> {"assigned": records + cluster (+ distance), "unassigned": (record, reason)}.
 
-    `model` is a PCollection holding one KMeansModel (TrainKMeans' output)."""
+    `model` is a PCollection holding one fitted state with `reference()` (points, labels or
+    None), `metric`, `dim` and `fingerprint`: a KMeansModel (TrainKMeans' output) or a
+    SpectralFit. The one cluster-assignment step of every method."""
 
     def __init__(self, model, column: str = "embedding", distance_column: str | None = "cluster_distance",
-                 batch_size: int = 1024, gpu: bool | str = "auto"):
+                 batch_size: int = 1024, gpu: bool | str = "auto", out_column: str = "cluster"):
         super().__init__()
         self.model, self.column, self.distance_column = model, column, distance_column
-        self.batch_size, self.gpu = int(batch_size), gpu
+        self.batch_size, self.gpu, self.out_column = int(batch_size), gpu, out_column
 
     def expand(self, pcoll):
         out = (pcoll
                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-               | "Nearest" >> beam.ParDo(_AssignBatch(self.column, self.distance_column, self.gpu),
-                                         model=beam.pvalue.AsSingleton(self.model))
+               | "Nearest" >> beam.ParDo(_AssignBatch(self.column, self.out_column, self.distance_column, self.gpu),
+                                         fitted=beam.pvalue.AsSingleton(self.model))
                .with_outputs(UNASSIGNED, main="assigned"))
         return {"assigned": out.assigned, UNASSIGNED: out[UNASSIGNED]}

@@ -45,6 +45,7 @@ embeddings and labels: sample_size x dim float32 (30 MB at 20k x 384).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -53,7 +54,7 @@ import apache_beam as beam
 import numpy as np
 
 from curate.selectors.shared.keys import hash_bits
-from curate.selectors.shared.kmeans import faiss_module
+from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, faiss_module
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +178,27 @@ def elbow(ks: Sequence[int], errors: Sequence[float]) -> int:
 
 @dataclass
 class SpectralFit:
-    """The fitted state: sample points and their clusters (assignment = nearest of these)."""
+    """The fitted state: sample points and their clusters (assignment = nearest of these,
+    by kmeans.AssignClusters)."""
     points: np.ndarray          # [n, dim] float32
     labels: np.ndarray          # [n] int64, 0..n_clusters-1
     n_clusters: int
     info: dict = field(default_factory=dict)
+    metric = "l2"
+
+    @property
+    def dim(self) -> int:
+        return int(self.points.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.ascontiguousarray(self.points, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return h.hexdigest()
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.points, self.labels
 
 
 def fit_spectral_clusters(X: np.ndarray, n_clusters: int | str = 10, k_neighbors: int = 15,
@@ -226,20 +243,6 @@ def fit_spectral_clusters(X: np.ndarray, n_clusters: int | str = 10, k_neighbors
     return SpectralFit(X, labels, int(k), info)
 
 
-def assign_nearest(fit: SpectralFit, X: np.ndarray, index=None) -> np.ndarray:
-    """Cluster of each row of X = the cluster of its nearest fitted point."""
-    faiss = faiss_module()
-
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if len(X) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if index is None:
-        index = faiss.IndexFlatL2(fit.points.shape[1])
-        index.add(fit.points)
-    _, nearest = index.search(X, 1)
-    return fit.labels[nearest[:, 0]]
-
-
 def sample_key(seed: int, record: dict) -> tuple[str, str, str]:
     """A seeded pseudo-random key; the smallest keys form the fitting sample."""
     return f"{hash_bits(seed, record):016x}", record.get("origin", ""), record["id"]
@@ -253,6 +256,12 @@ def _embedding(record: dict, column: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def _no_embedding(item: tuple, column: str):
+    record, why = item
+    raise ValueError(f"record {record.get('origin') or record.get('id')}: {why} (spectral clusters need "
+                     f"a {column!r} embedding on every row)")
+
+
 def _fit_sample(sample: list, options: dict) -> SpectralFit | None:
     if not sample:
         return None
@@ -263,25 +272,6 @@ def _fit_sample(sample: list, options: dict) -> SpectralFit | None:
     beam.metrics.Metrics.distribution("curate_spectral", "n_clusters").update(fit.n_clusters)
     beam.metrics.Metrics.distribution("curate_spectral", "n_fit").update(len(X))
     return fit
-
-
-class AssignClusters(beam.DoFn):
-    """Batches of records -> records with the cluster of their nearest fitted point."""
-
-    def __init__(self, column: str, out_column: str):
-        self.column, self.out_column = column, out_column
-        self._fit = self._index = None
-
-    def process(self, batch: list[dict], fit: SpectralFit):
-        faiss = faiss_module()
-
-        if fit is not self._fit:  # one index per fitted state per worker, not per batch
-            self._index = faiss.IndexFlatL2(fit.points.shape[1])
-            self._index.add(fit.points)
-            self._fit = fit
-        labels = assign_nearest(fit, np.stack([_embedding(r, self.column) for r in batch]), self._index)
-        for r, c in zip(batch, labels):
-            yield {**r, self.out_column: int(c)}
 
 
 class SpectralClusters(beam.PTransform):
@@ -310,8 +300,8 @@ class SpectralClusters(beam.PTransform):
                | "SampleKeys" >> beam.Map(lambda r: (sample_key(seed, r), _embedding(r, column)))
                | "Sample" >> beam.combiners.Top.Smallest(self.sample_size, key=lambda kv: kv[0])
                | "Fit" >> beam.Map(_fit_sample, self.options))
-        assigned = (pcoll
-                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-                    | "Assign" >> beam.ParDo(AssignClusters(column, self.out_column),
-                                             fit=beam.pvalue.AsSingleton(fit)))
-        return assigned, fit
+        out = pcoll | "Assign" >> AssignClusters(fit, column, distance_column=None, batch_size=self.batch_size,
+                                                 gpu=False, out_column=self.out_column)
+        # every row has an embedding (the plan requires the column): one without fails the run
+        _ = out[UNASSIGNED] | "NoEmbedding" >> beam.Map(_no_embedding, column)
+        return out["assigned"], fit
