@@ -18,6 +18,7 @@ from curate.pipeline.build import pipeline_options
 from curate.selectors import diversity as dv
 from curate.selectors import diversity_plan as dp
 from curate.selectors.shared import kmeans as km
+from curate.selectors.shared.quotas import water_filling
 from curate.selectors import make_selector
 
 # ---------------------------------------------------------------- budgets
@@ -35,7 +36,7 @@ def test_allocation_is_exact_and_proportional_within_rounding():
         sizes = {c: rng.randint(0, 200) for c in range(rng.randint(1, 30))}
         n = sum(sizes.values())
         budget = rng.randint(0, n + 20)
-        quotas = dp.allocate(sizes, budget, dp.initial_weights(sizes, "proportional") or {})
+        quotas = water_filling(sizes, budget, dp.initial_weights(sizes, "proportional") or {})
         assert sum(quotas.values()) == min(budget, n)
         b = min(budget, n)
         for c, q in quotas.items():
@@ -46,15 +47,15 @@ def test_allocation_is_exact_and_proportional_within_rounding():
 
 def test_equal_allocation_rolls_small_clusters_over():
     sizes = {0: 2, 1: 3, 2: 50, 3: 50}
-    quotas = dp.allocate(sizes, 40, dp.initial_weights(sizes, "equal"))
+    quotas = water_filling(sizes, 40, dp.initial_weights(sizes, "equal"))
     # 10 each asked; clusters 0 and 1 give all they have (2 + 3), the other 35 split 18/17
     assert quotas == {0: 2, 1: 3, 2: 18, 3: 17}
     # a cluster with weight 0 gets rows only once the others are exhausted
-    assert dp.allocate({0: 5, 1: 5}, 4, {0: 1.0, 1: 0.0}) == {0: 4, 1: 0}
-    assert dp.allocate({0: 5, 1: 5}, 8, {0: 1.0, 1: 0.0}) == {0: 5, 1: 3}
-    assert dp.allocate({0: 5, 1: 5}, 99, {0: 1.0, 1: 1.0}) == {0: 5, 1: 5}
+    assert water_filling({0: 5, 1: 5}, 4, {0: 1.0, 1: 0.0}) == {0: 4, 1: 0}
+    assert water_filling({0: 5, 1: 5}, 8, {0: 1.0, 1: 0.0}) == {0: 5, 1: 3}
+    assert water_filling({0: 5, 1: 5}, 99, {0: 1.0, 1: 1.0}) == {0: 5, 1: 5}
     # largest remainder: 7 * (1/6, 2/6, 3/6) = 1.17, 2.33, 3.5 -> 1, 2, 4 (ties by weight)
-    assert dp.allocate({0: 10, 1: 10, 2: 10}, 7, {0: 1, 1: 2, 2: 3}) == {0: 1, 1: 2, 2: 4}
+    assert water_filling({0: 10, 1: 10, 2: 10}, 7, {0: 1, 1: 2, 2: 3}) == {0: 1, 1: 2, 2: 4}
 
 
 # ---------------------------------------------------------------- sampling
@@ -173,7 +174,7 @@ def brute_force_kmq(rows, budget, k, seed, sample_size=100_000, quality="quality
         by_cluster.setdefault(int(l), []).append(r)
     sizes = {cl: len(rs) for cl, rs in by_cluster.items()}
     total = budget if isinstance(budget, int) else int(budget * len(rows) + 0.5)
-    quotas = dp.allocate(sizes, total, dp.initial_weights(sizes, allocation))
+    quotas = water_filling(sizes, total, dp.initial_weights(sizes, allocation))
     kept = set()
     for cl, rs in by_cluster.items():
         rs = sorted(rs, key=lambda r: dp.sampling_key(r, seed, quality), reverse=True)

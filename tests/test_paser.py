@@ -12,7 +12,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from curate.pipeline.build import pipeline_options
 from curate.selectors.shared.ccg import ConceptGraph, key_phrases, run_ccg
-from curate.selectors.paser import PaserSelector, allocate_budget, ies, verdict
+from curate.selectors.paser import PaserSelector, ies, verdict
+from curate.selectors.shared.quotas import cds_shares
 from curate.selectors.shared.spectral import (SpectralClusters, elbow, fit_spectral_clusters,
                                        sample_key)
 
@@ -20,23 +21,23 @@ from curate.selectors.shared.spectral import (SpectralClusters, elbow, fit_spect
 # ------------------------------------------------------------------ budget allocation
 def test_allocation_exact_without_caps():
     # floors 3 + 2 + 5 = 10: nothing left over
-    assert allocate_budget(10, {0: 0.3, 1: 0.2, 2: 0.5}, {0: 99, 1: 99, 2: 99}) == {0: 3, 1: 2, 2: 5}
+    assert cds_shares(10, {0: 0.3, 1: 0.2, 2: 0.5}, {0: 99, 1: 99, 2: 99}) == {0: 3, 1: 2, 2: 5}
     # equal CDS: floors 3 + 3 + 3, leftover 1; next round every share is 1/3 -> floor 0, so one
     # unit by largest fraction (all equal), then CDS (equal), then lowest id
-    assert allocate_budget(10, {0: 1.0, 1: 1.0, 2: 1.0}, {0: 99, 1: 99, 2: 99}) == {0: 4, 1: 3, 2: 3}
+    assert cds_shares(10, {0: 1.0, 1: 1.0, 2: 1.0}, {0: 99, 1: 99, 2: 99}) == {0: 4, 1: 3, 2: 3}
 
 
 def test_allocation_caps_and_redistribution_by_hand():
     # round 1: floor(20 * .6) = 12 -> capped at 5; floor(20 * .3) = 6; floor(20 * .1) = 2 (13, 7 left)
     # round 2 among {1, 2}: 7 * .75 = 5.25 -> 5, 7 * .25 = 1.75 -> 1 (19, 1 left)
     # round 3: shares .75 / .25 floor to 0 -> the unit goes to the larger fraction, cluster 1
-    got = allocate_budget(20, {0: 0.6, 1: 0.3, 2: 0.1}, {0: 5, 1: 100, 2: 100})
+    got = cds_shares(20, {0: 0.6, 1: 0.3, 2: 0.1}, {0: 5, 1: 100, 2: 100})
     assert got == {0: 5, 1: 12, 2: 3} and sum(got.values()) == 20
     # more budget than the clusters can give: everything
-    assert allocate_budget(50, {0: 0.5, 1: 0.5}, {0: 3, 1: 4}) == {0: 3, 1: 4}
+    assert cds_shares(50, {0: 0.5, 1: 0.5}, {0: 3, 1: 4}) == {0: 3, 1: 4}
     # a zero-CDS cluster gets budget only once the others are full; NaN counts as 0
-    assert allocate_budget(6, {0: 0.2, 1: 0.0, 2: float("nan")}, {0: 4, 1: 10, 2: 10}) == {0: 4, 1: 1, 2: 1}
-    assert allocate_budget(0, {0: 1.0}, {0: 3}) == {0: 0}
+    assert cds_shares(6, {0: 0.2, 1: 0.0, 2: float("nan")}, {0: 4, 1: 10, 2: 10}) == {0: 4, 1: 1, 2: 1}
+    assert cds_shares(0, {0: 1.0}, {0: 3}) == {0: 0}
 
 
 def test_allocation_always_sums_to_budget():
@@ -46,7 +47,7 @@ def test_allocation_always_sums_to_budget():
         cap = {c: rng.randint(0, 30) for c in range(k)}
         cds = {c: rng.choice([0.0, rng.random(), rng.random() * 1e-6]) for c in range(k)}
         b = rng.randint(0, 200)
-        got = allocate_budget(b, cds, cap)
+        got = cds_shares(b, cds, cap)
         assert sum(got.values()) == min(b, sum(cap.values()))
         assert all(0 <= got[c] <= cap[c] for c in range(k))
 

@@ -14,8 +14,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from curate.pipeline.build import pipeline_options
 from curate.records import make_record
-from curate.selectors.s2l import (S2LSelector, balanced_quotas, sample_key,
-                                  stratified_quotas)
+from curate.selectors.s2l import S2LSelector, sample_key
+from curate.selectors.shared.quotas import balanced_quotas, stratified_quotas
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
-from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from curate.config import resolve_budget
 from curate.selectors.shared.keys import hash_bits
+from curate.selectors.shared.quotas import water_filling
 
 ALLOCATIONS = ("proportional", "equal")
 
@@ -25,42 +25,6 @@ def split_budget(total: int, rounds: int) -> list[int]:
     """`total` in `rounds` parts differing by at most one, earlier rounds first."""
     base, extra = divmod(int(total), int(rounds))
     return [base + (1 if r < extra else 0) for r in range(rounds)]
-
-
-def allocate(capacity: Mapping[int, int], budget: int, weights: Mapping[int, float]) -> dict[int, int]:
-    """Integer quotas per cluster: shares of `budget` proportional to `weights`, capped at
-    each cluster's `capacity`, summing to exactly min(budget, total capacity).
-
-    Water-filling: a cluster whose share reaches its capacity is taken whole and the
-    budget left is shared again among the others; then largest-remainder rounding
-    (ties: larger weight, then smaller cluster id). Clusters with weight 0 get rows only
-    when the positive-weight ones cannot absorb the budget (then equal shares)."""
-    caps = {c: int(n) for c, n in capacity.items()}
-    quota = {c: 0 for c in caps}
-    remaining = min(int(budget), sum(max(n, 0) for n in caps.values()))
-    open_ = {c for c, n in caps.items() if n > 0}
-    w = {c: Fraction(max(float(weights.get(c, 0.0)), 0.0)) for c in caps}
-    while remaining > 0 and open_:
-        live = {c for c in open_ if w[c] > 0} or set(open_)
-        wl = {c: (w[c] if w[c] > 0 else Fraction(1)) for c in live}
-        total_w = sum(wl.values())
-        shares = {c: remaining * wl[c] / total_w for c in live}
-        full = [c for c in live if shares[c] >= caps[c]]
-        if full:
-            for c in full:
-                quota[c] = caps[c]
-                remaining -= caps[c]
-                open_.discard(c)
-            continue
-        floors = {c: math.floor(s) for c, s in shares.items()}
-        for c, f in floors.items():
-            quota[c] += f
-        left = remaining - sum(floors.values())
-        order = sorted(live, key=lambda c: (-(shares[c] - floors[c]), -wl[c], c))
-        for c in order[:left]:
-            quota[c] += 1
-        remaining = 0
-    return quota
 
 
 def initial_weights(sizes: Mapping[int, int], allocation: str) -> dict[int, float]:
@@ -155,7 +119,7 @@ def first_plan(sizes: Mapping[int, int], n_input: int, budget: int | float, roun
     total = min(resolve_budget(budget, n_input), sum(sizes.values()))
     round_budgets = split_budget(total, rounds)
     weights = initial_weights(sizes, allocation)
-    quotas = allocate(sizes, round_budgets[0], weights)
+    quotas = water_filling(sizes, round_budgets[0], weights)
     return {"budget": total, "n_input": n_input, "rounds": rounds, "allocation": allocation,
             "sizes": sizes, "round_budgets": round_budgets, "kmeans": k_info or {},
             "history": [{"round": 1, "weights": weights, "quotas": quotas,
@@ -185,7 +149,7 @@ def next_plan(plan: dict, clusters: Sequence[int], row_keys: Sequence[str], gaps
     before = taken_after(plan, r)
     capacity = {c: plan["sizes"][c] - before[c] for c in plan["sizes"]}
     # weights are carried raw (Eq. 6 as written); allocation only needs their ratios
-    quotas = allocate(capacity, plan["round_budgets"][r], weights)
+    quotas = water_filling(capacity, plan["round_budgets"][r], weights)
     plan["history"].append({"round": r + 1, "weights": weights, "quotas": quotas, "taken_before": before})
     return plan
 

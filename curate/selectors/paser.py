@@ -14,7 +14,7 @@ admitting examples whose concepts contradict what was already selected.
    an example truncated to no response token, is left out of the mean).
 3. Budget: n_k = floor(B * CDS_k / sum_j CDS_j), each capped at what the cluster can
    give; the leftover is shared again by the same rule among clusters with room, until
-   the total is exactly B (`allocate_budget`; when a round's floors are all 0, single
+   the total is exactly B (`shared.quotas.cds_shares`; when a round's floors are all 0, single
    units go to the largest fractional shares, then higher CDS, then lower cluster id).
    The code floors once and drops the remainder, so it selects fewer than B.
 4. Order inside a cluster: IES = jsd / log(cost), cost = the example's token count
@@ -55,7 +55,6 @@ Columns (kept and rejected rows): `cluster`, `cds`, `cluster_budget`, `ies`,
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import apache_beam as beam
 import pyarrow as pa
@@ -63,6 +62,7 @@ import pyarrow as pa
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
 from curate.selectors.shared.ccg import record_concepts, run_ccg
+from curate.selectors.shared.quotas import cds_shares
 from curate.selectors.shared.spectral import DEFAULT_K_GRID, NONNEG, SpectralClusters
 
 MIN_COST_TOKENS = 2
@@ -74,37 +74,6 @@ def ies(jsd: float | None, cost: float | None) -> float:
     if jsd is None or (isinstance(jsd, float) and math.isnan(jsd)):
         return -math.inf
     return float(jsd) / math.log(max(float(cost or 0), MIN_COST_TOKENS))
-
-
-def allocate_budget(budget: int, cds: Mapping[int, float], capacity: Mapping[int, int]) -> dict[int, int]:
-    """Per-cluster budgets summing to exactly min(budget, total capacity).
-
-    n_k = floor(B * CDS_k / sum_j CDS_j) capped at capacity_k; the leftover is shared
-    again by the same rule among the clusters with room, until nothing is left. When a
-    round's floors are all zero, one unit goes to each of the clusters with room in
-    order of largest fractional share, then higher CDS, then lower id. A cluster whose
-    CDS is 0 or NaN gets a share only when every cluster with room has CDS 0 (then
-    shares are equal).
-    """
-    clusters = sorted(capacity)
-    alloc = {c: 0 for c in clusters}
-    remaining = min(int(budget), sum(max(int(capacity[c]), 0) for c in clusters))
-    weight = {c: (float(cds.get(c, 0.0)) if cds.get(c) is not None and not math.isnan(cds[c])
-                  and cds[c] > 0 else 0.0) for c in clusters}
-    while remaining > 0:
-        open_ = [c for c in clusters if alloc[c] < capacity[c]]
-        total = sum(weight[c] for c in open_)
-        w = {c: (weight[c] / total if total > 0 else 1.0 / len(open_)) for c in open_}
-        shares = {c: remaining * w[c] for c in open_}
-        grant = {c: min(int(math.floor(shares[c])), capacity[c] - alloc[c]) for c in open_}
-        if sum(grant.values()) == 0:
-            order = sorted(open_, key=lambda c: (-(shares[c] - math.floor(shares[c])), -weight[c], c))
-            for c in order[:remaining]:
-                grant[c] = 1
-        for c, g in grant.items():
-            alloc[c] += g
-            remaining -= g
-    return alloc
 
 
 def priority_key(item: dict) -> tuple:
@@ -220,7 +189,7 @@ class PaserSelector(Selector):
         def budgets(stats):
             stats = dict(stats)
             n = sum(s["size"] for s in stats.values())
-            alloc = allocate_budget(resolve_budget(budget, n), {c: s["cds"] for c, s in stats.items()},
+            alloc = cds_shares(resolve_budget(budget, n), {c: s["cds"] for c, s in stats.items()},
                                     {c: s["capacity"] for c, s in stats.items()})
             return {c: {**s, "budget": alloc[c]} for c, s in stats.items()}
 

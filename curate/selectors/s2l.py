@@ -10,7 +10,7 @@ clusters evenly, favouring the small (rare-behaviour) clusters over the large on
 
 1. k-means on the raw trajectories (no normalisation), K = 100 (paper), faiss with
    20 iterations (authors' code), l2 metric.
-2. Balanced sampling for a budget B (`balanced_quotas`): visit the clusters from the
+2. Balanced sampling for a budget B (`shared.quotas.balanced_quotas`): visit the clusters from the
    smallest to the largest; each gets quota = remaining budget // clusters remaining;
    a cluster smaller than its quota is taken whole and what it leaves rolls forward to
    the larger ones; a larger one gives a uniform random sample of its quota.
@@ -49,7 +49,7 @@ says which cluster it was in, its quota and its sample key against the cut-off.
 from __future__ import annotations
 
 import logging
-from typing import Hashable, Mapping
+from typing import Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -58,6 +58,7 @@ import pyarrow as pa
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
 from curate.selectors.shared.keys import hash_unit
+from curate.selectors.shared.quotas import balanced_plan
 
 log = logging.getLogger(__name__)
 
@@ -65,43 +66,6 @@ KEPT, REJECTED = "kept", "rejected"
 
 
 # ---------------------------------------------------------------- the math
-
-
-def balanced_plan(sizes: Mapping[Hashable, int], budget: int) -> list[tuple[Hashable, int, int, int]]:
-    """S2L's balanced sampling schedule: [(cluster, size, quota offered, rows taken)],
-    in visiting order (smallest cluster first, ties by cluster id)."""
-    if budget < 0:
-        raise ValueError("budget must be >= 0")
-    order = sorted((c for c in sizes if sizes[c] > 0), key=lambda c: (sizes[c], c))
-    remaining = int(budget)
-    plan = []
-    for i, c in enumerate(order):
-        quota = remaining // (len(order) - i)
-        take = min(int(sizes[c]), quota)
-        plan.append((c, int(sizes[c]), quota, take))
-        remaining -= take
-    return plan
-
-
-def balanced_quotas(cluster_sizes: Mapping[Hashable, int], budget: int) -> dict:
-    """Rows to take from each cluster: smallest clusters first, each offered
-    remaining // clusters left, a smaller cluster taken whole and its leftover rolled
-    forward. Sums to min(budget, total rows)."""
-    return {c: take for c, _, _, take in balanced_plan(cluster_sizes, budget)}
-
-
-def stratified_quotas(sizes: Mapping[tuple[Hashable, Hashable], int], budget: int) -> dict:
-    """{(stratum, cluster): rows to take}: the budget shared among strata by the balanced
-    rule, then each stratum's part among its clusters by the same rule."""
-    per_stratum: dict = {}
-    for (s, _), n in sizes.items():
-        per_stratum[s] = per_stratum.get(s, 0) + n
-    stratum_budget = balanced_quotas(per_stratum, budget)
-    out = {}
-    for s, b in stratum_budget.items():
-        inner = balanced_quotas({c: n for (t, c), n in sizes.items() if t == s}, b)
-        out.update({(s, c): take for c, take in inner.items()})
-    return out
 
 
 def sample_key(seed: int, record: dict) -> float:
