@@ -297,6 +297,33 @@ def test_the_launcher_must_match_the_image():
     assert (ROOT / "jobs/dataflow/README.md").is_file()
 
 
+@pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
+def test_gpu_scorers_get_gpu_workers(path, monkeypatch, caplog):
+    """The scorers' declared device is checked against the workers the job asks for: every
+    Dataflow job passes; without its worker_accelerator a GPU job fails before launching."""
+    from curate import dataflow
+
+    for var, value in VALID_SETTINGS.items():
+        monkeypatch.setenv(var, value)
+    from curate.transforms import make_scorer
+
+    job = load_job(str(path))
+    scorers = [make_scorer(dict(s)) for s in job.scorers]  # the inputs on gs:// are not planned here
+    options = pipeline_options(job.beam_args).get_all_options()
+    dataflow.check_worker_resources(scorers, options)
+    gpu = [s.type for s in scorers if s.device == "cuda"]
+    no_gpu = {**options, "dataflow_service_options": [o for o in options.get("dataflow_service_options") or []
+                                                      if "worker_accelerator" not in o]}
+    if gpu:
+        with pytest.raises(ConfigError, match=f"{gpu[0]}.*device: cuda.*no GPU"):
+            dataflow.check_worker_resources(scorers, no_gpu)
+    else:  # a CPU job asking for GPUs would pay for idle ones: said, not refused
+        with caplog.at_level("WARNING", logger="curate.dataflow"):
+            dataflow.check_worker_resources(scorers, {**options, "dataflow_service_options": [
+                "worker_accelerator=type:nvidia-l4;count:1"]})
+        assert "idle" in caplog.text
+
+
 # ---------------------------------------------------------------- beam_args
 
 def test_beam_args_are_checked():

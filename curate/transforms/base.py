@@ -5,7 +5,9 @@ and gives a `ModelHandler`; the pipeline composes scorers and knows nothing abou
 
 `ModelScorer` is the base of every model-backed scorer and owns the mechanics once:
     resources    device, dtype, token budget per forward, model copies, Beam batch sizes
-                 (the same fields in every scorer's config)
+                 (the same fields in every scorer's config); on Dataflow the declared
+                 device is checked against the job's workers before launch
+                 (`curate.dataflow.check_worker_resources`)
     loading      `load()` runs on the worker, once per model copy; `load_lm` /
                  `load_encoder` apply the resource fields
     batching     `encode_all` (with the failing record named), `token_budget` by device
