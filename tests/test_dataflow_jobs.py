@@ -84,6 +84,9 @@ def localise(job, tmp_path):
     data.mkdir(exist_ok=True)
     for spec in job.inputs:
         spec.path = _write_tiny_input(data / spec.path.rsplit("/", 1)[-1])
+    for f in job.filters:  # a filter's own inputs (decontaminate's evaluation sets)
+        for spec in f.get("eval", []):
+            spec["path"] = _write_tiny_input(data / ("eval-" + spec["path"].rsplit("/", 1)[-1]))
     job.output = str(tmp_path / "out")
     job.scores = job.scores and str(tmp_path / "scores")
     for scorer in job.scorers:
@@ -144,10 +147,18 @@ def test_job_builds_its_pipeline_graph(path, tmp_path, no_model_loading, monkeyp
 
 # ---------------------------------------------------------------- the Dataflow jobs
 
-def test_one_dataflow_job_per_method():
-    assert {p.stem for p in DATAFLOW_JOBS} == METHODS
+# Dataflow variants of the curation steps that are not selection methods
+STEPS = {"decontaminate": "filters"}
+
+
+def test_one_dataflow_job_per_method_and_step():
+    assert {p.stem for p in DATAFLOW_JOBS} == METHODS | set(STEPS)
     for path in DATAFLOW_JOBS:
-        assert [s["type"] for s in load_job(str(path)).selectors] == [path.stem]
+        job = load_job(str(path))
+        if path.stem in STEPS:
+            assert path.stem in [s["type"] for s in getattr(job, STEPS[path.stem])]
+        else:
+            assert [s["type"] for s in job.selectors] == [path.stem]
 
 
 @pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))

@@ -32,7 +32,8 @@ from curate.records import BASE_SCHEMA
 from curate.report.sections import selector_sections
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-JOBS = sorted(p for p in glob.glob(str(ROOT / "jobs" / "*.yaml")))
+# every job that selects (a filtering job such as decontaminate.yaml has no selector section)
+JOBS = sorted(p for p in glob.glob(str(ROOT / "jobs" / "*.yaml")) if "selectors:" in pathlib.Path(p).read_text())
 POOL_ROWS = 200
 VECTOR_DIM = 16
 CHROMIUM = "/usr/bin/chromium"

@@ -151,13 +151,22 @@ class ExactDedup(beam.PTransform):
                 | "Keep" >> beam.FlatMap(split).with_outputs(REJECTED, main="kept"))
 
 
-def make_filter_steps(specs: list[dict]) -> list[Filter | ExactDedup]:
+def whole_pool_steps() -> dict:
+    """Filters that see the whole pool (PTransforms with kept / rejected), by type."""
+    from curate.transforms.decontaminate import Decontaminate  # it imports this module
+
+    return {"dedup": ExactDedup, "decontaminate": Decontaminate}
+
+
+def make_filter_steps(specs: list[dict]) -> list:
     steps = []
+    whole_pool = whole_pool_steps()
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("type")
-        cls = ExactDedup if kind == "dedup" else FILTERS.get(kind)
+        cls = whole_pool.get(kind) or FILTERS.get(kind)
         if cls is None:
-            raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: dedup, {', '.join(FILTERS)}")
+            raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: "
+                              f"{', '.join(list(whole_pool) + list(FILTERS))}")
         steps.append(make_step(cls, spec, f"filters[{i}] ({kind})"))
     return steps

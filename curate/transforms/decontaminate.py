@@ -1,0 +1,133 @@
+"""Decontamination: reject training rows that share a word n-gram with an evaluation set
+(default 13 words, as OLMo and Tulu 3 do).
+
+    filters:
+      - type: decontaminate
+        eval: [{path: ../shared/data/gsm8k_test.jsonl.gz}]   # any inputs the readers take
+        n: 13
+
+Normalisation, the same on both sides: lower case; every character that is not a letter
+or a digit becomes a space (punctuation, symbols, markup); whitespace collapsed. Words are
+what is left between spaces, so "Natalia sold 48 clips," and "natalia SOLD 48 clips" are
+the same four words.
+
+Evaluation side: every n-gram of each evaluation row's prompt and, separately, of its
+answer (an n-gram across the boundary is not text anyone wrote), hashed to 64 bits and
+mapped to the first row holding it (its origin, "file:line"). The table is a side input,
+one dict built once, its size logged. A text shorter than n words has no n-gram and
+cannot match anything: lower `n` for short evaluation items.
+
+Training side: the n-grams of each message of a row, in order; the first one in the
+table rejects the row with the reason naming the evaluation row and the shared n-gram.
+A 64-bit collision would reject a clean row: with a million training n-grams against a
+million evaluation ones, the chance is about 1e12 / 2^64 = 5e-8 per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from curate.config import ConfigError, InputConfig, expand_vars
+from curate.transforms.filters import REJECTED
+
+log = logging.getLogger(__name__)
+_NOT_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def words(text: str) -> list[str]:
+    """Normalised words: lower case, anything but letters and digits is a separator."""
+    return [w for w in _NOT_WORD.split(text.lower()) if w] if text else []
+
+
+def ngram_hash(gram: list[str] | tuple[str, ...]) -> int:
+    return int.from_bytes(hashlib.blake2b(" ".join(gram).encode(), digest_size=8).digest(), "little")
+
+
+def ngrams(ws: list[str], n: int):
+    """(position, hash) of every n-gram of a word list, in order."""
+    for i in range(len(ws) - n + 1):
+        yield i, ngram_hash(ws[i:i + n])
+
+
+def eval_ngrams(record: dict, n: int):
+    """(hash, origin) of every n-gram of an evaluation row's prompt and of its answer."""
+    for text in (record["prompt"], record["response"]):
+        for _, h in ngrams(words(text), n):
+            yield h, record["origin"]
+
+
+def first_hit(record: dict, table: dict, n: int) -> str | None:
+    """The reject reason for a training row sharing an n-gram with the table, or None."""
+    for message in record["messages"]:
+        ws = words(message["content"])
+        for i, h in ngrams(ws, n):
+            origin = table.get(h)
+            if origin is not None:
+                return f'shares the {n}-gram "{" ".join(ws[i:i + n])}" with evaluation row {origin}'
+    return None
+
+
+def _table_size(table: dict, n: int) -> dict:
+    log.info("decontaminate: %d evaluation %d-grams in the side input (~%.1f MB)", len(table), n,
+             len(table) * 120 / 1e6)  # a dict entry with an int key and a short str value
+    Metrics.distribution("filters", "decontaminate_eval_ngrams").update(len(table))
+    return table
+
+
+class Decontaminate(beam.PTransform):
+    """A whole-pool filter step (see the module docstring): kept rows, and `rejected` rows
+    with reject_stage `filter:decontaminate` and the reason."""
+
+    type = "decontaminate"
+    per_example = False
+
+    def __init__(self, eval: list | dict | str, n: int = 13):
+        super().__init__()
+        from curate.inputs.files import plan_inputs
+
+        items = eval if isinstance(eval, list) else [eval]
+        if not items:
+            raise ConfigError("decontaminate: 'eval' needs at least one input (a path or {path: ...})")
+        if not (isinstance(n, int) and n >= 1):
+            raise ConfigError(f"decontaminate: n must be a positive number of words, got {n!r}")
+        specs = []
+        for i, item in enumerate(items):
+            item = {"path": item} if isinstance(item, str) else dict(item)
+            try:
+                spec = InputConfig(**item)
+            except TypeError as exc:
+                raise ConfigError(f"decontaminate: eval[{i}]: {exc}") from None
+            spec.path = expand_vars(str(spec.path))
+            specs.append(spec)
+        self.n = n
+        # evaluation rows are read as any input is; none is too long to count
+        self.tasks = list(plan_inputs(specs, max_chars=10**9))
+
+    def expand(self, pcoll):
+        from curate.inputs.files import task_records
+
+        n = self.n
+        table = (pcoll.pipeline
+                 | "EvalFiles" >> beam.Create(self.tasks)
+                 | "EvalRows" >> beam.FlatMap(lambda t: (r for r, bad in task_records(t) if bad is None))
+                 | "EvalNgrams" >> beam.FlatMap(eval_ngrams, n)
+                 | "FirstRow" >> beam.CombinePerKey(min)  # the same row whatever the order
+                 | "Table" >> beam.combiners.ToDict()
+                 | "Size" >> beam.Map(_table_size, n))
+
+        def check(record, table):
+            reason = first_hit(record, table, n)
+            if reason is None:
+                yield record
+            else:
+                Metrics.counter("filters", "dropped_decontaminate").inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": "filter:decontaminate",
+                                                          "reject_reason": reason})
+
+        return pcoll | "Check" >> beam.FlatMap(check, beam.pvalue.AsSingleton(table)).with_outputs(
+            REJECTED, main="kept")
