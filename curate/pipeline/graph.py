@@ -55,7 +55,7 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
             recs = flush_filters(recs, i)
             out = recs | f"Filter{i}:{step.type}" >> step
             rejected.append(out[REJECTED])
-            recs = out.kept
+            recs = out["kept"]
     return examples, invalid, flush_filters(recs, len(plan.filters)), rejected
 
 

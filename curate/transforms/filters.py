@@ -125,7 +125,7 @@ class ExactDedup(beam.PTransform):
     """
 
     type = "dedup"
-    per_example = False  # a whole-pool step: a PTransform with `kept` and `rejected` outputs
+    per_example = False  # a whole-pool step: a PTransform returning `kept` and `rejected` outputs
 
     def __init__(self, key: str = "prompt_response"):
         super().__init__()
@@ -153,9 +153,10 @@ class ExactDedup(beam.PTransform):
 
 def whole_pool_steps() -> dict:
     """Filters that see the whole pool (PTransforms with kept / rejected), by type."""
-    from curate.transforms.decontaminate import Decontaminate  # it imports this module
+    from curate.transforms.decontaminate import Decontaminate  # they import this module
+    from curate.transforms.near_dedup import NearDedup
 
-    return {"dedup": ExactDedup, "decontaminate": Decontaminate}
+    return {"dedup": ExactDedup, "near_dedup": NearDedup, "decontaminate": Decontaminate}
 
 
 def make_filter_steps(specs: list[dict]) -> list:

@@ -1,0 +1,121 @@
+"""near_dedup: the MinHash family against exact arithmetic and exact Jaccard, and the Beam
+step against brute-force Jaccard over every pair of a real sample with planted edits."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import apache_beam as beam
+import datasets
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that
+
+from curate.config import ConfigError, InputConfig, parse_job
+from curate.inputs.files import read_records
+from curate.pipeline.build import pipeline_options, run_job
+from curate.transforms.near_dedup import (PRIME, NearDedup, estimated_jaccard, permutations, record_text, shingle_values,
+                                          shingles, signature)
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def test_hash_family_is_exact_modular_arithmetic():
+    a, b = permutations(64, seed=3)
+    assert a.min() >= 1 and a.max() < PRIME and b.max() < PRIME
+    x = np.array([0, 1, PRIME - 1, 123456789], dtype=np.uint64)
+    got = signature(x, a, b)
+    want = [min((int(ai) * int(xi) + int(bi)) % PRIME for xi in x) for ai, bi in zip(a, b)]
+    assert got.tolist() == want
+    assert (permutations(64, seed=3)[0] == a).all() and not (permutations(64, seed=4)[0] == a).all()
+
+
+@pytest.mark.parametrize("overlap", [0.5, 0.8, 0.95])
+def test_signature_agreement_estimates_jaccard(overlap):
+    base = [f"w{i}" for i in range(400)]
+    k = int(400 * (1 - overlap) / (1 + overlap))  # |A & B| / |A | B| = (400 - k) / (400 + k)
+    s1, s2 = set(base), set(base[k:] + [f"x{i}" for i in range(k)])
+    a, b = permutations(1024, seed=0)
+    est = estimated_jaccard(signature(shingle_values(s1), a, b), signature(shingle_values(s2), a, b))
+    exact = jaccard(s1, s2)
+    assert abs(est - exact) < 4 * np.sqrt(exact * (1 - exact) / 1024) + 1e-9
+
+
+def test_shingles():
+    assert shingles("The cat, the HAT.", 2) == {"the cat", "cat the", "the hat"}
+    assert shingles("one two", 5) == {"one two"}  # shorter than a shingle: the whole text
+    assert shingles("ab c", 3, unit="char") == {"ab ", "b c"}
+    assert shingles("...", 5) == set()
+
+
+def edited(text: str, rng: random.Random) -> str:
+    """One word dropped and one replaced: a near-duplicate of a long text."""
+    ws = text.split()
+    del ws[rng.randrange(len(ws))]
+    ws[rng.randrange(len(ws))] = "EDITED"
+    return " ".join(ws)
+
+
+def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
+    rng = random.Random(0)
+    recs = []
+    for name in ("gsm8k_train", "codealpaca"):
+        got, _ = read_records([InputConfig(path=str(shared_data / f"{name}.jsonl.gz"), limit=150)])
+        recs += got
+    long_rows = [r for r in recs if len(r["response"].split()) >= 60]
+    for k, r in enumerate(long_rows[:40]):
+        response = edited(r["response"], rng)
+        recs.append({**r, "id": f"edit-{k}", "origin": f"edit:{k}", "response": response,
+                     "messages": [r["messages"][0], {"role": "assistant", "content": response}]})
+    sets = {(r["id"], r["origin"]): shingles(record_text(r), 5) for r in recs}
+    keys = sorted(sets)
+    exact = {(x, y): jaccard(sets[x], sets[y]) for i, x in enumerate(keys) for y in keys[i + 1:]}
+    truth = {p for p, j in exact.items() if j >= 0.8}
+    assert len(truth) >= 30  # the planted edits (and any real near-duplicates)
+
+    def check(pairs):
+        found = {((a[0], a[1]), (b[0], b[1])) if a < b else (b, a) for a, b, _ in pairs}
+        tp = len(found & truth)
+        precision, recall = tp / max(len(found), 1), tp / len(truth)
+        assert precision >= 0.9 and recall >= 0.9, (precision, recall, len(found), len(truth))
+        # every pair the step reports is close to the threshold or above it, exactly
+        assert all(exact[p] >= 0.7 for p in found)
+
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        out = p | beam.Create(recs) | NearDedup(threshold=0.8, seed=0)
+        assert_that(out["pairs"], check)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_job_keeps_one_row_per_component_with_the_reason(tmp_path):
+    text = ("the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat "
+            "and the bird sings in the old oak tree near the river bank")
+    rows = [{"question": "Describe the scene.", "answer": text},
+            {"question": "Describe the scene.", "answer": text + " today"},      # longest: kept
+            {"question": "Describe the scene.", "answer": text.replace("old", "tall")},
+            {"question": "Name a prime number.", "answer": "Seven is a prime number."}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    m = run_job(parse_job({"inputs": [path], "output": str(tmp_path / "out"),
+                           "filters": [{"type": "near_dedup", "threshold": 0.7}]}))
+    assert m["counts"]["filtered"] == {"filter:near_dedup": 2} and m["counts"]["kept"] == 2
+    kept = datasets.load_from_disk(str(tmp_path / "out")).to_list()
+    assert sorted(r["origin"] for r in kept) == ["in.jsonl:2", "in.jsonl:4"]
+    winner = next(r["id"] for r in kept if r["origin"] == "in.jsonl:2")
+    for r in datasets.load_from_disk(str(tmp_path / "out" / "rejected")).to_list():
+        assert r["reject_reason"].startswith(f"near-duplicate of {winner} (in.jsonl:2), estimated Jaccard 0.")
+
+
+@pytest.mark.parametrize("options, match", [({"threshold": 0}, "threshold"), ({"num_perm": 100}, "multiple"),
+                                            ({"keep": "best"}, "keep"), ({"unit": "byte"}, "unit")])
+def test_config_errors(tmp_path, options, match):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ConfigError, match=match):
+        run_job(parse_job({"inputs": [path], "output": str(tmp_path / "o"),
+                           "filters": [{"type": "near_dedup", **options}]}))
