@@ -133,18 +133,20 @@ class NearDedup(beam.PTransform):
         def bucket(item):
             rid, sig, rank = item
             bands = 0 if (sig == PRIME).all() else len(sig) // rows_per_band  # no text: never a duplicate
+            raw = sig.tobytes()  # bytes travel through the shuffle far cheaper than an array
+            width = rows_per_band * sig.itemsize
             for j in range(bands):
-                band = sig[j * rows_per_band:(j + 1) * rows_per_band]
-                yield (j, hashlib.blake2b(band.tobytes(), digest_size=8).digest()), (rid, sig, rank)
+                yield (j, raw[j * width:(j + 1) * width]), (rid, raw, rank)
 
         def verify(group):
             _, members = group
-            members = sorted(members, key=lambda m: m[0])
-            for i in range(len(members)):
-                for k in range(i + 1, len(members)):
-                    sim = estimated_jaccard(members[i][1], members[k][1])
-                    if sim >= threshold:
-                        yield (members[i][0], members[k][0]), (sim, members[i], members[k])
+            if len(members) < 2:
+                return []
+            members = [(rid, np.frombuffer(raw, dtype=np.uint32), rank)
+                       for rid, raw, rank in sorted(members, key=lambda m: m[0])]
+            return [((m1[0], m2[0]), (sim, m1, m2))
+                    for i, m1 in enumerate(members) for m2 in members[i + 1:]
+                    if (sim := estimated_jaccard(m1[1], m2[1])) >= threshold]
 
         def resolve(edges):
             """All verified pairs on one worker -> {rejected id: (kept id, estimated Jaccard)}."""
