@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.models.lm_head import body_and_head, chunked_nll, post_head, response_positions
 from curate.train.data import Tokenized, collate, micro_batches, tokenize
 
@@ -90,13 +91,6 @@ def autocast_for(model, dtype: torch.dtype | None = None):
     return stack
 
 
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 @torch.no_grad()
 def evaluate_tokenized(model, tok: Tokenized, pad_id: int, *, batch_tokens: int = 4096,
                        autocast_dtype: torch.dtype | None = None) -> dict:
@@ -127,7 +121,7 @@ def evaluate_loss(model, tokenizer, records: Iterable[dict], template: str = "pl
     """Mean response-token loss over `records` (token-weighted over the whole set):
     {"loss", "ppl": exp(loss), "n_tokens", "n_examples", "n_truncated"}."""
     tok = tokenize(records, tokenizer, template, max_length)
-    return evaluate_tokenized(model, tok, _pad_id(tokenizer), batch_tokens=batch_tokens,
+    return evaluate_tokenized(model, tok, tokenizer_pad_id(tokenizer), batch_tokens=batch_tokens,
                               autocast_dtype=autocast_dtype)
 
 
@@ -147,7 +141,7 @@ def generate_samples(model, tokenizer, records: Iterable[dict], template: str = 
             with autocast_for(model):
                 gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                      max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=_pad_id(tokenizer))
+                                     pad_token_id=tokenizer_pad_id(tokenizer))
             out.append({
                 "id": rid,
                 "prompt": tokenizer.decode(ids[:p], skip_special_tokens=True),

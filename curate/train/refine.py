@@ -90,7 +90,8 @@ def mean_response_logprobs(model, tokenizer, records: Sequence[dict], template: 
     import torch
 
     from curate.train.data import collate, tokenize
-    from curate.train.loss import _pad_id, autocast_for, model_device
+    from curate.models.batching import pad_id
+    from curate.train.loss import autocast_for, model_device
 
     tok = tokenize(records, tokenizer, template, max_length)
     out = [float("nan")] * len(tok)
@@ -102,7 +103,7 @@ def mean_response_logprobs(model, tokenizer, records: Sequence[dict], template: 
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = collate(tok, idx, _pad_id(tokenizer))
+                batch = collate(tok, idx, pad_id(tokenizer))
                 ids = batch["input_ids"].to(device)
                 with autocast_for(model):
                     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
@@ -126,13 +127,14 @@ def generate_responses(model, tokenizer, records: Sequence[dict], template: str 
     import torch
 
     from curate.formatting import encode
-    from curate.train.loss import _pad_id, autocast_for, model_device
+    from curate.models.batching import pad_id
+    from curate.train.loss import autocast_for, model_device
 
     prompts = []
     for r in records:
         enc = encode(r, tokenizer, template, max_length)
         prompts.append(enc.input_ids[:enc.prompt_len])
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = model_device(model)
     out = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

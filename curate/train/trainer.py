@@ -44,10 +44,11 @@ from typing import Any, Callable
 import torch
 
 from curate.formatting import TEMPLATES, TURNS
+from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.train import checkpoints as ckpts
 from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
 from curate.train.loading import DTYPES, load_model, resolve_device_dtype
-from curate.train.loss import (_pad_id, autocast_for, batch_nll, evaluate_tokenized,
+from curate.train.loss import (autocast_for, batch_nll, evaluate_tokenized,
                                generate_samples)
 
 log = logging.getLogger("curate.train")
@@ -268,7 +269,7 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     elif tokenizer is None:
         raise ValueError("pass the tokenizer with the model")
     model.to(device)
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     autocast_dtype = compute_dtype if compute_dtype == torch.bfloat16 else None
 
     records = load_records(data)
