@@ -19,7 +19,8 @@ from curate.pipeline.plan import Plan
 from curate.pipeline.readers import DEAD, ReadInputs, Validate
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
-from curate.transforms.filters import REJECTED, ApplyFilters
+from curate.transforms.base import REJECTED
+from curate.transforms.filters import ApplyFilters
 from curate.transforms.handlers import SCORE_ERROR
 
 SCORE_FAILED = "score_failed"

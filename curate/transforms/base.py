@@ -26,6 +26,9 @@ from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 
+# the tag of a filter step's rejected output (per-example filters and whole-pool steps)
+REJECTED = "rejected"
+
 
 class Scorer:
     type: str = ""

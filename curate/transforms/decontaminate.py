@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from curate.config import ConfigError, InputConfig, expand_vars
-from curate.transforms.filters import REJECTED
+from curate.transforms.base import REJECTED
 
 log = logging.getLogger(__name__)
 _NOT_WORD = re.compile(r"[^0-9a-z]+")

@@ -14,8 +14,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from curate.config import ConfigError, make_step
+from curate.transforms.base import REJECTED
+from curate.transforms.decontaminate import Decontaminate
+from curate.transforms.near_dedup import NearDedup
 
-REJECTED = "rejected"
 
 
 class Filter:
@@ -153,9 +155,6 @@ class ExactDedup(beam.PTransform):
 
 def whole_pool_steps() -> dict:
     """Filters that see the whole pool (PTransforms with kept / rejected), by type."""
-    from curate.transforms.decontaminate import Decontaminate  # they import this module
-    from curate.transforms.near_dedup import NearDedup
-
     return {"dedup": ExactDedup, "near_dedup": NearDedup, "decontaminate": Decontaminate}
 
 

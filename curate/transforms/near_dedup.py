@@ -37,7 +37,7 @@ import numpy as np
 
 from curate.config import ConfigError
 from curate.transforms.decontaminate import words
-from curate.transforms.filters import REJECTED
+from curate.transforms.base import REJECTED
 
 PRIME = (1 << 31) - 1
 
