@@ -25,7 +25,7 @@ import logging
 import signal
 import sys
 
-from curate.config import ConfigError, InputConfig, load_job
+from curate.config import ConfigError, InputConfig, TooManyFailures, load_job
 
 EPILOG = """examples:
   curate run jobs/random.yaml                       select 1,000 gsm8k rows at random
@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
-    manifest = run_job(job, args.beam_args, overwrite=args.overwrite, progress=not args.quiet)
+    manifest = run_job(job, args.beam_args, overwrite=args.overwrite, progress=not args.quiet, fresh=args.fresh)
     print_summary(manifest)
     if job.train:
         from curate.train import run_train
@@ -83,7 +83,8 @@ def cmd_score(args) -> int:
     from curate.pipeline.build import score_once
 
     out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
-    manifest, reused = score_once(job, out, args.beam_args, overwrite=args.overwrite, progress=not args.quiet)
+    manifest, reused = score_once(job, out, args.beam_args, overwrite=args.overwrite, progress=not args.quiet,
+                                  fresh=args.fresh)
     if reused:
         print(f"{out} already holds these scores (same inputs, filters and scorers): nothing to do")
     print_summary(manifest)
@@ -132,6 +133,9 @@ def print_summary(manifest: dict) -> None:
     for stage, n in c["not_selected"].items():
         lines.append(f"  - {stage:<18}{n:>9,}")
     lines.append(f"kept          {c['kept']:>9,}   in {c['shards']} shard(s)")
+    for stage, n in c.get("from_saved", {}).items():
+        if n:
+            lines.append(f"resumed       {n:>9,}   rows' {stage} scores from a previous run's saved work")
     lines.append(f"time          {manifest['timings_s']['total']:.1f} s")
     print("\n".join(lines))
 
@@ -203,6 +207,12 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(beam_args=[])
 
 
+def _fresh_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fresh", action="store_true",
+                   help="score every row again: ignore the scores a failed or killed run saved "
+                        "(and, for `score`, scores already complete in the output)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate", description="Select and curate instruction-tuning data with Beam pipelines.",
@@ -215,12 +225,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", help="replace the job's inputs (repeatable; globs ok)")
     p.add_argument("--output", help="replace the job's output directory")
     _output_options(p)
+    _fresh_option(p)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("score", help="run a job's readers, filters and scorers; write the scored rows")
     p.add_argument("job")
     p.add_argument("--output", help="where to write scores (default: the job's `scores:`, or OUTPUT-scores)")
     _output_options(p)
+    _fresh_option(p)
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("select", help="select from scores written by `curate score`, without models")
@@ -319,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2
+    except TooManyFailures as exc:
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # the machine said no: disk full, permission denied, read-only
         print(f"curate: error: {exc}", file=sys.stderr)
         return 1

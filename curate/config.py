@@ -49,6 +49,10 @@ class ConfigError(ValueError):
     pass
 
 
+class TooManyFailures(RuntimeError):
+    """More of a scorer's rows failed than the job's `max_failed_fraction` allows."""
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -96,6 +100,11 @@ class JobConfig:
     # Beam options for the selection from stored scores (`scores:`), which loads no model:
     # on Dataflow, CPU workers and the CPU image instead of the scoring job's GPUs. None: beam_args
     select_beam_args: list[str] | None = None
+    # scorers' results are saved here as they come, so a rerun after a crash scores only
+    # what is missing (curate.pipeline.saved_work); None: `.<output name>.saved` beside the output
+    saved_work: str | None = None
+    # above this share of a scorer's rows failing, the run fails (below, they go to the dead letter)
+    max_failed_fraction: float = 0.01
     source_file: str | None = None
 
     def to_dict(self) -> dict:
@@ -268,6 +277,10 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     job.source_file = source_file
     if job.shard_rows < 1:
         raise ConfigError(f"{where}: shard_rows must be positive, got {job.shard_rows}")
+    if not 0.0 <= job.max_failed_fraction <= 1.0:
+        raise ConfigError(f"{where}: max_failed_fraction must be between 0 and 1, got {job.max_failed_fraction}")
+    if job.saved_work:
+        job.saved_work = expand_vars(str(job.saved_work))
     if job.validate.max_chars < 1:
         raise ConfigError(f"{where}: validate.max_chars must be positive, got {job.validate.max_chars}")
     for i, cfg in enumerate(job.inputs):

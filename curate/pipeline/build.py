@@ -27,9 +27,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate import __version__, dataflow
-from curate.config import InputConfig, JobConfig
+from curate.config import InputConfig, JobConfig, TooManyFailures
 from curate.pipeline.graph import build
-from curate.pipeline.output import check_output, publish, read_manifest, remove_stale_staging, remove_tree, staging_dir
+from curate.pipeline.output import (check_output, list_tree, publish, read_manifest, remove_stale_staging,
+                                    remove_tree, staging_dir)
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
 from curate.pipeline.stages import run_model_stages
@@ -82,6 +83,26 @@ def check_counts(counts: dict) -> None:
         raise RuntimeError(f"dead-letter rows written differ from invalid + score_failed: {counts}")
 
 
+def check_failures(counts: dict, max_fraction: float, staging: str, saved: str) -> None:
+    """Fail the run when a scorer failed on more than `max_fraction` of the rows it saw,
+    naming the count and the first reasons (from the staged dead letter)."""
+    seen = counts["examples"] - sum(counts["filtered"].values())
+    for stage, failed in counts["score_failed"].items():
+        if failed and failed > max_fraction * seen:
+            reasons = []
+            with FileSystems.open(FileSystems.join(staging, "dead_letter.jsonl")) as fh:
+                for line in fh.read().decode("utf-8").splitlines():
+                    row = json.loads(line)
+                    if row.get("stage") == stage and len(reasons) < 3:
+                        reasons.append(f"{row['id']} ({row['origin']}): {row['reason'][:300]}")
+            raise TooManyFailures(
+                f"{stage} failed on {failed:,} of {seen:,} rows ({failed / seen:.1%}), more than "
+                f"max_failed_fraction {max_fraction:g} allows; nothing was published. First reasons: "
+                + "; ".join(reasons) + f". The other rows' scores are saved in {saved}: fix the cause and "
+                "rerun, or raise max_failed_fraction to send such rows to the dead letter")
+        seen -= failed
+
+
 def _beam_metrics(result) -> dict:
     out = {}
     try:
@@ -118,7 +139,7 @@ def scores_key(job: JobConfig, tasks) -> str:
 
 
 def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, fresh: bool = False) -> dict:
     """Run a job and publish its output; returns the manifest.
 
     With `scores:` set and scorers in the job, the scored rows are written there once
@@ -127,30 +148,30 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
     before any work (`check_output`).
     """
     if not (job.scores and job.scorers):
-        return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress)
+        return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress, fresh=fresh)
     plan = Plan(job)  # every step built and checked (selectors' model stages too) before the scoring
     inputs = [t.path for t in plan.tasks]
     check_output(job.scores, inputs, overwrite)
     check_output(job.output, inputs + [job.scores], overwrite)
-    scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress)
+    scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress, fresh=fresh)
     return select_from_scores(job, job.scores, beam_args, scoring=scoring, overwrite=overwrite,
                               progress=progress)
 
 
 def score_once(job: JobConfig, scores: str, beam_args: list[str] | None = None, overwrite: bool = False,
-               progress: bool = True) -> tuple[dict, bool]:
+               progress: bool = True, fresh: bool = False) -> tuple[dict, bool]:
     """Score `job`'s pool into `scores` unless that directory already holds the scores of
     the same inputs, validation, filters and scorers (`scores_key`); returns (its
     manifest, whether it was re-used). The one score-once path of `curate run` with
     `scores:`, `curate score` and the benchmarks."""
     key = scores_key(job, plan_inputs(job.inputs, job.validate.max_chars))
     previous = read_manifest(scores)
-    if previous and previous.get("scores_key") == key:
+    if previous and previous.get("scores_key") == key and not fresh:
         log.info("re-using scores in %s (key %s)", scores, key)
         return previous, True
     log.info("scoring into %s (key %s)", scores, key)
     return run_pipeline(dataclasses.replace(job, selectors=[], output=scores), beam_args,
-                        extra={"scores_key": key}, overwrite=overwrite, progress=progress), False
+                        extra={"scores_key": key}, overwrite=overwrite, progress=progress, fresh=fresh), False
 
 
 def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dict | None = None,
@@ -169,9 +190,11 @@ def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dic
 
 
 def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True, fresh: bool = False) -> dict:
     """Plan, run and publish one pipeline; returns the manifest. `progress`: show progress
-    lines while a local run works (see curate.progress); Dataflow gets Beam counters."""
+    lines while a local run works (see curate.progress); Dataflow gets Beam counters.
+    Scorers resume from the work a failed run saved (curate.pipeline.saved_work) unless
+    `fresh`."""
     t0 = time.time()
     plan = Plan(job)
     inputs = [t.path for t in plan.tasks]
@@ -193,7 +216,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             FileSystems.mkdirs(progress_dir)
         model_stages = run_model_stages(plan, options, staging)
         p = beam.Pipeline(options=options)
-        build(p, plan, staging, progress_dir)
+        build(p, plan, staging, progress_dir, fresh=fresh)
         display = ProgressDisplay(progress_dir).start() if progress and progress_dir else None
         finished = False
         try:
@@ -218,6 +241,10 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             counts = json.loads(fh.read())
         FileSystems.delete([FileSystems.join(staging, "_counts.json")])
         check_counts(counts)
+        check_failures(counts, job.max_failed_fraction, staging, plan.saved_work)
+        for stage, n in counts["from_saved"].items():
+            if n:
+                log.info("%s: %d row(s) from saved work (%s)", stage, n, plan.saved_work)
         manifest = {
             "name": job.name,
             "job_file": job.source_file,
@@ -246,8 +273,13 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         with FileSystems.create(FileSystems.join(staging, "manifest.json")) as fh:
             fh.write(json.dumps(manifest, indent=2, default=str).encode())
         publish(staging, job.output, overwrite, inputs)
+        if plan.scorers and not job.saved_work:  # the output holds the scores now
+            remove_tree(plan.saved_work)
         return manifest
     except BaseException:
+        if plan.scorers and list_tree(plan.saved_work):
+            log.warning("the scores computed so far are saved in %s: rerunning the same job scores only "
+                        "the rest (--fresh starts over)", plan.saved_work)
         if keep_staging:
             raise
         try:

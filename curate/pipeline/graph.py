@@ -15,6 +15,8 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from curate.pipeline import saved_work
+from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
 from curate.pipeline.readers import DEAD, ReadInputs, Validate
 from curate.pipeline.sink import WriteJsonl, WriteShards
@@ -60,25 +62,42 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
     return examples, invalid, flush_filters(recs, len(plan.filters)), rejected
 
 
-def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None) -> None:
-    """The job's graph. `progress_dir`: where workers write progress counts (local runs)."""
+def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None, fresh: bool = False) -> None:
+    """The job's graph. `progress_dir`: where workers write progress counts (local runs);
+    `fresh`: remove the scorers' saved work instead of resuming from it."""
     examples, invalid, recs, rejected = read_and_filter(p, plan, progress_dir)
 
     # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
     # dead letter right after that scorer, so later steps only see complete rows
-    score_failed = []
+    # each scorer's results are saved as they come (curate.pipeline.saved_work); rows whose
+    # scores a killed run saved skip the model
+    score_failed, from_saved = [], []
     if plan.scorers:
         from apache_beam.ml.inference.base import RunInference
 
         for i, scorer in enumerate(plan.scorers):
-            scorer.stage, scorer.progress_dir = plan.scorer_stages[i], progress_dir
+            stage = plan.scorer_stages[i]
+            scorer.stage, scorer.progress_dir = stage, progress_dir
+            handler = scorer.model_handler()  # before the key: a scorer may find its files here
+            store = saved_work.scorer_dir(plan.saved_work, scorer)
+            if fresh:
+                remove_tree(store)
+            shards = saved_work.saved_shards(store)
+            saved = None
+            if shards:
+                split = recs | f"Saved{i}" >> saved_work.UseSavedScores(shards)
+                recs, saved = split.missing, split[saved_work.FROM_SAVED]
+                from_saved.append(saved | f"SavedStage{i}" >> beam.Map(lambda _, s=stage: s))
             if progress_dir:  # the rows a scorer will see, counted first: its progress has an ETA
                 recs = note_total(recs, progress_dir, scorer.stage, f"Progress{i}")
-            scored = recs | f"Score{i}:{scorer.type}" >> RunInference(scorer.model_handler())
+            scored = recs | f"Score{i}:{scorer.type}" >> RunInference(handler)
             out = scored | f"ScoreFailures{i}" >> beam.FlatMap(
-                route_score_failure, plan.scorer_stages[i]).with_outputs(SCORE_FAILED, main="scored")
+                route_score_failure, stage).with_outputs(SCORE_FAILED, main="scored")
             score_failed.append(out[SCORE_FAILED])
-            recs = out.scored
+            recs = out.scored | f"SaveScores{i}" >> beam.ParDo(
+                saved_work.SaveScores(store, saved_work.saved_schema(scorer)))
+            if saved is not None:
+                recs = (recs, saved) | f"WithSaved{i}" >> beam.Flatten()
 
     for i, selector in enumerate(plan.selectors):
         out = recs | f"Select{i}:{selector.type}" >> selector
@@ -98,12 +117,17 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
                 | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
                 | "CountByStage" >> beam.combiners.Count.PerElement()
                 | "StageCounts" >> beam.combiners.ToDict())
+    saved_by_stage = ((from_saved | "AllFromSaved" >> beam.Flatten()) if from_saved
+                      else (p | "NoneFromSaved" >> beam.Create([])))
+    saved_by_stage = (saved_by_stage
+                      | "CountSavedByStage" >> beam.combiners.Count.PerElement()
+                      | "SavedStageCounts" >> beam.combiners.ToDict())
     dead_by_stage = (dead
                      | "DeadStageOf" >> beam.Map(lambda r: r.get("stage", READ_STAGE))
                      | "CountDeadByStage" >> beam.combiners.Count.PerElement()
                      | "DeadStageCounts" >> beam.combiners.ToDict())
 
-    def write_counts(kept, rejected, dead, examples, stages, dead_stages):
+    def write_counts(kept, rejected, dead, examples, stages, dead_stages, saved_stages):
         stages = {**{s: 0 for s in plan.filter_stages + plan.selector_stages}, **stages}
         invalid = dead_stages.get(READ_STAGE, 0)
         counts = {
@@ -112,6 +136,7 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
             "examples": examples,
             "filtered": {k: v for k, v in stages.items() if k.startswith("filter:")},
             "score_failed": {s: dead_stages.get(s, 0) for s in plan.scorer_stages},
+            "from_saved": {s: saved_stages.get(s, 0) for s in plan.scorer_stages},
             "not_selected": {k: v for k, v in stages.items() if k.startswith("select")},
             "kept": kept["rows"],
             "rejected_rows_written": rejected["rows"],
@@ -123,10 +148,11 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
 
     (p | "Once" >> beam.Create([None])
        | "WriteCounts" >> beam.Map(
-           lambda _, k, r, d, e, s, ds: write_counts(k, r, d, e, s, ds),
+           lambda _, k, r, d, e, s, ds, ss: write_counts(k, r, d, e, s, ds, ss),
            beam.pvalue.AsSingleton(kept_info), beam.pvalue.AsSingleton(rejected_info),
            beam.pvalue.AsSingleton(dead_n), beam.pvalue.AsSingleton(examples_n),
-           beam.pvalue.AsSingleton(by_stage), beam.pvalue.AsSingleton(dead_by_stage)))
+           beam.pvalue.AsSingleton(by_stage), beam.pvalue.AsSingleton(dead_by_stage),
+           beam.pvalue.AsSingleton(saved_by_stage)))
 
 
 def route_score_failure(record: dict, stage: str):

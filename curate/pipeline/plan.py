@@ -10,6 +10,7 @@ from curate import records
 from curate.config import ConfigError, JobConfig
 from curate.inputs.formats import arrow_dir_schema
 from curate.inputs.files import plan_inputs
+from curate.pipeline import saved_work
 from curate.transforms.filters import make_filter_steps
 
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
@@ -74,6 +75,7 @@ class Plan:
                               for i, t in enumerate(types)]
         self.selector_stages = [f"select:{s.type}" if len(self.selectors) == 1 else f"select{i}:{s.type}"
                                 for i, s in enumerate(self.selectors)]
+        self.saved_work = job.saved_work or saved_work.default_dir(job.output)
         self.schema = output_schema(columns)
         self.rejected_schema = output_schema({**columns, **REJECT_COLUMNS})
 

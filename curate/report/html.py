@@ -168,6 +168,8 @@ def render_report(out_dir: str, manifest: dict | None = None) -> str:
     selection, clusters_drawn = selector_sections(kept, rejected, manifest)
     failed = counts.get("score_failed")  # one entry per scorer; none without scorers
     failed_text = f"{sum(failed.values()):,} failed in a scorer (dead letter), " if failed else ""
+    resumed = sum((counts.get("from_saved") or {}).values())  # absent in manifests older than resume
+    failed_text += f"{resumed:,} scored by an earlier, interrupted run (saved work), " if resumed else ""
     body = [f"<h1>curate report: {title}</h1>",
             f"<p>{counts['read']:,} read, {counts['invalid']:,} invalid, {failed_text}{counts['kept']:,} kept. "
             f"Steps: {html.escape(step_text or 'none')}.</p>",

@@ -85,6 +85,8 @@ def inspect_output(path: str, n_examples: int = 3) -> str:
                  f"filtered {sum(c['filtered'].values()):,} {c['filtered'] or ''}"]
         if failed:
             parts.append(f"score failed {sum(failed.values()):,} {failed} (dead letter)")
+        if sum((c.get("from_saved") or {}).values()):
+            parts.append(f"scores from saved work {c['from_saved']}")
         parts += [f"not selected {sum(c['not_selected'].values()):,} {c['not_selected'] or ''}",
                   f"kept {c['kept']:,}"]
         out.append("counts: " + "; ".join(parts))
