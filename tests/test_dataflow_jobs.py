@@ -148,7 +148,7 @@ def test_job_builds_its_pipeline_graph(path, tmp_path, no_model_loading, monkeyp
 # ---------------------------------------------------------------- the Dataflow jobs
 
 # Dataflow variants of the curation steps that are not selection methods
-STEPS = {"decontaminate": "filters", "near_dedup": "filters"}
+STEPS = {"decontaminate": "filters", "near_dedup": "filters", "semdedup": "selectors"}
 
 
 def test_one_dataflow_job_per_method_and_step():

@@ -47,6 +47,7 @@ EXPECTED = {
     "paser": ["PASER budget and CDS per cluster"],
     "random": [],
     "top": ["Top ifd histogram"],
+    "semdedup": ["SemDeDup similarity histogram"],
 }
 
 

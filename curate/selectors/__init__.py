@@ -15,6 +15,7 @@ SELECTORS = {
     "s2l": "curate.selectors.s2l:S2LSelector",
     "donod": "curate.selectors.donod:DonodSelector",
     "top": "curate.selectors.top:TopSelector",
+    "semdedup": "curate.selectors.semdedup:SemDedupSelector",
 }
 
 
