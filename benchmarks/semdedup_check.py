@@ -72,6 +72,12 @@ def main(argv=None) -> dict:
     order = [t[3] for t in items]
     dup, _ = dedup_cluster(x[order].astype(np.float32), threshold)
     all_pairs_removed = {rows[order[j]]["id"] for j in np.flatnonzero(dup >= 0)}
+    # the released code's rule, inside the job's clusters: any earlier row, kept or not
+    released_removed = set()
+    for c in set(cluster.tolist()):
+        members = [i for i in order if cluster[i] == c]
+        s = np.triu(sims[np.ix_(members, members)], 1)
+        released_removed |= {rows[members[j]]["id"] for j in np.flatnonzero(s.max(axis=0) >= threshold)}
     brute_s = time.perf_counter() - t0
     job_removed = {r["id"] for r in rows if r.get("semdedup_duplicate_of")}
 
@@ -89,6 +95,8 @@ def main(argv=None) -> dict:
         "pairs_at_threshold": int(at.sum()), "pairs_at_threshold_same_cluster": int((at & same).sum()),
         "removed_by_job": len(job_removed), "removed_all_pairs": len(all_pairs_removed),
         "removed_by_both": len(job_removed & all_pairs_removed),
+        "removed_released_rule": len(released_removed),
+        "removed_released_rule_only": len(released_removed - job_removed),
         "removed_by_source": {s: sum(1 for r in rows if r.get("semdedup_duplicate_of") and r["source"] == s)
                               for s in sorted({r["source"] for r in rows})},
         "job_seconds": round(job_s, 1), "all_pairs_seconds": round(brute_s, 2),
@@ -120,6 +128,8 @@ def write_summary(path: str, r: dict) -> None:
         f"| rows removed by the job (within clusters) | {r['removed_by_job']:,} |",
         f"| rows removed by the same rule over the whole pool as one cluster | {r['removed_all_pairs']:,} |",
         f"| removed by both | {r['removed_by_both']:,} |",
+        f"| rows the released code's rule removes in the same clusters (similar to any earlier row, "
+        f"kept or not) | {r['removed_released_rule']:,} ({r['removed_released_rule_only']:,} that ours keeps) |",
         f"| job time (embedding + k-means + rule, local runner) | {r['job_seconds']} s |",
         f"| all pairs in NumPy on the stored embeddings | {r['all_pairs_seconds']} s |",
         "",

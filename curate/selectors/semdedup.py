@@ -16,11 +16,11 @@ Where we depart: the released code rejects a row when it is that similar to *any
 before it in the order, kept or not (`max(triu(S), dim=0) > 1 - eps`), so in a chain
 A ~ B ~ C where A and C are not similar, both B and C go and C's content survives only
 through a row it is not a duplicate of. Comparing with the kept rows only means every
-rejected row names a kept row it duplicates. On the paper's eps values chains are rare;
-the count of rows where the two rules differ is easy to check with tests/test_semdedup.py's
-reference functions. Duplicates that k-means puts in different clusters are not found
-(as in the paper); benchmarks/semdedup_check.py measures how many pairs that misses
-against every pair of the pool.
+rejected row names a kept row it duplicates. On 4,000 rows of the shared sources the
+released rule removes 488 rows, ours 452: 36 rows whose only near-duplicates were
+themselves removed stay (benchmarks/RESULTS_semdedup.md). Duplicates that k-means puts
+in different clusters are not found (as in the paper); the same check counts them
+against every pair of the pool (2.5% of the pairs at 0.95 there).
 
 Scale: the vectors of one cluster (id, origin, distance, d floats a row) are grouped on
 one worker; the similarities are computed in blocks of `block_rows` rows against the
