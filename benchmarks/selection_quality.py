@@ -443,10 +443,39 @@ def _job(inputs, output, name, scorers=(), selectors=(), filters=({"type": "dedu
 
 def score_into(opts: Options, inputs, scorers, out: pathlib.Path, name: str) -> tuple[dict, bool]:
     """`curate score`: read, dedup, score into `out` once; re-used while the inputs,
-    filters and scorers are unchanged (the pipeline's scores key)."""
+    filters and scorers are unchanged (the pipeline's scores key). Every scoring saves
+    its rows in one store (`saved_work`, by example id and scorer config), so the noisy
+    pool's uncorrupted rows take their scores from the clean pool's run."""
     from curate.pipeline.build import score_once
 
-    return score_once(_job(inputs, out, name, scorers=scorers), str(out), opts.beam_args)
+    job = _job(inputs, out, name, scorers=scorers)
+    job.saved_work = str(pathlib.Path(opts.work_dir) / "saved-scores")
+    m, cached = score_once(job, str(out), opts.beam_args)
+    if cached and scorers:
+        save_scores_of(out, scorers, job.saved_work)
+    return m, cached
+
+
+def save_scores_of(scores: pathlib.Path, scorers: list[dict], store: str) -> None:
+    """Put a finished scores directory's rows into the saved-work store of each of its
+    scorers, once (scores computed before the store existed)."""
+    import datasets
+    import pyarrow as pa
+
+    from curate.pipeline import saved_work
+    from curate.transforms import make_scorer
+
+    table = None
+    for spec in scorers:
+        scorer = make_scorer(dict(spec))
+        directory = saved_work.scorer_dir(store, scorer)
+        if saved_work.saved_shards(directory):
+            continue
+        if table is None:
+            table = datasets.load_from_disk(str(scores)).data.table
+        schema = saved_work.saved_schema(scorer)
+        saved_work.write_shard(directory, pa.Table.from_arrays(
+            [table.column(n).cast(f.type) for n, f in zip(schema.names, schema)], schema=schema))
 
 
 def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathlib.Path) -> tuple[dict, bool]:

@@ -128,6 +128,26 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
                    (r["method"], r["seed"]) == (("random", 0) if method == "random-0" else ("donod", None)))
         assert row["noisy_kept"] == len(corrupted & set(kept))
 
+    # the noisy pool's uncorrupted rows took their scores from the clean pool's saved work
+    noisy_ids = set(datasets.load_from_disk(str(work / "noisy" / "pool"))["id"])
+    clean_ids = set(datasets.load_from_disk(str(work / "clean" / "pool"))["id"])
+    manifest = json.loads((work / "noisy" / "scores-weight_delta" / "manifest.json").read_text())
+    assert manifest["counts"]["from_saved"] == {"score:weight_delta": len(noisy_ids & clean_ids)}
+    assert len(noisy_ids - clean_ids) == meta["n_corrupted"]
+
+    # scores computed before the store existed go into it once, as they are
+    from curate.pipeline import saved_work
+    from curate.transforms import make_scorer
+
+    scores = work / "clean" / "scores-ifd"
+    specs = json.loads((scores / "manifest.json").read_text())["job"]["scorers"]
+    sq.save_scores_of(scores, specs, str(tmp_path / "store"))
+    (shard,) = saved_work.saved_shards(saved_work.scorer_dir(str(tmp_path / "store"), make_scorer(dict(specs[0]))))
+    saved = dict(saved_work.read_shard(shard))
+    columns = list(make_scorer(dict(specs[0])).output_columns())
+    assert len(columns) >= 3 and saved == {r["id"]: {c: r[c] for c in columns}
+                                           for r in datasets.load_from_disk(str(scores))}
+
     # longest: no response left out is longer than one kept
     pool = datasets.load_from_disk(str(work / "clean" / "pool"))
     kept = set(datasets.load_from_disk(str(work / "clean" / "select" / "longest"))["id"])
