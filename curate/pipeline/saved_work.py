@@ -17,9 +17,11 @@ A shard holds the id and the scorer's columns of rows it scored (never of rows i
 failed on: those are retried). Shards are written whole to a temporary name and then
 renamed (`FileSystems.rename`, also on gs://), every `SAVE_EVERY_ROWS` rows or
 `SAVE_EVERY_S` seconds and at the end of each bundle: a kill loses at most that much.
-The published output does not depend on which rows came from saved work: on CPU each
-row is scored alone, and the sink orders rows by (origin, id), so a resumed run writes
-the same rows, byte for byte, as an uninterrupted one (tests/test_resume.py).
+The published output does not depend on which rows came from saved work: the sink
+orders rows by (origin, id), and the language-model scorers on CPU forward one row at a
+time, so a resumed run writes the same rows, byte for byte, as an uninterrupted one
+(tests/test_resume.py). Where rows share a padded batch (the embedding scorer; GPUs) a
+score can differ in its last bits between any two runs, resumed or not.
 
 After a run is published its default saved-work directory is removed (the output now
 holds the scores); a run that fails keeps it and says where. `curate run --fresh`
