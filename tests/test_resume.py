@@ -22,7 +22,7 @@ from curate.pipeline.build import run_job
 from curate.report.inspect import inspect_output
 from curate.transforms.likelihood import LikelihoodScorer
 
-from memfs import OBJECTS, listing, store  # noqa: F401 (store: a fixture)
+from memfs import listing, store  # noqa: F401 (store: a fixture)
 from test_faults import FakeScorer, pool_rows, write_pool
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -30,9 +30,10 @@ removes it first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import logging
+import os
 import time
 import uuid
 
@@ -42,8 +43,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from curate import __version__
 from curate.pipeline.output import canonical_path, is_remote, list_tree
-
-log = logging.getLogger(__name__)
 
 SAVE_EVERY_ROWS = 256
 SAVE_EVERY_S = 60.0
@@ -63,8 +62,6 @@ def default_dir(output: str) -> str:
 def _path_fingerprint(value: str) -> list | None:
     """[(file, size, mtime)] of the files under a path option, or None if it names none."""
     if not is_remote(value):
-        import os
-
         if not os.path.exists(value):
             return None
         if os.path.isfile(value):
@@ -84,8 +81,6 @@ def _path_fingerprint(value: str) -> list | None:
 
 def scorer_key(scorer) -> str:
     """What `scorer`'s numbers depend on, hashed (see the module docstring)."""
-    import dataclasses
-
     names = ([f.name for f in dataclasses.fields(scorer)] if dataclasses.is_dataclass(scorer)
              else [n for n in vars(scorer) if not n.startswith("_")])
     options = {n: getattr(scorer, n) for n in names if n not in BATCHING_OPTIONS and n not in ("stage", "progress_dir")}
@@ -182,8 +177,6 @@ def write_shard(directory: str, table: pa.Table) -> str:
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     if not is_remote(directory):
-        import os
-
         os.makedirs(directory, exist_ok=True)
     with FileSystems.create(tmp) as fh:
         fh.write(sink.getvalue().to_pybytes())
