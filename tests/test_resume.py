@@ -51,7 +51,7 @@ def files(out: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("data-*.arrow"))}
 
 
-# the first run, killed: a row takes 50 ms and shards are written every 4 rows
+# the first run, killed: a row takes 100 ms and shards are written every 4 rows
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     from curate.pipeline import saved_work
@@ -59,7 +59,7 @@ KILLED_RUN = textwrap.dedent("""
     saved_work.SAVE_EVERY_ROWS = 4
     score = LikelihoodScorer.score_batch
     def slow(self, loaded, records):
-        time.sleep(0.05 * len(records))
+        time.sleep(0.1 * len(records))
         return score(self, loaded, records)
     LikelihoodScorer.score_batch = slow
     from curate.cli import main
