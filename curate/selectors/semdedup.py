@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError
 from curate.selectors.base import Selector, reject
-from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors, fit_model
+from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors, as_matrix, fit_model
 
 KEEP = ("farthest", "nearest")
 
@@ -60,8 +60,7 @@ def dedup_cluster(vectors: np.ndarray, threshold: float, block_rows: int = 1024
     """For rows in consideration order: (index of the kept row each rejected row
     duplicates, -1 for kept rows; the highest similarity to an earlier kept row, -inf for
     the first). A row is rejected when that similarity is >= `threshold`."""
-    x = vectors.astype(np.float32, copy=True)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = as_matrix(vectors, "cosine")
     n = len(x)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     best = np.full(n, -np.inf, dtype=np.float64)
