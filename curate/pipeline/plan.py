@@ -60,14 +60,14 @@ class Plan:
         written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
         columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them
         for step in self.scorers + self.selectors:
+            for need in getattr(step, "requires", ()):  # written by an earlier step, not by itself
+                if need not in columns:
+                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
+                                      f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
             for name, dtype in step.output_columns().items():
                 if name in columns or name in records.BASE_COLUMNS:
                     raise ConfigError(f"two steps write the column {name!r}; set a prefix on one")
                 columns[name] = dtype
-            for need in getattr(step, "requires", ()):
-                if need not in columns:
-                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
-                                      f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
         # reject_stage names, in pipeline order
         self.filter_stages = list(dict.fromkeys(f"filter:{f.type}" for f in self.filters))
         types = [s.type for s in self.scorers]
