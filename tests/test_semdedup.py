@@ -162,3 +162,13 @@ def test_a_job_on_real_rows_catches_planted_rewordings(shared_data, tmp_path):
         assert by_id[gone["semdedup_duplicate_of"]]["origin"] == stays["origin"] and stays in kept
         assert gone["semdedup_similarity"] >= 0.95
     assert manifest["counts"]["not_selected"]["select:semdedup"] == len(rejected) < 60
+
+
+def test_without_the_embedding_scorer_the_job_is_refused_naming_the_column(tmp_path):
+    from curate.pipeline.plan import Plan
+
+    path = tmp_path / "pool.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    job = parse_job({"inputs": [str(path)], "output": str(tmp_path / "out"), "selectors": [{"type": "semdedup"}]})
+    with pytest.raises(ConfigError, match=r"needs the column 'embedding'.*known so far: none\)"):
+        Plan(job)
