@@ -655,7 +655,7 @@ def result_row(variant: str, method: str, seed, rows: list[dict], run: dict | No
     order = [s for s, _, _ in SOURCES]
     mix = collections.Counter(r.get("source") for r in rows)
     gens = collections.Counter(r.get("generator") for r in rows if r.get("generator"))
-    ev = run["eval"] if run else base_eval
+    ev = run["eval"] if run else (base_eval or {})  # neither: selected, not trained yet
     losses = {k: v["loss"] for k, v in ev.items()}
     kept_kinds = collections.Counter(corrupted[r["id"]] for r in rows if r["id"] in corrupted) \
         if corrupted is not None else None
@@ -669,7 +669,7 @@ def result_row(variant: str, method: str, seed, rows: list[dict], run: dict | No
            "train_tokens": run["train"]["train_tokens"] if run else None,
            "train_tokens_per_s": run["train"]["tokens_per_s"] if run else None,
            "steps": run["train"]["steps"] if run else None,
-           "eval": losses, "eval_mean": statistics.fmean(losses.values()),
+           "eval": losses, "eval_mean": statistics.fmean(losses.values()) if losses else None,
            "eval_tokens": {k: v["n_tokens"] for k, v in ev.items()}}
     if extra:
         row.update(extra)
@@ -992,6 +992,10 @@ def run(opts: Options) -> dict:
         parts["clean"] = train_pool_variant(opts, "clean", picks, data, clock, base_eval)
         report()
         noisy = select_pool_variant(opts, "noisy", data, clock, pruned) if opts.scale.noisy else None
+        if noisy is not None:  # the corrupted shares in the tables now, the losses after training
+            parts["noisy"] = [result_row("noisy", m, s, rows, None, data["corrupted"],
+                                         extra={"note": "selected, not trained yet"}) for m, s, rows in noisy]
+            report()
         if "paser" in opts.methods:
             for name in PRUNED:
                 parts[f"recovery-{name}"] = run_recovery_variant(opts, name, data, clock, pruned, base_eval)

@@ -4,6 +4,8 @@ A row is one trained (or reference) model: variant, method, seed, the rows it tr
 its held-out losses per evaluation set and their mean. Reference rows (`base`: the model
 before fine-tuning; `unpruned`: the model before pruning, in the recovery variants) get
 no verdict. A method is better or worse than random only outside random's seed spread.
+A row selected but not trained yet (the noisy variant, between its selections and its
+trainings) has no losses: it shows the corrupted rows kept and no verdict.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         vr = [r for r in rows if r["variant"] == variant]
-        rand = [r for r in vr if r["method"] == "random"]
-        sets = list(vr[0]["eval"])
+        trained = [r for r in vr if r["eval_mean"] is not None]
+        rand = [r for r in trained if r["method"] == "random"]
+        sets = list(trained[0]["eval"]) if trained else []
         stats = {}
         for s in sets + ["mean"]:
             vals = [r["eval_mean"] if s == "mean" else r["eval"][s] for r in rand]
@@ -45,7 +48,7 @@ def summarise(rows: list[dict]) -> dict:
                 stats[s] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                             "min": min(vals), "max": max(vals), "n": len(vals)}
         verdicts = {}
-        for r in vr:
+        for r in trained:
             if r["method"] in ("random",) + REFERENCE or not stats:
                 continue
             v = {}
@@ -93,8 +96,8 @@ def markdown_tables(rows: list[dict], summary: dict) -> str:
             cells.append(_fmt(r["train_s"], 0) or "-")
             v = s["verdicts"].get(r["method"]) if r["seed"] is None else None
             for x in sets + ["mean"]:
-                val = r["eval_mean"] if x == "mean" else r["eval"][x]
-                cells.append(f"{val:.4f}" + (f" ({v[x]['verdict']})" if v else ""))
+                val = r["eval_mean"] if x == "mean" else r["eval"].get(x)
+                cells.append("-" if val is None else f"{val:.4f}" + (f" ({v[x]['verdict']})" if v else ""))
             cells.append(f"{v['mean']['delta']:+.4f}" if v else "")
             if recovery:
                 cells.append("" if r.get("recovery") is None else f"{100 * r['recovery']:.1f}%")
@@ -108,6 +111,8 @@ def markdown_tables(rows: list[dict], summary: dict) -> str:
                 cells.append(f"{100 * rr['mean']:.1f}% ± {100 * rr['sd']:.1f}" if rr else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if any(r["eval_mean"] is None for r in vr):
+            lines += ["Rows without losses are selected but not trained yet (a later invocation adds them).", ""]
         if noisy and s["noisy"]:
             kinds = sorted({k for v in s["noisy"].values() for k in (v["by_kind"] or {})})
             lines += ["Corrupted rows kept, by kind (the pool is 20% corrupted, so random keeps 20% in "
@@ -164,7 +169,8 @@ def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.8), squeeze=False)
     for ax, (variant, what) in zip(axes[0], panels):
         s = summary[variant]
-        methods = [r for r in rows if r["variant"] == variant and r["method"] not in ("random",) + REFERENCE]
+        methods = [r for r in rows if r["variant"] == variant and r["method"] not in ("random",) + REFERENCE
+                   and (what == "noise" or r["eval_mean"] is not None)]
         names = [r["method"] for r in methods]
         if what == "loss":
             values = [r["eval_mean"] for r in methods]
@@ -255,7 +261,7 @@ def write_reports(opts, rows: list[dict], tried: list[dict], clock, machine: dic
     stage_lines += [f"| {s['stage']} | {s['seconds']} | {_fmt(s['computed_seconds'], 1)} | {s['note']} |"
                     for s in clock.stages]
     stem.with_suffix(".md").write_text("\n".join(body + [""] + stage_lines) + "\n")
-    if final and opts.summary:
+    if opts.summary:  # rewritten at every report, titled partial until the run completes
         verdict_lines = ["## Verdicts (mean over evaluation sets, against random's seed spread)", ""]
         for variant, s in summary.items():
             for m, v in s["verdicts"].items():

@@ -203,3 +203,34 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     heavy = [s for s in stages if s["kind"] in ("score", "select", "train", "prune", "eval")]
     assert heavy and all(s["cached"] for s in heavy)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in rows]
+
+
+def test_rows_selected_but_not_trained_report_the_corrupted_share_only(tmp_path):
+    """Between the noisy variant's selections and its trainings the tables show each
+    method's corrupted rows kept, no losses and no verdicts; trained variants are unaffected."""
+    sq = load_benchmark()
+    from benchmarks.selection_quality_report import markdown_tables, plot, summarise, write_csv
+
+    def run(loss):
+        return {"eval": {"gsm8k": {"loss": loss, "n_tokens": 10}, "codealpaca": {"loss": loss + 1, "n_tokens": 10}},
+                "train": {"train_time_s": 1.0, "train_tokens": 100, "tokens_per_s": 100.0, "steps": 2}}
+
+    picked = [{"id": f"r{i}", "source": "gsm8k"} for i in range(4)]
+    corrupted = {"r0": "swapped", "r1": "truncated"}
+    rows = [sq.result_row("clean", "random", s, picked, run(1.0 + s / 10)) for s in (0, 1)]
+    rows.append(sq.result_row("clean", "donod", None, picked, run(2.0)))
+    rows += [sq.result_row("noisy", "random", 0, picked, None, corrupted),
+             sq.result_row("noisy", "donod", None, picked[1:], None, corrupted)]
+    assert rows[-1]["eval"] == {} and rows[-1]["eval_mean"] is None and rows[-1]["noisy_kept"] == 1
+
+    summary = summarise(rows)
+    assert summary["noisy"]["random"] == {} and summary["noisy"]["verdicts"] == {}
+    assert summary["noisy"]["noisy"]["donod"] == {"kept": 1, "rows": 3, "share": 1 / 3, "by_kind": {"truncated": 1}}
+    # the clean variant: random 1.5 and 1.6 (sd 0.0707), donod 2.5 -> worse
+    assert summary["clean"]["verdicts"]["donod"]["mean"]["verdict"] == "worse"
+    table = markdown_tables(rows, summary)
+    assert "| donod | 3 | gsm8k 3 | 1 (33%) | - | - |  |" in table
+    assert "not trained yet" in table
+    write_csv(rows, tmp_path / "t.csv")
+    plot(rows, summary, tmp_path / "t.png")  # a loss panel for clean, a corrupted-kept panel for noisy
+    assert (tmp_path / "t.png").stat().st_size > 1000
