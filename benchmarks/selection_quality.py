@@ -54,7 +54,8 @@ Everything is cached in --work-dir (default runs/selection_quality, git-ignored)
 scores (keyed by content, as `curate run` with `scores:`), pruned copies, selections,
 training runs (the trainer's fingerprint) and evaluations; a rerun after a crash or a
 change computes only what is missing. Each stage prints the elapsed time and an ETA.
-Writes --out/selection_quality.{md,csv,json,png} and the --summary markdown.
+Writes --out/selection_quality.{md,csv,json,png} and the --summary markdown after each
+variant (titled partial until the run completes), so a stopped run still shows what it has.
 """
 
 from __future__ import annotations
