@@ -154,15 +154,16 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
-    """One panel per variant: each method's mean held-out loss, random's mean ± one seed sd
-    as a grey band (inside it: a tie); and, for the noisy variant, the share of corrupted
-    rows each method kept, with random's band."""
+    """One panel per variant: each method's mean held-out loss (in the recovery variants:
+    the share of the pruning loss recovered), random's mean ± one seed sd as a grey band
+    (inside it: a tie); and, for the noisy variant, the share of corrupted rows each
+    method kept, with random's band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(v, "loss") for v in summary if summary[v]["random"]]
+    panels = [(v, "recovery" if summary[v]["random_recovery"] else "loss") for v in summary if summary[v]["random"]]
     panels += [(v, "noise") for v in summary if summary[v]["noisy"]]
     if not panels:
         return
@@ -176,6 +177,10 @@ def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
             values = [r["eval_mean"] for r in methods]
             band = (s["random"]["mean"]["mean"], s["random"]["mean"]["sd"])
             ax.set_xlabel("mean held-out loss (lower is better)")
+        elif what == "recovery":
+            values = [100 * r["recovery"] for r in methods]
+            band = (100 * s["random_recovery"]["mean"], 100 * s["random_recovery"]["sd"])
+            ax.set_xlabel("pruning loss recovered, % (higher is better)")
         else:
             values = [s["noisy"][r["method"]]["share"] * 100 for r in methods if r["method"] in s["noisy"]]
             names = [r["method"] for r in methods if r["method"] in s["noisy"]]
@@ -187,10 +192,10 @@ def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
         ax.barh(range(len(values)), values, color="tab:blue", height=0.6)
         ax.set_yticks(range(len(values)))
         ax.set_yticklabels(names, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_ylim(max(len(values), 4) - 0.5, -0.5)  # first method on top; one bar stays a bar
         lo, hi = min(values + [band[0] - band[1]]), max(values + [band[0] + band[1]])
-        pad = (hi - lo) * 0.15 or 0.01
-        ax.set_xlim(max(0.0, lo - pad) if what == "noise" else lo - pad, hi + pad)
+        pad = ((hi - lo) if what == "loss" else hi) * 0.15 or 0.01
+        ax.set_xlim(lo - pad if what == "loss" else 0.0, hi + pad)  # shares from 0: bar length means something
         ax.set_title(("corrupted kept: " if what == "noise" else "") + TITLES.get(variant, variant), fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
