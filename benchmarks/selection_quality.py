@@ -772,9 +772,15 @@ def score_set(opts: Options, clock: Clock, variant: str, name: str, inputs, scor
     out = pathlib.Path(opts.work_dir) / variant / f"scores-{name}"
     with clock.stage(f"{variant}: score [{name}]", "score") as st:
         m, st.cached = score_into(opts, inputs, scorers, out, f"{variant}-{name}")
-        st.note = f"{m['counts']['kept']} rows scored in {m['timings_s']['total']:.0f} s"
-    if m["counts"]["kept"] != n_pool:
-        raise RuntimeError(f"{variant}/{name}: {m['counts']['kept']} rows scored, the pool has {n_pool}")
+        c = m["counts"]
+        dropped = sum(c["filtered"].values())
+        st.note = f"{c['kept']} rows scored in {m['timings_s']['total']:.0f} s" + (
+            f", {dropped} dropped as duplicates" if dropped else "")
+    # exact duplicates (GRAPE: two generators giving the same answer) are dropped by the
+    # pipeline's dedup and counted; any other loss means a row failed to score
+    if c["read"] != n_pool or c["kept"] + dropped != n_pool:
+        raise RuntimeError(f"{variant}/{name}: {c['kept']} rows scored and {dropped} filtered "
+                           f"out of {c['read']} read; the pool has {n_pool}")
     return out
 
 
