@@ -230,7 +230,8 @@ def settings_lines(opts, tried: list[dict]) -> list[str]:
         f"fully fine-tuned for 3 epochs, T=12, k=100, for Pythia-410M/1B targets)",
         f"- noisy variant: {'on' if sc.noisy else 'off'} ({sc.noise:.0%} of rows: swapped, truncated, wrong "
         f"final answer, a third each); full pool: {'on' if 'full' in opts.methods else 'off'} (clean only)",
-        f"- GRAPE: {sc.grape_instructions} alpaca_eval instructions x all candidates, likelihood at "
+        f"- GRAPE: {sc.grape_instructions} alpaca_eval instructions x all candidates (an answer equal to "
+        f"another's up to case and spacing is dropped by the pipeline's dedup), likelihood at "
         f"{sc.grape_max_length} tokens; evaluated on {sc.grape_eval} other instructions against every "
         f"generator's answer",
         f"- data: {opts.data}",
