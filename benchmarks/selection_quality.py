@@ -939,7 +939,8 @@ def expect_stages(opts: Options, clock: Clock) -> None:
     paser, s2l = "paser" in opts.methods, "s2l" in opts.methods
     clock.expect("data", 1)
     clock.expect("prune", 2 * paser + s2l)
-    clock.expect("select", 1)
+    clock.expect("data", 1)                 # choosing the training settings: the clean pool,
+    clock.expect("select", 1)               # a random subset, one training per grid point
     clock.expect("train", len(opts.scale.hp_grid))
     variants = ("clean", "noisy") if opts.scale.noisy else ("clean",)
     if any(m in POOL_METHODS for m in opts.methods):

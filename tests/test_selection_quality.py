@@ -46,9 +46,11 @@ def synthetic_data(root: pathlib.Path) -> pathlib.Path:
         write_gz(root / f"{name}.jsonl.gz", [
             {"instruction": f"{verb} {i}", "input": "" if i % 2 else f"x = {i}", "output": f"Here it is: {i} " + "ok " * (i % 4)}
             for i in range(20)])
+    answer = lambda i, j: f"{GENERATORS[j]} says {i} is a number" + "!" * 10 * (j + 1)  # noqa: E731
     write_gz(root / "alpaca_eval_pool.jsonl.gz", [
-        {"instruction": f"Tell me a fact about the number {i}.", "output": f"{g} says {i} is a number" + "!" * 10 * (j + 1),
-         "generator": g, "dataset": "synthetic"}
+        # alpaca-7b repeats claude-2's answer in capitals, as generators do in the real file
+        {"instruction": f"Tell me a fact about the number {i}.", "generator": g, "dataset": "synthetic",
+         "output": answer(i, 1).upper() if g == "alpaca-7b" else answer(i, j)}
         for i in range(12) for j, g in enumerate(GENERATORS)])
     return root
 
@@ -169,6 +171,9 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     for r in (r for r in rows if r["variant"] == "grape"):
         assert r["eval"]["gold"] == r["eval_by_generator"]["gpt4_1106_preview"]
         assert r["eval"]["all_generators"] == pytest.approx(sum(r["eval_by_generator"].values()) / len(GENERATORS))
+    # the pipeline's dedup drops alpaca-7b's repeats of claude-2, counted in the manifest
+    grape_counts = json.loads((work / "grape" / "scores-likelihood" / "manifest.json").read_text())["counts"]
+    assert grape_counts["read"] == 6 * len(GENERATORS) and grape_counts["filtered"] == {"filter:dedup": 6}
     longest = by[("grape", "longest", None)]
     assert longest["generator_mix"] == {"gemma-2b-it": 6}  # the most "!"s
 
@@ -196,6 +201,11 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     assert saved["complete"] is True
     assert "## Verdicts" in summary_md.read_text() and "Command: `python benchmarks/selection_quality.py" in \
         summary_md.read_text()
+
+    # the ETA expected every stage that ran, by kind
+    clock = sq.Clock()
+    sq.expect_stages(sq.parse_args(argv), clock)
+    assert clock.expected == collections.Counter(s["kind"] for s in saved["stages"])
 
     # a rerun recomputes nothing: every model stage comes from the work dir
     again = sq.main(argv)
