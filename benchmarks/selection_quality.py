@@ -27,10 +27,10 @@ Variants:
     recovery-*  PASER's own setting: a pruned copy of the model (Wanda 50%; 8 decoder
                 blocks dropped) is fine-tuned on PASER's pick and on random subsets;
                 recovery = share of the pruning's loss increase that training won back
-    grape       one response per alpaca_eval instruction (10 candidates) by GRAPE, by a
-                random generator (the seeds) and by the longest; evaluated on held-out
-                instructions against the gpt4 gold answer and, apart, against every
-                generator's answer (mean over generators)
+    grape       one response per alpaca_eval instruction (10 generators' answers, repeats
+                dropped by the dedup) by GRAPE, by a random generator (the seeds) and by
+                the longest; evaluated on held-out instructions against the gpt4 gold
+                answer and, apart, against every generator's answer (mean over generators)
 Methods (pool variants), each through the pipeline's score-once / select-many path:
     random               the `random` selector, one row per seed
     full                 the whole pool (clean only: 10x the training cost)
