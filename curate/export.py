@@ -169,6 +169,19 @@ def default_destination(out: str) -> str:
     return f"{out.rstrip('/')}-export"
 
 
+def recorded_inputs(manifest: dict) -> list[str]:
+    """The local paths a curate output was made from, as its manifest records them: the
+    planned input files, the job's input paths (no globs, no hf://), and for a selection
+    the scores directory with the inputs those scores were made from."""
+    paths = [i.get("path") for key in ("plan", "scoring_plan")
+             for i in (manifest.get(key) or {}).get("inputs", [])]
+    paths += [i.get("path") for i in manifest.get("inputs") or []]
+    paths.append(manifest.get("scores_from"))
+    cwd = manifest.get("cwd") or os.getcwd()  # relative paths are the run's
+    return sorted({os.path.join(cwd, os.path.expanduser(p)) for p in paths
+                   if isinstance(p, str) and p and not is_remote(p) and not any(c in p for c in "*?[")})
+
+
 def check_destination(to: str, out: str, overwrite: bool) -> None:
     """Refuse a destination the export could damage (see the module docstring)."""
     if is_remote(to):
@@ -178,9 +191,10 @@ def check_destination(to: str, out: str, overwrite: bool) -> None:
         how = "is" if dest == src else ("lies inside" if is_inside(dest, src) else "contains")
         raise ConfigError(f"--to {to} {how} the curate output {out}; export to another directory "
                           f"(--overwrite never allows this)")
-    # overwrite=True: only the rules no flag lifts (not into an input, the cwd, home or /)
+    # overwrite=True: only the rules no flag lifts (not into OUT or one of the inputs it was
+    # made from, the cwd, home or /): what `curate run` refuses, the export refuses
     try:
-        check_output(to, [out], overwrite=True)
+        check_output(to, [out, *recorded_inputs(read_manifest(out) or {})], overwrite=True)
     except ConfigError as exc:
         raise ConfigError(f"export destination (--to): {exc}") from None
     if overwrite or not os.path.lexists(to):

@@ -206,3 +206,30 @@ def test_errors_are_one_clear_line(output, tmp_path, capsys):
 def test_json_has_no_nan():
     assert export._json_line({"a": float("nan"), "b": [{"c": float("inf")}], "d": 1.5}) == \
         '{"a": null, "b": [{"c": null}], "d": 1.5}'
+
+
+def test_an_export_never_replaces_one_of_the_outputs_inputs(tmp_path, capsys, monkeypatch):
+    """What `curate run` refuses, export refuses, whatever the flags: the input file, its
+    folder, a scores directory, also through a relative path recorded from another cwd."""
+    out = _make_output(tmp_path, "run", budget=4)
+    src = tmp_path / "run.jsonl"
+    before = src.read_bytes()
+    for to in (src, src / "sub"):
+        assert _export(out, "--format", "jsonl", "--to", str(to), "--overwrite") == 2
+        err = capsys.readouterr().err
+        assert "input" in err and "\n" not in err.strip()
+    assert src.is_file() and src.read_bytes() == before
+
+    # a relative input path is the run's: the export from another directory still finds it
+    monkeypatch.chdir(tmp_path)
+    run_job(parse_job({"inputs": ["run.jsonl"], "output": "rel",
+                       "selectors": [{"type": "random", "budget": 2, "seed": 0}]}))
+    monkeypatch.chdir(tmp_path / "rel")
+    assert _export(tmp_path / "rel", "--format", "jsonl", "--to", "../run.jsonl", "--overwrite") == 2
+    assert "the input" in capsys.readouterr().err and src.read_bytes() == before
+
+    # a selection from scores: the scores directory is an input of it
+    assert main(["select", "--scores", str(out), "--method", "random", "--budget", "2",
+                 "--output", str(tmp_path / "sel")]) == 0
+    assert _export(tmp_path / "sel", "--format", "jsonl", "--to", str(out / "sub"), "--overwrite") == 2
+    assert (out / "manifest.json").is_file() and not (out / "sub").exists()

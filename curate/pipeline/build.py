@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -251,6 +252,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
             "job": job.to_dict(),
             "inputs": [dataclasses.asdict(i) for i in job.inputs],
             "output": job.output,
+            "cwd": os.getcwd(),  # what relative input and output paths are relative to
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),
             "runner": all_options["runner"],
