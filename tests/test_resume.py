@@ -176,9 +176,9 @@ def test_the_key_follows_what_the_numbers_depend_on(tmp_path, tiny_lm_dir):
 def test_a_shard_round_trips_the_columns(tmp_path):
     import numpy as np
 
-    schema = pa.schema([("id", pa.string()), ("loss", pa.float64()), ("vec", pa.list_(pa.float32()))])
+    schema = pa.schema([(saved_work.KEY, pa.string()), ("loss", pa.float64()), ("vec", pa.list_(pa.float32()))])
     saved_work.write_shard(str(tmp_path), pa.Table.from_pylist(
-        [{"id": "a", "loss": 0.1 + 0.2, "vec": np.array([1.5, -2.0], np.float32)}], schema=schema))
+        [{saved_work.KEY: "a", "loss": 0.1 + 0.2, "vec": np.array([1.5, -2.0], np.float32)}], schema=schema))
     assert [p.name.startswith("part-") for p in tmp_path.iterdir()] == [True]  # no temporary left
     (row_id, columns), = saved_work.read_shard(saved_work.saved_shards(str(tmp_path))[0])
     assert row_id == "a" and columns["loss"] == 0.1 + 0.2

@@ -94,6 +94,31 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def model_files(name: str) -> str | None:
+    """The local directory (or file) holding a model's files, found without the network:
+    an embedded default's converted directory, a local path with `~` expanded, or a hub
+    id's snapshot in the Hugging Face cache; None when none is found. What saved scores
+    are keyed by (`curate.pipeline.saved_work.scorer_key`): the files, not the name."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    name = name.strip()
+    embedded = embedded_path(name)
+    if embedded is not None:
+        return embedded
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if _looks_like_path(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a hub id the client accepts
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate import __version__, dataflow
 from curate.config import InputConfig, JobConfig, TooManyFailures
+from curate.pipeline import saved_work
 from curate.pipeline.graph import build
 from curate.pipeline.output import (check_output, list_tree, publish, read_manifest, remove_stale_staging,
                                     remove_tree, staging_dir)
@@ -36,6 +37,7 @@ from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
 from curate.pipeline.stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
+from curate.transforms import make_scorer
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,8 @@ def _beam_metrics(result) -> dict:
 def scores_key(job: JobConfig, tasks) -> str:
     """What the scored rows depend on: every input setting that changes which rows exist
     or what they hold (path, source, format, adapter, fields, limit), the input contents,
-    validation, filters, scorers and the curate version."""
+    validation, filters, scorers with the files of their models (`saved_work.scorer_key`)
+    and the curate version."""
     h = hashlib.sha256()
     for task in tasks:
         h.update(json.dumps(dataclasses.asdict(task), sort_keys=True, default=str).encode())
@@ -134,7 +137,8 @@ def scores_key(job: JobConfig, tasks) -> str:
                 with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
-    h.update(json.dumps([dataclasses.asdict(job.validate), job.filters, job.scorers, __version__],
+    scorers = [saved_work.scorer_key(make_scorer(dict(spec))) for spec in job.scorers]
+    h.update(json.dumps([dataclasses.asdict(job.validate), job.filters, job.scorers, scorers, __version__],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

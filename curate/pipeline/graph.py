@@ -82,7 +82,7 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
             store = saved_work.scorer_dir(plan.saved_work, scorer)
             if fresh:
                 remove_tree(store)
-            shards = saved_work.saved_shards(store)
+            shards = saved_work.saved_shards(store, saved_work.saved_schema(scorer))
             saved = None
             if shards:
                 split = recs | f"Saved{i}" >> saved_work.UseSavedScores(shards)

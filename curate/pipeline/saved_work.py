@@ -6,15 +6,19 @@ Layout (beside the output, like its staging directory; the job's `saved_work:` m
     .<output name>.saved/<scorer type>-<key>/part-<uuid>.arrow
 
 `key` is a hash of what a scorer's numbers depend on (`scorer_key`): its type, its
-options except the ones that only size batches, the curate version, and the size and
-modification time of every file under an option that names a local or remote path (a
-model directory, a proxy run's checkpoints), so a retrained model is never mixed with
-the old one's scores. Inside, rows are addressed by the example id, itself a hash of
-the conversation (`curate.records`): a row's saved scores serve any later run that
-reads the same conversation, wherever it sits in the input.
+options except the ones that only size batches, the curate version, and the resolved
+path, size and modification time of every file of each model it names (an embedded
+default, `~/...`, a hub id in the local cache: `curate.models.model_files`) and under
+any other option that names a path (a proxy run's checkpoints), so a retrained or
+replaced model is never mixed with the old one's scores. Inside, rows are addressed by
+a hash of the conversation itself (`content_key`), not by the row's id: an edited row
+that kept its id (a curate output exported, edited and read back) is scored again, and
+a row's saved scores serve any later run that reads the same conversation, wherever it
+sits in the input.
 
-A shard holds the id and the scorer's columns of rows it scored (never of rows it
-failed on: those are retried). Shards are written whole to a temporary name and then
+A shard holds the content key and the scorer's columns of rows it scored (never of rows
+it failed on: those are retried). A shard that cannot be read (truncated, emptied by a
+full disk) is skipped with a warning and its rows are scored again. Shards are written whole to a temporary name and then
 renamed (`FileSystems.rename`, also on gs://), every `SAVE_EVERY_ROWS` rows or
 `SAVE_EVERY_S` seconds and at the end of each bundle: a kill loses at most that much.
 The published output does not depend on which rows came from saved work: the sink
@@ -33,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -42,12 +47,19 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from curate import __version__
+from curate.inputs.formats import batch_rows
+from curate.models.loading import model_files
 from curate.pipeline.output import canonical_path, is_remote, list_tree
+from curate.records import content_hash
+
+log = logging.getLogger(__name__)
 
 SAVE_EVERY_ROWS = 256
 SAVE_EVERY_S = 60.0
 SHARD_PREFIX = "part-"
 FROM_SAVED = "from_saved"  # the tag of the rows whose scores were found saved
+KEY = "key"  # the column of a saved shard that addresses a row: `content_key`
+FORMAT = 2  # of the saved shards; 1 addressed rows by their id
 # options that change how rows are batched, never a row's numbers
 BATCHING_OPTIONS = frozenset({"max_tokens_per_batch", "min_batch_size", "max_batch_size", "model_copies"})
 
@@ -59,18 +71,27 @@ def default_dir(output: str) -> str:
     return FileSystems.join(parent, f".{name}.saved")
 
 
-def _path_fingerprint(value: str) -> list | None:
-    """[(file, size, mtime)] of the files under a path option, or None if it names none."""
+def content_key(record: dict) -> str:
+    """What a saved score is addressed by: a hash of the conversation the scorer read."""
+    return content_hash(record["messages"])
+
+
+def _path_fingerprint(value: str, name: str) -> list | None:
+    """[(file, size, mtime)] of the files under a path option (a model name resolved to its
+    files when the option names a model), or None if it names none."""
     if not is_remote(value):
-        if not os.path.exists(value):
+        local = model_files(value) if name.endswith("model") else None
+        local = local or os.path.expanduser(value)
+        if not os.path.exists(local):
             return None
-        if os.path.isfile(value):
-            files = [value]
+        local = os.path.realpath(local)
+        if os.path.isfile(local):
+            files = [local]
         else:
-            files = sorted(os.path.join(root, f) for root, _, names in os.walk(value) for f in names)
-        base = os.path.realpath(value)
-        return [(os.path.relpath(os.path.realpath(f), base), os.path.getsize(f), os.stat(f).st_mtime_ns)
-                for f in files]
+            files = sorted(os.path.join(root, f) for root, _, names in os.walk(local) for f in names)
+        # the resolved path too: two copies of a model are two models, as far as we know
+        return [local] + [(os.path.relpath(f, local), os.path.getsize(f), os.stat(os.path.realpath(f)).st_mtime_ns)
+                          for f in files]
     try:
         found = FileSystems.match([value.rstrip("/") + "/**", value])
     except Exception:
@@ -85,9 +106,11 @@ def scorer_key(scorer) -> str:
              else [n for n in vars(scorer) if not n.startswith("_")])
     options = {n: getattr(scorer, n) for n in names if n not in BATCHING_OPTIONS and n not in ("stage", "progress_dir")}
     files = {name: fp for name, value in sorted(options.items())
-             if isinstance(value, str) and value and (fp := _path_fingerprint(value)) is not None}
-    blob = json.dumps({"type": scorer.type, "options": options, "files": files, "curate": __version__},
-                      sort_keys=True, default=str)
+             if isinstance(value, str) and value and (fp := _path_fingerprint(value, name)) is not None}
+    # a path option stands for its files (the first entry: the resolved path), not its spelling
+    options.update({name: None for name in files})
+    blob = json.dumps({"type": scorer.type, "options": options, "files": files, "curate": __version__,
+                       "format": FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -95,27 +118,45 @@ def scorer_dir(root: str, scorer) -> str:
     return FileSystems.join(root, f"{scorer.type}-{scorer_key(scorer)}")
 
 
-def saved_shards(directory: str) -> list[str]:
-    """The complete shards in a scorer's saved-work directory (temporary files excluded)."""
-    return [p for p in list_tree(directory) if p.rsplit("/", 1)[-1].startswith(SHARD_PREFIX)
-            and p.endswith(".arrow")]
+def saved_shards(directory: str, schema: pa.Schema | None = None) -> list[str]:
+    """The complete shards in a scorer's saved-work directory (temporary files excluded).
+    With `schema` (the scorer's `saved_schema`), only the shards that read whole with
+    those columns: a damaged one is named in a warning and its rows are scored again."""
+    shards = [p for p in list_tree(directory) if p.rsplit("/", 1)[-1].startswith(SHARD_PREFIX)
+              and p.endswith(".arrow")]
+    if schema is None:
+        return shards
+    good = []
+    for path in shards:
+        try:
+            table = _read_table(path)
+            missing = [n for n in schema.names if n not in table.schema.names]
+            if missing:
+                raise ValueError(f"no column(s) {', '.join(missing)}")
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("skipping the damaged saved-work shard %s (%s); its rows are scored again",
+                        path, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            continue
+        good.append(path)
+    return good
+
+
+def _read_table(path: str) -> pa.Table:
+    with FileSystems.open(path) as fh:
+        return pa.ipc.open_file(pa.BufferReader(fh.read())).read_all()
 
 
 def read_shard(path: str):
-    """(id, {column: value}) of every row of a saved shard; vectors as NumPy arrays, as
-    the scorer emitted them."""
-    from curate.inputs.formats import batch_rows
-
-    with FileSystems.open(path) as fh:
-        table = pa.ipc.open_file(pa.BufferReader(fh.read())).read_all()
-    for batch in table.to_batches():
+    """(content key, {column: value}) of every row of a saved shard; vectors as NumPy
+    arrays, as the scorer emitted them."""
+    for batch in _read_table(path).to_batches():
         for row in batch_rows(batch):
-            yield row.pop("id"), row
+            yield row.pop(KEY), row
 
 
 class UseSavedScores(beam.PTransform):
     """Records whose scores this scorer saved before come out tagged FROM_SAVED, with the
-    saved columns; the rest, main output, still need scoring. A join on the example id."""
+    saved columns; the rest, main output, still need scoring. A join on `content_key`."""
 
     def __init__(self, shards: list[str]):
         super().__init__()
@@ -124,7 +165,7 @@ class UseSavedScores(beam.PTransform):
     def expand(self, recs):
         saved = (recs.pipeline | "SavedShards" >> beam.Create(self.shards)
                  | "ReadSaved" >> beam.FlatMap(read_shard))
-        keyed = recs | "ById" >> beam.Map(lambda r: (r["id"], r))
+        keyed = recs | "ByContent" >> beam.Map(lambda r: (content_key(r), r))
 
         def split(item):
             _, group = item
@@ -140,8 +181,8 @@ class UseSavedScores(beam.PTransform):
 
 
 class SaveScores(beam.DoFn):
-    """Writes the scored rows' ids and `columns` to `directory`, in shards renamed into
-    place once complete. Rows pass through unchanged."""
+    """Writes the scored rows' content keys and score columns (`schema`: `saved_schema`) to
+    `directory`, in shards renamed into place once complete. Rows pass through unchanged."""
 
     def __init__(self, directory: str, schema: pa.Schema, every_rows: int | None = None,
                  every_s: float | None = None):
@@ -154,7 +195,7 @@ class SaveScores(beam.DoFn):
         self.rows, self.since = [], time.monotonic()
 
     def process(self, record: dict):
-        self.rows.append({name: record.get(name) for name in self.schema.names})
+        self.rows.append({KEY: content_key(record), **{name: record.get(name) for name in self.schema.names[1:]}})
         if len(self.rows) >= self.every_rows or time.monotonic() - self.since >= self.every_s:
             self.flush()
         yield record
@@ -185,4 +226,4 @@ def write_shard(directory: str, table: pa.Table) -> str:
 
 
 def saved_schema(scorer) -> pa.Schema:
-    return pa.schema([("id", pa.string()), *scorer.output_columns().items()])
+    return pa.schema([(KEY, pa.string()), *scorer.output_columns().items()])
