@@ -15,7 +15,7 @@ import torch
 from curate import records as curate_records
 from curate import transforms
 from curate.cli import print_summary
-from curate.config import parse_job
+from curate.config import TooManyFailures, parse_job
 from curate.pipeline.build import check_counts, run_job
 from curate.report.inspect import inspect_output
 from curate.transforms.base import Scorer
@@ -95,10 +95,12 @@ def test_a_row_that_runs_out_of_memory_alone_is_marked():
     assert out[0][SCORE_ERROR].startswith("scorer fake failed: OutOfMemoryError: CUDA out of memory")
 
 
-def test_a_batch_where_every_row_fails_fails_the_run():
-    # a broken scorer or setting, not bad rows: the pool must not vanish into the dead letter
-    with pytest.raises(RuntimeError, match="every row of a batch of 3 failed"):
-        run(FakeRunner(oom_above=0), records(3))
+def test_a_batch_where_every_row_fails_is_marked_row_by_row(caplog):
+    # too many failures is the run's max_failed_fraction to judge, over all rows (below)
+    out = run(FakeRunner(oom_above=0), records(40))
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(40)] and all(SCORE_ERROR in r for r in out)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 21 and "not logged" in warnings[-1].getMessage()  # 20, then one note
 
 
 # ---------------------------------------------------------------- in a pipeline
@@ -133,6 +135,20 @@ def pipeline_job(tmp_path, scorer, out="out"):
     return parse_job({"inputs": [write_pool(tmp_path)], "output": str(tmp_path / out),
                       "scorers": [scorer], "selectors": [{"type": "random", "budget": 5, "seed": 0}],
                       "max_failed_fraction": 0.1})  # 1 of 12 failing is tolerated
+
+
+def test_a_batch_failing_whole_is_judged_by_max_failed_fraction(tmp_path, monkeypatch):
+    """Every row of the pool's one batch fails: under a limit of 1.0 they go to the dead
+    letter and the run publishes; under 0.9 the run fails naming the count."""
+    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
+    job = pipeline_job(tmp_path, {"type": "fake", "oom_above": 0})
+    job.max_failed_fraction = 1.0
+    c = run_job(job, progress=False)["counts"]
+    assert c["score_failed"] == {"score:fake": 12} and c["kept"] == 0 and c["dead_letter_rows_written"] == 12
+    job.max_failed_fraction, job.output = 0.9, str(tmp_path / "out2")
+    with pytest.raises(TooManyFailures, match=r"score:fake failed on 12 of 12 rows \(100.0%\), more than "
+                                              r"max_failed_fraction 0.9"):
+        run_job(job, progress=False)
 
 
 def test_pipeline_sends_the_failing_row_to_the_dead_letter(tmp_path, monkeypatch, capsys):

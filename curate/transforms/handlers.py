@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # set on a record whose scoring failed on its own: "<scorer> failed: <Type>: <message>"
 SCORE_ERROR = "_score_error"
+MAX_WARNINGS = 20  # failed rows and split batches logged per process
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -106,14 +107,10 @@ class RecordModelHandler(ModelHandler):
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[dict]:
-        records = list(batch)
-        out = self._score_or_split(records, model)
-        if len(records) > 1 and all(SCORE_ERROR in r for r in out):
-            # every row failing on its own is a broken scorer or setting, not bad rows:
-            # fail the run rather than dead-letter the whole pool
-            raise RuntimeError(f"{self._name}: every row of a batch of {len(records)} failed, "
-                               f"e.g. {out[0][SCORE_ERROR]}")
-        return out
+        # a batch whose every row fails goes to the dead letter like any other: whether
+        # that is too many is the run's `max_failed_fraction` to say, over all rows
+        # (curate.pipeline.build.check_failures), not one batch's
+        return self._score_or_split(list(batch), model)
 
     def _score_or_split(self, records: list[dict], model) -> list[dict]:
         try:
@@ -127,15 +124,25 @@ class RecordModelHandler(ModelHandler):
         if len(records) == 1:
             Metrics.counter(self.get_metrics_namespace(), "rows_failed").inc()
             record = records[0]
-            log.warning("%s: row %s (%s) failed, sent to the dead letter: %s", self._name,
-                        record.get("id"), record.get("origin"), error)
+            self._log("%s: row %s (%s) failed, sent to the dead letter: %s", self._name,
+                      record.get("id"), record.get("origin"), error)
             return [{**record, SCORE_ERROR: f"scorer {self._name} failed: {error}"[:2000]}]
         half = len(records) // 2
         Metrics.counter(self.get_metrics_namespace(), "batches_split").inc()
-        log.warning("%s: a batch of %d rows %s; retrying as %d + %d rows", self._name, len(records),
-                    "ran out of memory" if out_of_memory else f"failed ({error[:200]})",
-                    half, len(records) - half)
+        self._log("%s: a batch of %d rows %s; retrying as %d + %d rows", self._name, len(records),
+                  "ran out of memory" if out_of_memory else f"failed ({error[:200]})",
+                  half, len(records) - half)
         return self._score_or_split(records[:half], model) + self._score_or_split(records[half:], model)
+
+    def _log(self, *args) -> None:
+        """A warning for the first MAX_WARNINGS failures of this process, then silence: a
+        scorer failing on most rows must not write a line for each (the manifest and the
+        dead letter count them all)."""
+        self._warned = getattr(self, "_warned", 0) + 1
+        if self._warned <= MAX_WARNINGS:
+            log.warning(*args)
+        if self._warned == MAX_WARNINGS:
+            log.warning("%s: further failures are counted in the dead letter, not logged", self._name)
 
     def get_metrics_namespace(self) -> str:
         return f"curate.{self._name}"
