@@ -8,6 +8,7 @@ import json
 import datasets
 import pytest
 
+from curate import records
 from curate.config import ConfigError, parse_job
 from curate.pipeline.build import run_job
 from curate.transforms.decontaminate import first_hit, ngram_hash, words
@@ -76,3 +77,13 @@ def test_config_errors_before_any_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=match):
         run_job(parse_job({"inputs": [path], "output": str(tmp_path / "o"), "filters": [spec]}))
     assert not (tmp_path / "o").exists()
+
+
+def test_lenient_adapt_reads_scalars_as_text():
+    qa, messages = records.ADAPTERS["qa"], records.ADAPTERS["messages"]
+    (rec,) = records.adapt({"question": "What is pi to two places?", "answer": 3.14}, qa, {}, "s", lenient=True)
+    assert rec["response"] == "3.14"
+    row = {"messages": [{"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": True}]}
+    assert records.adapt(row, messages, {}, "s", lenient=True)[0]["response"] == "True"
+    with pytest.raises(records.RowError, match=r"field 'answer' is float, expected text"):
+        records.adapt({"question": "What is pi?", "answer": 3.14}, qa, {}, "s")  # strict by default
