@@ -261,11 +261,24 @@ def describe_shapes() -> str:
     return "; ".join(f"{a.name} ({', '.join(a.signature)})" for a in ADAPTERS.values())
 
 
-def adapt(row: Any, adapter: Adapter, fields: dict, source: str) -> list[dict]:
+def scalars_as_text(value: Any) -> Any:
+    """`value` with every scalar inside it that is not text (a number, a bool; anything
+    without a length but None) written as its text, in dicts and lists at any depth."""
+    if isinstance(value, dict):
+        return {k: scalars_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scalars_as_text(v) for v in value]
+    return value if value is None or hasattr(value, "__len__") else str(value)
+
+
+def adapt(row: Any, adapter: Adapter, fields: dict, source: str, lenient: bool = False) -> list[dict]:
+    """The records of one input row. `lenient` reads a number or bool where text is
+    expected as its text (`scalars_as_text`): for evaluation sets, whose answers are often
+    numbers; training inputs stay strict, such a field is a RowError naming it."""
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, expected a JSON object")
     try:
-        return list(adapter.fn(row, fields, source))
+        return list(adapter.fn(scalars_as_text(row) if lenient else row, fields, source))
     except RecursionError:  # a field nested thousands deep, met while hashing or printing it
         raise RowError("JSON nested too deeply") from None
 

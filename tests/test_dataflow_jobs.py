@@ -51,6 +51,9 @@ def _ids(paths):
 
 def _tiny_rows(name: str) -> list[dict]:
     """A few rows in the shape of the shared data file called `name`."""
+    if name.startswith("eval-"):  # decontaminate's evaluation sets: 13 words or more, numeric answers
+        return [{"question": f"Evaluation question {i}: what is the sum of {i} and {i}, worked out step by step?",
+                 "answer": 2 * i} for i in range(8)]
     if name.startswith("gsm8k"):
         return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}
                 for i in range(8)]

@@ -48,6 +48,17 @@ def test_jsonl_dead_letter_names_line_and_reason(tmp_path):
     assert len(dead) == 6
 
 
+@pytest.mark.parametrize("line, reason", [
+    ('{"a": "bc', "Unterminated string starting at column 7"),  # json's message ends in "at"
+    ('{"a": "b\x01"}', "Invalid control character at column 9"),
+    ('{"a": 1} x', "Extra data at column 10"),
+    ('{"a" 1}', "Expecting ':' delimiter at column 6")])
+def test_malformed_json_reason_reads_as_a_sentence(tmp_path, line, reason):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    assert [error for _, _, error in iter_rows(str(path), "jsonl")] == [f"malformed JSON: {reason}"]
+
+
 def test_invalid_utf8_and_truncated_gzip(tmp_path):
     path = tmp_path / "x.jsonl.gz"
     good = b'{"question": "Q", "answer": "A"}\n'

@@ -226,11 +226,13 @@ def invalid_dead_letter(record: dict, max_chars: int) -> dict | None:
     return dead_letter(record["origin"], reason, record["prompt"][:200]) if reason else None
 
 
-def task_records(task: FileTask, outside_limit=None, validate: bool = True):
+def task_records(task: FileTask, outside_limit=None, validate: bool = True, lenient: bool = False):
     """The rows of one planned file as (record, None) or (None, dead-letter row): reading,
     adapting and (unless `validate` is False: the pipeline validates in a step of its
     own) validation, the one path every reader takes (the pipeline's `ReadFile`, and
-    `read_records` for the trainer, pruning calibration and model stages).
+    `read_records` for the trainer, pruning calibration and model stages). `lenient`:
+    a number or bool where text is expected is read as its text (`records.adapt`; the
+    evaluation sets of `decontaminate`).
 
     With `limit_prompts` the whole file is read, and only the records answering its first
     N distinct prompts are kept (every candidate response of a multi-response pool, however
@@ -243,7 +245,7 @@ def task_records(task: FileTask, outside_limit=None, validate: bool = True):
             yield None, dead_letter(origin, error, row)
             continue
         try:
-            recs = records.adapt(row, adapter, task.fields, task.source)
+            recs = records.adapt(row, adapter, task.fields, task.source, lenient)
         except records.RowError as exc:
             yield None, dead_letter(origin, str(exc), _raw(row))
             continue

@@ -82,8 +82,9 @@ def _jsonl_rows(path: str, name: str):
                 try:
                     yield origin, json.loads(text), None
                 except json.JSONDecodeError as exc:
-                    # the unparsed text goes along as the dead-letter row's `raw`
-                    yield origin, text, f"malformed JSON: {exc.msg} at column {exc.colno}"
+                    # the unparsed text goes along as the dead-letter row's `raw`; some of
+                    # json's messages end in "at" already ("Unterminated string starting at")
+                    yield origin, text, f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
                 except RecursionError:
                     yield origin, text, "JSON nested too deeply"
     except gzip.BadGzipFile as exc:
