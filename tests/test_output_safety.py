@@ -416,6 +416,56 @@ def test_a_killed_runs_leftovers_are_removed_by_the_rerun_and_inspect_refuses_th
     assert _staging(tmp_path) == [] and (tmp_path / "out" / "manifest.json").exists()
 
 
+# a run killed (SIGKILL) at one point of staging or publishing: argv[1] the job, argv[2] the point
+KILL_AT = """
+import os, shutil, signal, sys
+from curate.pipeline import build, output
+point = sys.argv[2]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+real_mkdir, real_rename, real_publish, real_remove = os.mkdir, os.rename, build.publish, output._remove_local
+def mkdir(path, *a, **k):
+    real_mkdir(path, *a, **k)
+    if point == "mkdir" and ".tmp-" in str(path):
+        die()  # the staging directory exists, nothing in it
+def rename(src, dst):
+    if point == "committed" and ".old-" in str(dst):
+        die()  # staging committed in place (orphans and commit records gone), the old output in place
+    real_rename(src, dst)
+    if point == "aside" and ".old-" in str(dst):
+        die()  # the old output set aside, the output path empty
+def publish(*a, **k):
+    if point == "manifest":
+        die()  # staging complete with its manifest, publish not begun
+    real_publish(*a, **k)
+def remove(path):
+    if point == "remove_old":
+        die()  # the new output in place, the old one still aside
+    real_remove(path)
+os.mkdir, os.rename, build.publish, output._remove_local = mkdir, rename, publish, remove
+from curate.cli import main
+sys.exit(main(["run", sys.argv[1], "-q"]))
+"""
+
+
+@pytest.mark.parametrize("point", ["mkdir", "manifest", "committed", "aside", "remove_old"])
+def test_every_state_a_killed_publish_leaves_is_cleaned_by_the_next_run(tmp_path, point):
+    job = _job_file(tmp_path)
+    assert cli.main(["run", job, "-q"]) == 0
+    old = tree(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, job, point], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "the kill left nothing to clean"
+    if point != "remove_old":  # the old output is whole again, or still in place
+        from curate.pipeline.output import remove_stale_staging
+
+        remove_stale_staging(str(tmp_path / "out"))
+        assert tree(tmp_path / "out") == old
+    assert cli.main(["run", job, "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "job.yaml", "out"]
+
+
 def test_a_live_runs_staging_directory_is_left_alone(tmp_path):
     from curate.pipeline.output import remove_stale_staging, staging_dir
 

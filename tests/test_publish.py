@@ -283,7 +283,33 @@ def test_a_local_publish_cut_short_between_its_renames_is_finished_or_undone(tmp
     old = tree(out)
     staging, _ = stage(out, rows(5, "new"), shard_rows=2)
     os.rename(out, output._aside(staging))  # killed right after setting the old output aside
-    assert remove_stale_staging(out) == [] and tree(out) == old  # the next run puts it back
+    alive = output._alive
+    output._alive = lambda pid: False  # the publishing process is gone
+    try:
+        assert remove_stale_staging(out) == [staging] and tree(out) == old  # the next run puts it back
+    finally:
+        output._alive = alive
+    staging, _ = stage(out, rows(5, "new"), shard_rows=2)
     os.rename(out, output._aside(staging))
     publish(staging, out)  # or the publish is called again: it finishes
     assert read_manifest(out)["counts"]["kept"] == 5 and os.listdir(tmp_path) == ["out"]
+
+
+def test_a_remote_publish_killed_half_way_is_put_back_by_the_next_run(store, monkeypatch):
+    """A hard kill (no rollback runs) after the old manifest went and half the new files
+    came: the next run of that output finds the backup and its journal and puts the old
+    output back, byte for byte, before it checks the output."""
+    old = publish_old()
+    staging = stage_new()
+    fail_copies_to(OUT + "/", after=3, monkeypatch=monkeypatch)
+    monkeypatch.setattr(output, "_roll_back", lambda *a: None)  # killed: nothing puts it back
+    with pytest.raises(OSError, match="injected"):
+        publish(staging, OUT)
+    monkeypatch.undo()
+    assert read_manifest(OUT) is None and [p for p in OBJECTS if ".old-" in p]
+    assert remove_stale_staging(OUT) == [output._aside(staging)]
+    assert {p: b for p, b in OBJECTS.items() if p.startswith(OUT + "/")} == old
+    assert not [p for p in OBJECTS if ".old-" in p]
+    assert remove_stale_staging(OUT) == []  # a whole output: nothing to do
+    publish(staging, OUT)  # the killed run's staging is whole: publishing it still works
+    assert_new_output_complete()

@@ -156,6 +156,8 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
         return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress, fresh=fresh)
     plan = Plan(job)  # every step built and checked (selectors' model stages too) before the scoring
     inputs = [t.path for t in plan.tasks]
+    for output in (job.scores, job.output):
+        remove_stale_staging(output)
     check_output(job.scores, inputs, overwrite)
     check_output(job.output, inputs + [job.scores], overwrite)
     scoring, _ = score_once(job, job.scores, beam_args, overwrite=overwrite, progress=progress, fresh=fresh)
@@ -203,8 +205,8 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     t0 = time.time()
     plan = Plan(job)
     inputs = [t.path for t in plan.tasks]
+    remove_stale_staging(job.output)  # first: a killed publish's old output may be put back
     check_output(job.output, inputs, overwrite)
-    remove_stale_staging(job.output)
     staging = staging_dir(job.output)
     t_plan = time.time()
     options = pipeline_options(list(job.beam_args) + list(beam_args or []))

@@ -12,6 +12,7 @@ are published; anything else in staging is an orphan of a failed attempt.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,13 @@ log = logging.getLogger(__name__)
 # what a curate output holds; anything else in the output path is someone's data
 _CURATE_FILE = re.compile(r"(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json|manifest\.json"
                           r"|report\.html|dead_letter\.jsonl|rejected/.+)")
-_OWNER = "_curate_staging.json"  # in a staging directory: which process writes it
+# the owner file of staging directories made before the owner went into their name
+_OWNER = "_curate_staging.json"
+# a staging directory's name: .NAME.tmp-<time>-<host hash>-<pid>-<random>, and the old
+# output set aside while publishing: .NAME.old-<the same>. The owner is in the name, so
+# every state a kill can leave (even mid-mkdir, or with the directory's files half
+# committed) tells whether its process is gone.
+_STAGING_SUFFIX = re.compile(r"\.(tmp|old)-\d{8}-\d{6}-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{6}")
 # the final names of a curate output's files: what a staging directory without commit
 # records (one an earlier publish call already committed) publishes
 _FINAL_FILE = re.compile(r"(rejected/)?(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)"
@@ -112,50 +119,90 @@ def _staging_prefix(output: str) -> tuple[str, str]:
     return parent, f".{name}.tmp-"
 
 
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def staging_dir(output: str) -> str:
     """A fresh staging directory beside the output, created now (so an unwritable
-    output fails before any work) and marked with the process that owns it."""
+    output fails before any work), named with the process that owns it."""
     parent, prefix = _staging_prefix(output)
-    staging = FileSystems.join(parent, f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    staging = FileSystems.join(parent, f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{_host()}-{os.getpid()}-"
+                                       f"{uuid.uuid4().hex[:6]}")
     if not is_remote(output):
         os.makedirs(parent, exist_ok=True)
         os.mkdir(staging)
-    _write_json(FileSystems.join(staging, _OWNER), {"host": socket.gethostname(), "pid": os.getpid()})
     return staging
 
 
+def _owner_gone(path: str) -> bool:
+    """The process that made this staging (or set-aside) directory is gone: it ran on this
+    machine and its pid is not alive. False when that cannot be told (another machine)."""
+    found = _STAGING_SUFFIX.search(os.path.basename(path))
+    if found:
+        return found["host"] == _host() and not _alive(found["pid"])
+    try:  # made by an older curate: the owner is in a file
+        with open(os.path.join(path, _OWNER)) as fh:
+            owner = json.load(fh)
+    except (OSError, ValueError):
+        return ".old-" in os.path.basename(path)  # an old output set aside, not a run's work
+    return owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+
+
 def remove_stale_staging(output: str) -> list[str]:
-    """Remove staging directories of this output left by killed runs on this machine
-    (their process is gone). Another live run's staging directory is left alone. A
-    previous output that a killed publish had set aside (`.old-`) while the output path is
-    empty is put back instead."""
+    """Put back or remove what killed runs left beside this output, before a new run:
+    - a previous output a killed publish had set aside (`.old-`) while the output path is
+      empty (killed between its two renames) goes back in place;
+    - a remote output a killed publish left half-replaced gets its old files back from
+      the backup the publish made (`_recover_remote`);
+    - staging and set-aside directories whose process is gone (see `_owner_gone`) are
+      removed, whatever state the kill left them in. Those of a live run, or of another
+      machine, are left alone."""
+    if is_remote(output):
+        return _recover_remote(output)
     parent, prefix = _staging_prefix(output)
-    if is_remote(output) or not os.path.isdir(parent):
+    if not os.path.isdir(parent):
         return []
-    removed = []
+    removed, target = [], canonical_path(output)
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
         if not (name.startswith(prefix) or name.startswith(prefix.replace(".tmp-", ".old-"))):
             continue
-        if (".old-" in name and not os.path.lexists(canonical_path(output))
-                and os.path.isfile(os.path.join(path, "manifest.json"))):
-            os.rename(path, canonical_path(output))
-            log.warning("put back %s: a killed run had set it aside while publishing", output)
+        if not _owner_gone(path):
             continue
-        try:
-            with open(os.path.join(path, _OWNER)) as fh:
-                owner = json.load(fh)
-        except (OSError, ValueError):
-            owner = None
-        if owner is None and ".tmp-" in name:
-            continue  # not ours to judge: no owner file
-        if owner is not None and (owner.get("host") != socket.gethostname() or _alive(owner.get("pid"))):
+        if (".old-" in name and not os.path.lexists(target)
+                and os.path.isfile(os.path.join(path, "manifest.json"))):
+            os.rename(path, target)
+            log.warning("put back %s: a killed run had set it aside while publishing", output)
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:
         log.info("removed %d leftover(s) of killed runs: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def _recover_remote(output: str) -> list[str]:
+    """A remote output without manifest.json beside a backup with a whole journal: a
+    publish was killed while it replaced the files (`_publish_remote`); the old output's
+    files go back from the backup (the newest, if several) and the backup is removed."""
+    output = output.rstrip("/")
+    if read_manifest(output) is not None:
+        return []
+    parent, prefix = _staging_prefix(output)
+    pattern = FileSystems.join(parent, prefix.replace(".tmp-", ".old-") + "*", _JOURNAL)
+    try:
+        journals = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except BeamIOError:  # nothing there
+        return []
+    if not journals:
+        return []
+    backup = journals[-1][:-len(_JOURNAL) - 1]
+    journal = _read_json(journals[-1])
+    if not isinstance(journal, dict) or journal.get("output") != output:
+        return []
+    _roll_back(output, backup, journal)
+    return [backup]
 
 
 def _alive(pid) -> bool:
