@@ -18,7 +18,10 @@ existing non-empty DIR (or a file at DIR) is refused unless `overwrite`; with it
 the files named above are replaced, nothing else in DIR is touched. Each file is
 written under a temporary name beside its final one and renamed into place when
 complete, so a failed or interrupted export never leaves a truncated file that looks
-complete.
+complete (a killed one's temporaries are removed by the next export there). The files are
+renamed into place only once all are written and OUT's manifest is still the one read
+first: an output republished by another run while it was exported fails the export
+(`curate.pipeline.output.OutputReplaced`) instead of mixing two runs' rows.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
-from curate.pipeline.output import canonical_path, check_output, is_inside, is_remote, read_manifest
+from curate.pipeline.output import canonical_path, check_output, is_inside, is_remote, pid_alive, read_manifest
+from curate.published import check_unchanged, manifest_token
 from curate.pipeline.sink import hf_schema
 
 FORMATS = ("jsonl", "parquet")
 PARTS = ("data", "rejected")  # kept rows (OUT) and rejected rows (OUT/rejected)
+TMP_MARK = ".tmp-"  # .data.jsonl.tmp-<pid>-<random>: a file being written
 # a Parquet row group is written once this many bytes of batches have gathered
 ROW_GROUP_BYTES = 64 << 20
 
@@ -220,6 +225,7 @@ def export_output(out: str, fmt: str = "jsonl", to: str | None = None, columns: 
     if not is_remote(out) and not os.path.isdir(out):
         raise ConfigError(f"{out}: no such directory" if not os.path.lexists(out)
                           else f"{out} is not a directory, not a curate output")
+    token = manifest_token(out)
     if read_manifest(out) is None:
         raise ConfigError(f"{out} is not a curate output (no readable manifest.json); "
                           f"export reads what `curate run`, `score` or `select` published")
@@ -241,21 +247,36 @@ def export_output(out: str, fmt: str = "jsonl", to: str | None = None, columns: 
         os.remove(to)  # a file at DIR, and overwrite: it is replaced by the directory
     created = not os.path.isdir(to)
     os.makedirs(to, exist_ok=True)
-    files = {}
+    remove_stale_temporaries(to)
+    files, written = {}, {}  # written: final path -> its temporary
     try:
         for part, paths, schema in plan:
             name = f"{part}.{fmt}"
-            final = os.path.join(to, name)
-            tmp = os.path.join(to, f".{name}.tmp-{uuid.uuid4().hex[:6]}")
+            tmp = os.path.join(to, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            written[os.path.join(to, name)] = tmp
             try:
                 rows = WRITERS[fmt](tmp, iter_batches(paths), schema)
-                os.replace(tmp, final)
-                files[name] = {"rows": rows, "columns": schema.names}
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            except Exception as exc:  # a shard the publish removed under us
+                check_unchanged(out, token, exc)
+                raise
+            files[name] = {"rows": rows, "columns": schema.names}
+        check_unchanged(out, token)  # every file from one published output, or none
+        for final, tmp in written.items():
+            os.replace(tmp, final)
     except BaseException:
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         if created and not os.listdir(to):
             os.rmdir(to)
         raise
     return {"to": canonical_path(to), "format": fmt, "files": files}
+
+
+def remove_stale_temporaries(to: str) -> None:
+    """An export killed while it wrote left `.data.FORMAT.tmp-PID-*` files: removed once
+    their process is gone."""
+    for name in os.listdir(to):
+        pid = name.partition(TMP_MARK)[2].partition("-")[0]
+        if name.startswith(tuple(f".{part}." for part in PARTS)) and pid.isdigit() and not pid_alive(pid):
+            os.remove(os.path.join(to, name))

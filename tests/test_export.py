@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import apache_beam as beam
 import datasets
 import numpy as np
 import pandas as pd
@@ -233,3 +234,62 @@ def test_an_export_never_replaces_one_of_the_outputs_inputs(tmp_path, capsys, mo
                  "--output", str(tmp_path / "sel")]) == 0
     assert _export(tmp_path / "sel", "--format", "jsonl", "--to", str(out / "sub"), "--overwrite") == 2
     assert (out / "manifest.json").is_file() and not (out / "sub").exists()
+
+
+def test_an_output_republished_while_it_is_read_fails_the_reader(tmp_path, monkeypatch, capsys):
+    """Export, `curate select` and inspect see one published output's files or fail; they
+    never return rows of the old and the new output together."""
+    from curate.report import inspect
+
+    out = _make_output(tmp_path, "run", budget=12, shard_rows=2)
+    src = str(tmp_path / "run.jsonl")
+
+    def republish():
+        run_job(parse_job({"inputs": [src], "output": str(out), "shard_rows": 3,
+                           "selectors": [{"type": "random", "budget": 5, "seed": 1}]}), progress=False)
+
+    real_batches = export.iter_batches
+
+    def batches_then_republish(paths):
+        for i, batch in enumerate(real_batches(paths)):
+            if i == 1:
+                republish()
+            yield batch
+
+    monkeypatch.setattr(export, "iter_batches", batches_then_republish)
+    assert _export(out, "--format", "jsonl", "--to", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was replaced by another run while it was being read" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # nothing written, no temporary left
+    monkeypatch.undo()
+
+    # `curate select` from scores a run republishes while the selection reads them
+    real_run = beam.Pipeline.run
+
+    def run_after_republishing(self, *a, **k):
+        monkeypatch.setattr(beam.Pipeline, "run", real_run)
+        republish()
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(beam.Pipeline, "run", run_after_republishing)
+    assert main(["select", "--scores", str(out), "--method", "random", "--budget", "2",
+                 "--output", str(tmp_path / "sel")]) == 2
+    assert "was replaced" in capsys.readouterr().err and not (tmp_path / "sel").exists()
+
+    real_load = inspect._load
+    monkeypatch.setattr(inspect, "_load", lambda path: (republish(), real_load(path))[1])
+    assert main(["inspect", str(out)]) == 2 and "was replaced" in capsys.readouterr().err
+
+
+def test_a_killed_exports_temporaries_are_removed_by_the_next(output, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / f".data.jsonl.tmp-{dead}-abcdef").write_text("half")
+    (dest / f".data.jsonl.tmp-{os.getpid()}-abcdef").write_text("a live export's")
+    assert _export(output, "--format", "jsonl", "--to", str(dest), "--overwrite") == 0
+    assert sorted(os.listdir(dest)) == [f".data.jsonl.tmp-{os.getpid()}-abcdef", "data.jsonl"]

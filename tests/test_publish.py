@@ -283,12 +283,12 @@ def test_a_local_publish_cut_short_between_its_renames_is_finished_or_undone(tmp
     old = tree(out)
     staging, _ = stage(out, rows(5, "new"), shard_rows=2)
     os.rename(out, output._aside(staging))  # killed right after setting the old output aside
-    alive = output._alive
-    output._alive = lambda pid: False  # the publishing process is gone
+    alive = output.pid_alive
+    output.pid_alive = lambda pid: False  # the publishing process is gone
     try:
         assert remove_stale_staging(out) == [staging] and tree(out) == old  # the next run puts it back
     finally:
-        output._alive = alive
+        output.pid_alive = alive
     staging, _ = stage(out, rows(5, "new"), shard_rows=2)
     os.rename(out, output._aside(staging))
     publish(staging, out)  # or the publish is called again: it finishes

@@ -37,6 +37,7 @@ from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
 from curate.pipeline.stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
+from curate.published import check_unchanged, manifest_token
 from curate.transforms import make_scorer
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     inputs = [t.path for t in plan.tasks]
     remove_stale_staging(job.output)  # first: a killed publish's old output may be put back
     check_output(job.output, inputs, overwrite)
+    # inputs that are curate outputs (`curate select`): a run republishing one while this
+    # one reads it fails this run instead of mixing its two versions' rows
+    pinned = {t.path: manifest_token(t.path) for t in plan.tasks if t.adapter == "curate"}
     staging = staging_dir(job.output)
     t_plan = time.time()
     options = pipeline_options(list(job.beam_args) + list(beam_args or []))
@@ -241,6 +245,8 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         finally:
             if display:
                 display.stop(succeeded=finished)
+        for path, token in pinned.items():
+            check_unchanged(path, token)
         if progress_dir:
             remove_tree(progress_dir)
         t_run = time.time()
@@ -284,14 +290,16 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         if plan.scorers and not job.saved_work:  # the output holds the scores now
             remove_tree(plan.saved_work)
         return manifest
-    except BaseException:
+    except BaseException as exc:
         if plan.scorers and list_tree(plan.saved_work):
             log.warning("the scores computed so far are saved in %s: rerunning the same job scores only "
                         "the rest (--fresh starts over)", plan.saved_work)
-        if keep_staging:
-            raise
-        try:
-            remove_tree(staging)
-        except Exception as exc:  # never hide the run's own error behind a cleanup one
-            log.warning("could not remove the staging directory %s: %s", staging, exc)
+        if not keep_staging:
+            try:
+                remove_tree(staging)
+            except Exception as cleanup:  # never hide the run's own error behind a cleanup one
+                log.warning("could not remove the staging directory %s: %s", staging, cleanup)
+        if isinstance(exc, Exception):  # a read that broke on a file a publish removed
+            for path, token in pinned.items():
+                check_unchanged(path, token, exc)
         raise

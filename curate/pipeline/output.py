@@ -140,13 +140,13 @@ def _owner_gone(path: str) -> bool:
     machine and its pid is not alive. False when that cannot be told (another machine)."""
     found = _STAGING_SUFFIX.search(os.path.basename(path))
     if found:
-        return found["host"] == _host() and not _alive(found["pid"])
+        return found["host"] == _host() and not pid_alive(found["pid"])
     try:  # made by an older curate: the owner is in a file
         with open(os.path.join(path, _OWNER)) as fh:
             owner = json.load(fh)
     except (OSError, ValueError):
         return ".old-" in os.path.basename(path)  # an old output set aside, not a run's work
-    return owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+    return owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid"))
 
 
 def remove_stale_staging(output: str) -> list[str]:
@@ -205,7 +205,7 @@ def _recover_remote(output: str) -> list[str]:
     return [backup]
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
     except (OSError, TypeError, ValueError):

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import ConfigError
+from curate.published import reading
 from curate.records import BASE_COLUMNS
 
 
@@ -72,6 +73,11 @@ def cluster_table(kept: pa.Table, rejected: pa.Table | None, max_rows: int = 20)
 
 
 def inspect_output(path: str, n_examples: int = 3) -> str:
+    with reading(path):  # one run's files, not a mix with a run publishing meanwhile
+        return _inspect(path, n_examples)
+
+
+def _inspect(path: str, n_examples: int) -> str:
     ds = _load(path)
     table = ds.data.table
     out = [f"{path}: {len(ds):,} kept examples, {len(table.column_names)} columns"]
