@@ -195,6 +195,19 @@ def test_dataflow_job_settings(path):
             assert name is None or name in ("default", "minilm") or name.startswith("/opt/curate/models/")
 
 
+@pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
+def test_the_header_names_the_variables_the_job_uses(path):
+    """The comment at the top says which settings to export: exactly the variables the
+    job's lines expand (a CPU job's image is CURATE_CPU_IMAGE, not CURATE_IMAGE)."""
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    body = "".join(line.split("#", 1)[0] for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    setting = re.search(r"Set (.*?), or replace", header.replace("\n#", ""), re.S)
+    assert setting, f"{path.name}: no 'Set ..., or replace' line in the header"
+    named = set(re.findall(r"\b[A-Z]+_[A-Z_]+\b", setting.group(1)))
+    assert named == set(re.findall(r"\$\{([A-Z_]+)", body)) and named <= set(PLACEHOLDER_VARS)
+
+
 def test_placeholders_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("CURATE_BUCKET", "gs://my-bucket")
     monkeypatch.setenv("GCP_PROJECT", "my-project")
