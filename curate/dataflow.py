@@ -4,7 +4,9 @@ The one place for the versions: the Dockerfiles under jobs/dataflow/ take them a
 arguments (`make image-gpu` / `make image-cpu` pass `python -m curate.dataflow
 build-args`), the `dataflow` extra pins the same Beam, and `check_launcher` refuses to
 launch from a Python or Beam that differs from the image's: Dataflow requires the
-launcher's Python minor version and Beam version to equal the workers'.
+launcher's Python minor version and Beam version to equal the workers'. The module
+imports only the standard library at its top, so the image targets run it with a plain
+python3, no venv and no torch (Beam is imported where a function needs it).
 
 torch on the GPU image is PyPI's CUDA 12 build, the family faiss-gpu-cu12 is built for;
 an unpinned torch resolves to a CUDA 13 build. The CPU image (CPU-only jobs and the
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from curate.config import ConfigError
+from curate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

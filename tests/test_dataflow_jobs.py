@@ -6,6 +6,7 @@ cannot fake offline)."""
 
 import gzip
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -257,9 +258,25 @@ def test_images_take_their_versions_from_one_place(kind):
     assert '"apache-beam[gcp]==${BEAM_VERSION}"' in run and "b.__version__ == '${BEAM_VERSION}'" in run
     assert instructions[-1] == ("ENTRYPOINT", '["/opt/apache/beam/boot"]')
     make = (ROOT / "Makefile").read_text()
-    assert f"python -m curate.dataflow build-args) -f {DOCKERFILES[kind].relative_to(ROOT)}" in make
+    assert f"$(PYTHON) -m curate.dataflow build-args) -f {DOCKERFILES[kind].relative_to(ROOT)}" in make
     # the launcher's extra pins the image's Beam
     assert f'dataflow = ["apache-beam[gcp]=={dataflow.BEAM_VERSION}"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_image_targets_need_no_venv():
+    """`make image-gpu` / `make image-cpu` print the build arguments with a plain python3:
+    curate.dataflow imports no third-party package (no Beam, torch or yaml; -S hides
+    site-packages), and the targets do not depend on `setup`, which installs torch."""
+    from curate import dataflow
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", "-m", "curate.dataflow", "build-args"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == dataflow.build_args()
+    make = (ROOT / "Makefile").read_text()
+    for target in ("image-gpu", "image-cpu"):
+        assert re.search(rf"^{target}:[ \t]*$", make, re.M), f"{target} must have no prerequisites"
 
 
 def test_the_gpu_image_imports_the_gpu_builds():
