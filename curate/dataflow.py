@@ -3,20 +3,25 @@
 The one place for the versions: the Dockerfiles under jobs/dataflow/ take them as build
 arguments (`make image-gpu` / `make image-cpu` pass `python -m curate.dataflow
 build-args`), the `dataflow` extra pins the same Beam, and `check_launcher` refuses to
-launch from a Python or Beam that differs from the image's: Dataflow requires the
-launcher's Python minor version and Beam version to equal the workers'. The module
+launch from other versions than the images': Dataflow requires the launcher's Python
+minor version and Beam version to equal the workers', and what the launcher pickles
+into the job (numpy arrays, torch objects, faiss results) must load there. The module
 imports only the standard library at its top, so the image targets run it with a plain
 python3, no venv and no torch (Beam is imported where a function needs it).
 
-torch on the GPU image is PyPI's CUDA 12 build, the family faiss-gpu-cu12 is built for;
-an unpinned torch resolves to a CUDA 13 build. The CPU image (CPU-only jobs and the
-selection from stored scores) carries the CPU build of torch, a tenth of the size.
+Both images carry the same torch, numpy and faiss versions, in different builds: one
+`curate run` may use both (diversity, s2l and semdedup score on the GPU image and select
+from the stored scores on the CPU image), so either image can launch any job. The GPU
+image has PyPI's CUDA 12 build of torch, the family faiss-gpu-cu12 is built for (an
+unpinned torch resolves to a CUDA 13 build); the CPU image has the CPU build of torch, a
+tenth of the size, and faiss-cpu.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from importlib import metadata
 
 from curate.errors import ConfigError
 
@@ -24,9 +29,11 @@ log = logging.getLogger(__name__)
 
 PYTHON_VERSION = "3.11"
 BEAM_VERSION = "2.77.0"
-TORCH_GPU_VERSION = "2.8.0"  # PyPI's Linux wheel: CUDA 12.8 (nvidia-*-cu12), as faiss-gpu-cu12
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
-TORCH_CPU_VERSION = "2.13.0"  # the CPU build, as the Makefile installs here
+# on both images; torch's PyPI Linux wheel of this version is CUDA 12.8 (nvidia-*-cu12)
+TORCH_VERSION = "2.8.0"
+NUMPY_VERSION = "2.4.6"  # apache-beam 2.77 needs < 2.5, faiss-gpu-cu12 1.13 >= 2
+FAISS_VERSION = "1.13.2"  # the newest version published as both faiss-cpu and faiss-gpu-cu12
 
 GPU_SERVICE_OPTION = "worker_accelerator="
 
@@ -34,31 +41,54 @@ GPU_SERVICE_OPTION = "worker_accelerator="
 def build_args() -> list[str]:
     """`docker build` arguments for the Dockerfiles under jobs/dataflow/."""
     return [f"--build-arg={k}={v}" for k, v in (
-        ("PYTHON_VERSION", PYTHON_VERSION), ("BEAM_VERSION", BEAM_VERSION),
-        ("TORCH_GPU_VERSION", TORCH_GPU_VERSION), ("TORCH_CPU_VERSION", TORCH_CPU_VERSION),
-        ("CUDA_IMAGE", CUDA_IMAGE))]
+        ("PYTHON_VERSION", PYTHON_VERSION), ("BEAM_VERSION", BEAM_VERSION), ("CUDA_IMAGE", CUDA_IMAGE),
+        ("TORCH_VERSION", TORCH_VERSION), ("NUMPY_VERSION", NUMPY_VERSION), ("FAISS_VERSION", FAISS_VERSION))]
+
+
+def launcher_install() -> str:
+    """How to make a launcher outside the images (Python 3.11, from the repository root)."""
+    return (f"pip install torch=={TORCH_VERSION} --index-url https://download.pytorch.org/whl/cpu && "
+            f"pip install -e '.[dataflow,cpu]' numpy=={NUMPY_VERSION} faiss-cpu=={FAISS_VERSION}")
+
+
+def _installed(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def launcher_versions() -> dict[str, str | None]:
+    """This Python's and its packages' versions as `check_launcher` compares them (from
+    the installed metadata: nothing is imported): torch without its build tag (2.8.0+cpu
+    is 2.8.0), faiss of whichever build is installed (faiss-cpu wins where both are)."""
+    torch = _installed("torch")
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "apache-beam": _installed("apache-beam"),
+            "torch": torch and torch.split("+")[0], "numpy": _installed("numpy"),
+            "faiss": _installed("faiss-cpu", "faiss-gpu-cu12")}
+
+
+def check_launcher(options: dict, have: dict | None = None) -> None:
+    """A ConfigError unless this Python and these packages are the worker images' (the
+    workers would otherwise fail to start, or fail later on pickled objects). `options`:
+    the job's, whose worker image the message names; `have`: launcher_versions()."""
+    have = launcher_versions() if have is None else have
+    want = {"python": PYTHON_VERSION, "apache-beam": BEAM_VERSION, "torch": TORCH_VERSION,
+            "numpy": NUMPY_VERSION, "faiss": FAISS_VERSION}
+    wrong = [f"{name} {have.get(name) or 'not installed'} here, {version} on the workers"
+             for name, version in want.items() if have.get(name) != version]
+    if wrong:
+        image = options.get("sdk_container_image") or "IMAGE"
+        raise ConfigError(
+            f"the launcher must have the worker images' versions (curate/dataflow.py): {'; '.join(wrong)}. "
+            f"Launch from the worker image (jobs/dataflow/README.md): docker run ... --entrypoint curate {image} "
+            f"run JOB; or from Python {PYTHON_VERSION} after `{launcher_install()}`")
 
 
 def is_dataflow(options: dict) -> bool:
     return str(options.get("runner") or "").lower() in ("dataflowrunner", "dataflow")
-
-
-def check_launcher(python: tuple[int, int] | None = None, beam: str | None = None) -> None:
-    """A ConfigError unless this Python and Beam are the worker images' (the workers would
-    otherwise fail to start, or fail later on pickled code)."""
-    if python is None:
-        python = sys.version_info[:2]
-    if beam is None:
-        import apache_beam
-
-        beam = apache_beam.__version__
-    have = f"{python[0]}.{python[1]}"
-    if have != PYTHON_VERSION or beam != BEAM_VERSION:
-        raise ConfigError(
-            f"Dataflow runs workers with Python {PYTHON_VERSION} and apache-beam {BEAM_VERSION} "
-            f"(curate/dataflow.py), and the launcher must match them; this is Python {have} with "
-            f"apache-beam {beam}. Launch from the worker image (see jobs/dataflow/README.md), or "
-            f"from Python {PYTHON_VERSION} with `pip install -e '.[dataflow]'`.")
 
 
 def check_worker_resources(scorers, options: dict) -> None:

@@ -293,7 +293,7 @@ def test_the_gpu_image_imports_the_gpu_builds():
     run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["gpu"]) if word == "RUN")
     assert '".[dataflow,gpu]"' in run and "cpu]" not in run
     assert "hasattr(faiss, 'StandardGpuResources')" in run
-    assert '"torch==${TORCH_GPU_VERSION}"' in run and "torch.version.cuda.startswith('12.')" in run
+    assert '"torch==${TORCH_VERSION}"' in run and "torch.version.cuda.startswith('12.')" in run
     cpu_run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["cpu"]) if word == "RUN")
     assert '".[dataflow,cpu]"' in cpu_run and "download.pytorch.org/whl/cpu" in cpu_run
 
@@ -327,15 +327,54 @@ def test_the_worker_image_boots_into_an_sdk_that_imports_beam_and_curate(tmp_pat
     assert failed.returncode != 0 and "No module named" in failed.stderr
 
 
-def test_the_launcher_must_match_the_image():
+def test_the_launcher_must_match_the_images():
+    """Python and Beam (Dataflow's rule), and torch, numpy and faiss (what the launcher
+    pickles into the job) must be the worker images' versions; a mismatch names the
+    package, both versions and the image to launch from."""
     from curate import dataflow
 
-    dataflow.check_launcher((3, 11), dataflow.BEAM_VERSION)
-    with pytest.raises(ConfigError, match=r"Python 3.11 and apache-beam .* this is Python 3.12"):
-        dataflow.check_launcher((3, 12), dataflow.BEAM_VERSION)
-    with pytest.raises(ConfigError, match="apache-beam 2.60.0"):
-        dataflow.check_launcher((3, 11), "2.60.0")
-    assert (ROOT / "jobs/dataflow/README.md").is_file()
+    image = "us-central1-docker.pkg.dev/p/curate/worker-cpu:0.2"
+    same = {"python": dataflow.PYTHON_VERSION, "apache-beam": dataflow.BEAM_VERSION, "torch": dataflow.TORCH_VERSION,
+            "numpy": dataflow.NUMPY_VERSION, "faiss": dataflow.FAISS_VERSION}
+    dataflow.check_launcher({"sdk_container_image": image}, same)
+    for name, have in (("python", "3.12"), ("apache-beam", "2.60.0"), ("torch", "2.13.0"), ("numpy", "2.3.5"),
+                       ("faiss", None)):
+        with pytest.raises(ConfigError) as refused:
+            dataflow.check_launcher({"sdk_container_image": image}, {**same, name: have})
+        message = str(refused.value)
+        assert f"{name} {have or 'not installed'} here, {same[name]} on the workers" in message
+        assert f"--entrypoint curate {image} run" in message and dataflow.launcher_install() in message
+    assert dataflow.launcher_install() in (ROOT / "jobs/dataflow/README.md").read_text()
+
+
+def test_the_launcher_versions_are_read_without_importing_the_packages():
+    """torch's build tag is not a version (2.8.0+cpu launches CUDA workers of 2.8.0)."""
+    from importlib import metadata
+
+    from curate import dataflow
+
+    have = dataflow.launcher_versions()
+    assert have["python"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert have["torch"] == metadata.version("torch").split("+")[0] and "+" not in have["torch"]
+    assert have["numpy"] == metadata.version("numpy") and have["faiss"] == metadata.version("faiss-cpu")
+    assert have["apache-beam"] == metadata.version("apache-beam")
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_both_images_carry_the_versions_the_launcher_checks(kind):
+    """One `curate run` may run pipelines on both images (diversity, s2l and semdedup
+    score on the GPU image and select on the CPU one), so both images install the same
+    torch, numpy and faiss versions (their CUDA or CPU builds), from one build argument
+    each, and an image's build fails unless it could launch every job (check_launcher)."""
+    from curate import dataflow
+
+    run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES[kind]) if word == "RUN")
+    faiss = {"gpu": "faiss-gpu-cu12", "cpu": "faiss-cpu"}[kind]
+    for pin in ('"torch==${TORCH_VERSION}"', '"numpy==${NUMPY_VERSION}"', f'"{faiss}==${{FAISS_VERSION}}"'):
+        assert pin in run
+    assert "check_launcher({})" in run
+    names = [a.split("=", 2)[1] for a in dataflow.build_args()]
+    assert {"TORCH_VERSION", "NUMPY_VERSION", "FAISS_VERSION"} <= set(names) and len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
@@ -489,7 +528,7 @@ def test_ctrl_c_cancels_the_dataflow_job_and_leaves_its_staging(tmp_path, monkey
                      "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
                                    "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp"]})
     result = _FakeDataflowResult(interrupt)
-    monkeypatch.setattr(dataflow, "check_launcher", lambda: None)
+    monkeypatch.setattr(dataflow, "check_launcher", lambda options: None)
     monkeypatch.setattr(beam.Pipeline, "run", lambda self: result)
     with pytest.raises(type(interrupt)):
         run_job(job)

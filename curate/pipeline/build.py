@@ -206,7 +206,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     all_options = options.get_all_options()
     on_dataflow = dataflow.is_dataflow(all_options)
     if on_dataflow:
-        dataflow.check_launcher()
+        dataflow.check_launcher(all_options)
         dataflow.check_worker_resources(plan.scorers, all_options)
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
     progress_dir = None if "://" in staging else FileSystems.join(staging, PROGRESS_DIR)
