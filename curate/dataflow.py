@@ -20,7 +20,10 @@ tenth of the size, and faiss-cpu.
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import sys
+import time
 from importlib import metadata
 
 from curate.errors import ConfigError
@@ -36,6 +39,7 @@ NUMPY_VERSION = "2.4.6"  # apache-beam 2.77 needs < 2.5, faiss-gpu-cu12 1.13 >= 
 FAISS_VERSION = "1.13.2"  # the newest version published as both faiss-cpu and faiss-gpu-cu12
 
 GPU_SERVICE_OPTION = "worker_accelerator="
+_LAUNCHER_NAME = re.compile(r"curate(-[a-z0-9]+)*-\d{8}-\d{6}-[0-9a-f]{6}")  # name_job's
 
 
 def build_args() -> list[str]:
@@ -130,22 +134,87 @@ def announce(result, options: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-def cancel_on_interrupt(result, options: dict, staging: str) -> bool:
-    """After Ctrl-C or SIGTERM while waiting: ask Dataflow to cancel the job, so it stops
-    billing. True when the cancel request was accepted; otherwise says how to cancel.
-    The staging directory is left alone either way: workers may still write to it."""
+def name_job(options, job_name: str) -> dict:
+    """Name the Dataflow job unless --job_name did: curate-<the job's name>-<UTC time>-<6
+    random hex digits>. Beam would choose a name only inside `p.run()`, where an interrupt
+    loses it with the job id; this one is how `cancel_on_interrupt` finds the job. Returns
+    the options as a dict."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions  # Beam stays lazy (module docstring)
+
+    cloud = options.view_as(GoogleCloudOptions)
+    if not cloud.job_name:
+        slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower())[:32].strip("-")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        cloud.job_name = "-".join(part for part in ("curate", slug, stamp, secrets.token_hex(3)) if part)
+    return options.get_all_options()
+
+
+def _jobs_client(options):
+    """The Dataflow API's jobs client, with the credentials and endpoint Beam submits with
+    (Beam's client keeps it as `_jobs_client`); needs apache-beam[gcp]."""
+    from apache_beam.runners.dataflow.internal.apiclient import DataflowApplicationClient
+
+    return DataflowApplicationClient(options)._jobs_client
+
+
+def _left(staging: str) -> str:
+    return (f"Its staging directory {staging} is left in place while workers stop; remove it once the job "
+            f"shows Cancelled: gsutil -m rm -r {staging}")
+
+
+def cancel_on_interrupt(result, options, staging: str) -> bool:
+    """After Ctrl-C or SIGTERM: ask Dataflow to cancel the job, so it stops billing. True
+    when a cancel request was accepted; otherwise says how to cancel. `result` None: the
+    interrupt came inside `p.run()`, while the job was being submitted, so it may exist
+    though its id never came back (`_cancel_by_name`). `options`: the run's
+    PipelineOptions. The staging directory is left alone either way: workers may write
+    to it."""
+    if result is None:
+        return _cancel_by_name(options, staging)
     job_id = _job_id(result) or "?"
     try:
         result.cancel()
     except Exception as exc:  # the job may have finished, or the API may be unreachable
         print(f"curate: could not cancel Dataflow job {job_id} ({exc}); it may still be running: "
-              f"gcloud dataflow jobs cancel {job_id} --region={options.get('region')}",
+              f"gcloud dataflow jobs cancel {job_id} --region={options.get_all_options().get('region')}",
               file=sys.stderr, flush=True)
         return False
-    print(f"curate: asked Dataflow to cancel job {job_id}. Its staging directory {staging} is left "
-          f"in place while workers stop; remove it once the job shows Cancelled: gsutil -m rm -r {staging}",
-          file=sys.stderr, flush=True)
+    print(f"curate: asked Dataflow to cancel job {job_id}. {_left(staging)}", file=sys.stderr, flush=True)
     return True
+
+
+def _cancel_by_name(options, staging: str) -> bool:
+    """Cancel the active job that has the name `name_job` gave (Dataflow allows one active
+    job per name; the random part keeps it this launch's). A --job_name of the user's is
+    not cancelled: an earlier launch may hold it. Whenever no cancel request was accepted,
+    one line says how to check and cancel by hand."""
+    opts = options.get_all_options()
+    name, project, region = opts.get("job_name"), opts.get("project"), opts.get("region")
+    where = {"project_id": project, "location": region}
+    if not _LAUNCHER_NAME.fullmatch(name or ""):
+        outcome = "not looked up, as --job_name named it and an earlier launch's job may have that name"
+    else:
+        try:
+            client = _jobs_client(options)
+            found = [job.id for job in client.list_jobs(request={**where, "filter": "ACTIVE"}, timeout=60)
+                     if job.name == name]
+            for job_id in found:
+                client.update_job(request={**where, "job_id": job_id, "job": {"requested_state": "JOB_STATE_CANCELLED"}},
+                                  timeout=60)
+        except BaseException as exc:  # the API refused or is unreachable, or a second Ctrl-C: by hand then
+            outcome = f"could not look it up or cancel it ({type(exc).__name__}: {exc})"
+        else:
+            if found:
+                print(f"curate: interrupted while submitting; asked Dataflow to cancel job {', '.join(found)} "
+                      f"({name}). {_left(staging)}", file=sys.stderr, flush=True)
+                return True
+            outcome = "no active job has that name yet, though Dataflow may still create it"
+    flags = f"--project={project} --region={region}"
+    print(f"curate: interrupted while submitting Dataflow job {name}: {outcome}. Check: gcloud dataflow jobs list "
+          f"{flags} --status=active --filter=name={name} ; cancel what it lists: gcloud dataflow jobs cancel JOB_ID "
+          f"{flags}. The staging directory {staging} is kept; remove it once no such job runs: gsutil -m rm -r {staging}",
+          file=sys.stderr, flush=True)
+    return False
 
 
 if __name__ == "__main__":  # `python -m curate.dataflow build-args`

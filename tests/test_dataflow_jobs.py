@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -518,36 +519,136 @@ class _FakeDataflowResult:
         self.cancelled = True
 
 
+def _tiny_dataflow_job(tmp_path, *beam_args):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
+    return parse_job({"name": "Tiny Dataflow", "inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
+                      "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
+                                    "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp",
+                                    *beam_args]})
+
+
+def _staging_left(tmp_path) -> bool:
+    return bool([p.name for p in tmp_path.iterdir() if ".tmp-" in p.name])
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
 def test_ctrl_c_cancels_the_dataflow_job_and_leaves_its_staging(tmp_path, monkeypatch, capsys, interrupt):
     from curate import dataflow
 
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
-    job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
-                     "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
-                                   "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp"]})
     result = _FakeDataflowResult(interrupt)
     monkeypatch.setattr(dataflow, "check_launcher", lambda options: None)
     monkeypatch.setattr(beam.Pipeline, "run", lambda self: result)
     with pytest.raises(type(interrupt)):
-        run_job(job)
+        run_job(_tiny_dataflow_job(tmp_path))
     err = capsys.readouterr().err
     assert "Dataflow job 2026-12-02_01_02_03-123" in err
     assert "console.cloud.google.com/dataflow/jobs/europe-west4/2026-12-02_01_02_03-123?project=curate-test-project" in err
     assert result.cancelled and "asked Dataflow to cancel job 2026-12-02_01_02_03-123" in err
-    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # staging left while workers stop
+    assert _staging_left(tmp_path)  # staging left while workers stop
     assert not (tmp_path / "out").exists()
 
 
-def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch):
+class _FakeJobsClient:
+    """Dataflow's jobs API client (google.cloud.dataflow JobsV1Beta3Client) as far as the
+    launcher uses it: list_jobs and update_job, with requests as dicts."""
+
+    def __init__(self, jobs):
+        self.jobs, self.listed, self.updated = jobs, [], []
+
+    def list_jobs(self, request, timeout=None):
+        self.listed.append(request)
+        if isinstance(self.jobs, Exception):
+            raise self.jobs
+        return iter(self.jobs)
+
+    def update_job(self, request, timeout=None):
+        self.updated.append(request)
+
+
+def _submit_interrupted(monkeypatch, interrupt, jobs):
+    """p.run() raises `interrupt` while submitting; the jobs API then lists `jobs(name)`
+    for the name the launcher gave the job. Returns (names given, clients made)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from curate import dataflow
+
+    names, clients = [], []
+
+    def submit(self):
+        names.append(self._options.view_as(GoogleCloudOptions).job_name)
+        raise interrupt
+
+    def jobs_client(options):
+        clients.append(_FakeJobsClient(jobs(options.view_as(GoogleCloudOptions).job_name)))
+        return clients[-1]
+
+    monkeypatch.setattr(dataflow, "check_launcher", lambda options: None)
+    monkeypatch.setattr(dataflow, "_jobs_client", jobs_client)
+    monkeypatch.setattr(beam.Pipeline, "run", submit)
+    return names, clients
+
+
+WHERE = {"project_id": "curate-test-project", "location": "europe-west4"}
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupt_while_submitting_cancels_the_job_found_by_its_name(tmp_path, monkeypatch, capsys, interrupt):
+    """Ctrl-C inside p.run(): Dataflow may have created the job though its id never came
+    back. The launcher named it, finds it among the active jobs by that name, cancels it
+    and keeps the staging directory its workers write to."""
+    job_id = "2026-12-02_01_02_03-456"
+    names, clients = _submit_interrupted(monkeypatch, interrupt, lambda name: [
+        SimpleNamespace(id="2026-12-01_00_00_00-1", name="someone-elses-job"), SimpleNamespace(id=job_id, name=name)])
+    with pytest.raises(type(interrupt)):
+        run_job(_tiny_dataflow_job(tmp_path))
+    [name] = names
+    assert re.fullmatch(r"curate-tiny-dataflow-\d{8}-\d{6}-[0-9a-f]{6}", name)
+    [client] = clients
+    assert client.listed == [{**WHERE, "filter": "ACTIVE"}]
+    assert client.updated == [{**WHERE, "job_id": job_id, "job": {"requested_state": "JOB_STATE_CANCELLED"}}]
+    err = capsys.readouterr().err
+    assert f"asked Dataflow to cancel job {job_id} ({name})" in err
+    assert _staging_left(tmp_path) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["not created", "api error", "own name"])
+def test_an_interrupt_while_submitting_says_how_to_check_when_no_job_is_cancelled(tmp_path, monkeypatch, capsys,
+                                                                                  case):
+    """No job of that name yet, the API unreachable, or a --job_name of the user's (an
+    active job of that name may be an earlier launch's: never cancelled): one line names
+    the job and the gcloud commands to check and cancel, and the staging is kept."""
+    jobs = RuntimeError("403 Permission denied") if case == "api error" else []
+    names, clients = _submit_interrupted(monkeypatch, KeyboardInterrupt(), lambda name: jobs)
+    extra = ["--job_name=my-own-name"] if case == "own name" else []
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_tiny_dataflow_job(tmp_path, *extra))
+    [name] = names
+    assert name == "my-own-name" if case == "own name" else name.startswith("curate-tiny-dataflow-")
+    assert len(clients) == (0 if case == "own name" else 1) and not any(c.updated for c in clients)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "while submitting" in line]
+    where = "--project=curate-test-project --region=europe-west4"
+    assert f"gcloud dataflow jobs list {where} --status=active --filter=name={name} " in line
+    assert f"gcloud dataflow jobs cancel JOB_ID {where}" in line
+    assert ("403 Permission denied" in line) == (case == "api error")
+    assert _staging_left(tmp_path) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["submit", "wait"])
+def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch, where):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
     job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out")})
-    monkeypatch.setattr(beam.Pipeline, "run", lambda self: _FakeDataflowResult(KeyboardInterrupt()))
+
+    def run(self):
+        if where == "submit":
+            raise KeyboardInterrupt
+        return _FakeDataflowResult(KeyboardInterrupt())
+
+    monkeypatch.setattr(beam.Pipeline, "run", run)
     with pytest.raises(KeyboardInterrupt):
         run_job(job)
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not _staging_left(tmp_path)
 
 
 def test_the_selection_from_stored_scores_takes_its_own_options(tmp_path, monkeypatch):
