@@ -348,7 +348,7 @@ def test_the_launcher_must_match_the_images():
     assert dataflow.launcher_install() in (ROOT / "jobs/dataflow/README.md").read_text()
 
 
-def test_the_launcher_versions_are_read_without_importing_the_packages():
+def test_the_launcher_versions_come_from_the_installed_metadata():
     """torch's build tag is not a version (2.8.0+cpu launches CUDA workers of 2.8.0)."""
     from importlib import metadata
 
