@@ -43,12 +43,13 @@ bench-train: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/train_throughput.py
 
-# Dataflow worker images (Docker needed; versions from curate/dataflow.py; jobs/dataflow/README.md)
-image-gpu: setup
-	docker build $$($(BIN)/python -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile -t $(CURATE_IMAGE) .
+# Dataflow worker images (Docker needed; versions from curate/dataflow.py; jobs/dataflow/README.md).
+# No venv: curate.dataflow prints the build arguments with a plain python3 (stdlib only).
+image-gpu:
+	docker build $$($(PYTHON) -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile -t $(CURATE_IMAGE) .
 
-image-cpu: setup
-	docker build $$($(BIN)/python -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile.cpu -t $(CURATE_CPU_IMAGE) .
+image-cpu:
+	docker build $$($(PYTHON) -m curate.dataflow build-args) -f jobs/dataflow/Dockerfile.cpu -t $(CURATE_CPU_IMAGE) .
 
 clean:
 	rm -rf runs .pytest_cache

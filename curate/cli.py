@@ -13,8 +13,9 @@
 Errors a user can fix (a bad job file, an unreadable input, a missing model, an output
 that would replace someone's data) print one clear line and exit with status 2; a
 system error while running (disk full, permission denied) prints one line and exits 1;
-SIGINT and SIGTERM remove the run's staging directory and exit 130 / 143. A traceback
-means a bug in curate.
+SIGINT and SIGTERM remove the run's staging directory (a Dataflow run's is kept while
+its job is cancelled: curate.dataflow.cancel_on_interrupt) and exit 130 / 143. A
+traceback means a bug in curate.
 """
 
 from __future__ import annotations

@@ -42,11 +42,9 @@ from typing import Any
 
 import yaml
 
+from curate.errors import ConfigError
+
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hf")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 class TooManyFailures(RuntimeError):

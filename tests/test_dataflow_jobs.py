@@ -6,12 +6,14 @@ cannot fake offline)."""
 
 import gzip
 import json
+import os
 import pathlib
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -198,6 +200,19 @@ def test_dataflow_job_settings(path):
             assert name is None or name in ("default", "minilm") or name.startswith("/opt/curate/models/")
 
 
+@pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
+def test_the_header_names_the_variables_the_job_uses(path):
+    """The comment at the top says which settings to export: exactly the variables the
+    job's lines expand (a CPU job's image is CURATE_CPU_IMAGE, not CURATE_IMAGE)."""
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    body = "".join(line.split("#", 1)[0] for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    setting = re.search(r"Set (.*?), or replace", header.replace("\n#", ""), re.S)
+    assert setting, f"{path.name}: no 'Set ..., or replace' line in the header"
+    named = set(re.findall(r"\b[A-Z]+_[A-Z_]+\b", setting.group(1)))
+    assert named == set(re.findall(r"\$\{([A-Z_]+)", body)) and named <= set(PLACEHOLDER_VARS)
+
+
 def test_placeholders_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("CURATE_BUCKET", "gs://my-bucket")
     monkeypatch.setenv("GCP_PROJECT", "my-project")
@@ -247,9 +262,25 @@ def test_images_take_their_versions_from_one_place(kind):
     assert '"apache-beam[gcp]==${BEAM_VERSION}"' in run and "b.__version__ == '${BEAM_VERSION}'" in run
     assert instructions[-1] == ("ENTRYPOINT", '["/opt/apache/beam/boot"]')
     make = (ROOT / "Makefile").read_text()
-    assert f"python -m curate.dataflow build-args) -f {DOCKERFILES[kind].relative_to(ROOT)}" in make
+    assert f"$(PYTHON) -m curate.dataflow build-args) -f {DOCKERFILES[kind].relative_to(ROOT)}" in make
     # the launcher's extra pins the image's Beam
     assert f'dataflow = ["apache-beam[gcp]=={dataflow.BEAM_VERSION}"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_image_targets_need_no_venv():
+    """`make image-gpu` / `make image-cpu` print the build arguments with a plain python3:
+    curate.dataflow imports no third-party package (no Beam, torch or yaml; -S hides
+    site-packages), and the targets do not depend on `setup`, which installs torch."""
+    from curate import dataflow
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", "-m", "curate.dataflow", "build-args"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == dataflow.build_args()
+    make = (ROOT / "Makefile").read_text()
+    for target in ("image-gpu", "image-cpu"):
+        assert re.search(rf"^{target}:[ \t]*$", make, re.M), f"{target} must have no prerequisites"
 
 
 def test_the_gpu_image_imports_the_gpu_builds():
@@ -266,7 +297,7 @@ def test_the_gpu_image_imports_the_gpu_builds():
     run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["gpu"]) if word == "RUN")
     assert '".[dataflow,gpu]"' in run and "cpu]" not in run
     assert "hasattr(faiss, 'StandardGpuResources')" in run
-    assert '"torch==${TORCH_GPU_VERSION}"' in run and "torch.version.cuda.startswith('12.')" in run
+    assert '"torch==${TORCH_VERSION}"' in run and "torch.version.cuda.startswith('12.')" in run
     cpu_run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES["cpu"]) if word == "RUN")
     assert '".[dataflow,cpu]"' in cpu_run and "download.pytorch.org/whl/cpu" in cpu_run
 
@@ -300,15 +331,54 @@ def test_the_worker_image_boots_into_an_sdk_that_imports_beam_and_curate(tmp_pat
     assert failed.returncode != 0 and "No module named" in failed.stderr
 
 
-def test_the_launcher_must_match_the_image():
+def test_the_launcher_must_match_the_images():
+    """Python and Beam (Dataflow's rule), and torch, numpy and faiss (what the launcher
+    pickles into the job) must be the worker images' versions; a mismatch names the
+    package, both versions and the image to launch from."""
     from curate import dataflow
 
-    dataflow.check_launcher((3, 11), dataflow.BEAM_VERSION)
-    with pytest.raises(ConfigError, match=r"Python 3.11 and apache-beam .* this is Python 3.12"):
-        dataflow.check_launcher((3, 12), dataflow.BEAM_VERSION)
-    with pytest.raises(ConfigError, match="apache-beam 2.60.0"):
-        dataflow.check_launcher((3, 11), "2.60.0")
-    assert (ROOT / "jobs/dataflow/README.md").is_file()
+    image = "us-central1-docker.pkg.dev/p/curate/worker-cpu:0.2"
+    same = {"python": dataflow.PYTHON_VERSION, "apache-beam": dataflow.BEAM_VERSION, "torch": dataflow.TORCH_VERSION,
+            "numpy": dataflow.NUMPY_VERSION, "faiss": dataflow.FAISS_VERSION}
+    dataflow.check_launcher({"sdk_container_image": image}, same)
+    for name, have in (("python", "3.12"), ("apache-beam", "2.60.0"), ("torch", "2.13.0"), ("numpy", "2.3.5"),
+                       ("faiss", None)):
+        with pytest.raises(ConfigError) as refused:
+            dataflow.check_launcher({"sdk_container_image": image}, {**same, name: have})
+        message = str(refused.value)
+        assert f"{name} {have or 'not installed'} here, {same[name]} on the workers" in message
+        assert f"--entrypoint curate {image} run" in message and dataflow.launcher_install() in message
+    assert dataflow.launcher_install() in (ROOT / "jobs/dataflow/README.md").read_text()
+
+
+def test_the_launcher_versions_come_from_the_installed_metadata():
+    """torch's build tag is not a version (2.8.0+cpu launches CUDA workers of 2.8.0)."""
+    from importlib import metadata
+
+    from curate import dataflow
+
+    have = dataflow.launcher_versions()
+    assert have["python"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert have["torch"] == metadata.version("torch").split("+")[0] and "+" not in have["torch"]
+    assert have["numpy"] == metadata.version("numpy") and have["faiss"] == metadata.version("faiss-cpu")
+    assert have["apache-beam"] == metadata.version("apache-beam")
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_both_images_carry_the_versions_the_launcher_checks(kind):
+    """One `curate run` may run pipelines on both images (diversity, s2l and semdedup
+    score on the GPU image and select on the CPU one), so both images install the same
+    torch, numpy and faiss versions (their CUDA or CPU builds), from one build argument
+    each, and an image's build fails unless it could launch every job (check_launcher)."""
+    from curate import dataflow
+
+    run = " ".join(rest for word, rest in dockerfile_instructions(DOCKERFILES[kind]) if word == "RUN")
+    faiss = {"gpu": "faiss-gpu-cu12", "cpu": "faiss-cpu"}[kind]
+    for pin in ('"torch==${TORCH_VERSION}"', '"numpy==${NUMPY_VERSION}"', f'"{faiss}==${{FAISS_VERSION}}"'):
+        assert pin in run
+    assert "check_launcher({})" in run
+    names = [a.split("=", 2)[1] for a in dataflow.build_args()]
+    assert {"TORCH_VERSION", "NUMPY_VERSION", "FAISS_VERSION"} <= set(names) and len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("path", DATAFLOW_JOBS, ids=_ids(DATAFLOW_JOBS))
@@ -452,36 +522,136 @@ class _FakeDataflowResult:
         self.cancelled = True
 
 
+def _tiny_dataflow_job(tmp_path, *beam_args):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
+    return parse_job({"name": "Tiny Dataflow", "inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
+                      "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
+                                    "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp",
+                                    *beam_args]})
+
+
+def _staging_left(tmp_path) -> bool:
+    return bool([p.name for p in tmp_path.iterdir() if ".tmp-" in p.name])
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
 def test_ctrl_c_cancels_the_dataflow_job_and_leaves_its_staging(tmp_path, monkeypatch, capsys, interrupt):
     from curate import dataflow
 
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"question": f"Q{i}", "answer": "A"}) + "\n" for i in range(5)))
-    job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out"),
-                     "beam_args": ["--runner=DataflowRunner", "--project=curate-test-project",
-                                   "--region=europe-west4", "--temp_location=gs://curate-test-bucket/tmp"]})
     result = _FakeDataflowResult(interrupt)
-    monkeypatch.setattr(dataflow, "check_launcher", lambda: None)
+    monkeypatch.setattr(dataflow, "check_launcher", lambda options: None)
     monkeypatch.setattr(beam.Pipeline, "run", lambda self: result)
     with pytest.raises(type(interrupt)):
-        run_job(job)
+        run_job(_tiny_dataflow_job(tmp_path))
     err = capsys.readouterr().err
     assert "Dataflow job 2026-12-02_01_02_03-123" in err
     assert "console.cloud.google.com/dataflow/jobs/europe-west4/2026-12-02_01_02_03-123?project=curate-test-project" in err
     assert result.cancelled and "asked Dataflow to cancel job 2026-12-02_01_02_03-123" in err
-    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # staging left while workers stop
+    assert _staging_left(tmp_path)  # staging left while workers stop
     assert not (tmp_path / "out").exists()
 
 
-def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch):
+class _FakeJobsClient:
+    """Dataflow's jobs API client (google.cloud.dataflow JobsV1Beta3Client) as far as the
+    launcher uses it: list_jobs and update_job, with requests as dicts."""
+
+    def __init__(self, jobs):
+        self.jobs, self.listed, self.updated = jobs, [], []
+
+    def list_jobs(self, request, timeout=None):
+        self.listed.append(request)
+        if isinstance(self.jobs, Exception):
+            raise self.jobs
+        return iter(self.jobs)
+
+    def update_job(self, request, timeout=None):
+        self.updated.append(request)
+
+
+def _submit_interrupted(monkeypatch, interrupt, jobs):
+    """p.run() raises `interrupt` while submitting; the jobs API then lists `jobs(name)`
+    for the name the launcher gave the job. Returns (names given, clients made)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from curate import dataflow
+
+    names, clients = [], []
+
+    def submit(self):
+        names.append(self._options.view_as(GoogleCloudOptions).job_name)
+        raise interrupt
+
+    def jobs_client(options):
+        clients.append(_FakeJobsClient(jobs(options.view_as(GoogleCloudOptions).job_name)))
+        return clients[-1]
+
+    monkeypatch.setattr(dataflow, "check_launcher", lambda options: None)
+    monkeypatch.setattr(dataflow, "_jobs_client", jobs_client)
+    monkeypatch.setattr(beam.Pipeline, "run", submit)
+    return names, clients
+
+
+WHERE = {"project_id": "curate-test-project", "location": "europe-west4"}
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupt_while_submitting_cancels_the_job_found_by_its_name(tmp_path, monkeypatch, capsys, interrupt):
+    """Ctrl-C inside p.run(): Dataflow may have created the job though its id never came
+    back. The launcher named it, finds it among the active jobs by that name, cancels it
+    and keeps the staging directory its workers write to."""
+    job_id = "2026-12-02_01_02_03-456"
+    names, clients = _submit_interrupted(monkeypatch, interrupt, lambda name: [
+        SimpleNamespace(id="2026-12-01_00_00_00-1", name="someone-elses-job"), SimpleNamespace(id=job_id, name=name)])
+    with pytest.raises(type(interrupt)):
+        run_job(_tiny_dataflow_job(tmp_path))
+    [name] = names
+    assert re.fullmatch(r"curate-tiny-dataflow-\d{8}-\d{6}-[0-9a-f]{6}", name)
+    [client] = clients
+    assert client.listed == [{**WHERE, "filter": "ACTIVE"}]
+    assert client.updated == [{**WHERE, "job_id": job_id, "job": {"requested_state": "JOB_STATE_CANCELLED"}}]
+    err = capsys.readouterr().err
+    assert f"asked Dataflow to cancel job {job_id} ({name})" in err
+    assert _staging_left(tmp_path) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["not created", "api error", "own name"])
+def test_an_interrupt_while_submitting_says_how_to_check_when_no_job_is_cancelled(tmp_path, monkeypatch, capsys,
+                                                                                  case):
+    """No job of that name yet, the API unreachable, or a --job_name of the user's (an
+    active job of that name may be an earlier launch's: never cancelled): one line names
+    the job and the gcloud commands to check and cancel, and the staging is kept."""
+    jobs = RuntimeError("403 Permission denied") if case == "api error" else []
+    names, clients = _submit_interrupted(monkeypatch, KeyboardInterrupt(), lambda name: jobs)
+    extra = ["--job_name=my-own-name"] if case == "own name" else []
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_tiny_dataflow_job(tmp_path, *extra))
+    [name] = names
+    assert name == "my-own-name" if case == "own name" else name.startswith("curate-tiny-dataflow-")
+    assert len(clients) == (0 if case == "own name" else 1) and not any(c.updated for c in clients)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "while submitting" in line]
+    where = "--project=curate-test-project --region=europe-west4"
+    assert f"gcloud dataflow jobs list {where} --status=active --filter=name={name} " in line
+    assert f"gcloud dataflow jobs cancel JOB_ID {where}" in line
+    assert ("403 Permission denied" in line) == (case == "api error")
+    assert _staging_left(tmp_path) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["submit", "wait"])
+def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch, where):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
     job = parse_job({"inputs": [{"path": str(src)}], "output": str(tmp_path / "out")})
-    monkeypatch.setattr(beam.Pipeline, "run", lambda self: _FakeDataflowResult(KeyboardInterrupt()))
+
+    def run(self):
+        if where == "submit":
+            raise KeyboardInterrupt
+        return _FakeDataflowResult(KeyboardInterrupt())
+
+    monkeypatch.setattr(beam.Pipeline, "run", run)
     with pytest.raises(KeyboardInterrupt):
         run_job(job)
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not _staging_left(tmp_path)
 
 
 def test_the_selection_from_stored_scores_takes_its_own_options(tmp_path, monkeypatch):

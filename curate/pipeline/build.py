@@ -217,8 +217,9 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     all_options = options.get_all_options()
     on_dataflow = dataflow.is_dataflow(all_options)
     if on_dataflow:
-        dataflow.check_launcher()
+        dataflow.check_launcher(all_options)
         dataflow.check_worker_resources(plan.scorers, all_options)
+        all_options = dataflow.name_job(options, job.name)
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
     progress_dir = None if "://" in staging else FileSystems.join(staging, PROGRESS_DIR)
     display, keep_staging = None, False
@@ -229,17 +230,17 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         p = beam.Pipeline(options=options)
         build(p, plan, staging, progress_dir, fresh=fresh)
         display = ProgressDisplay(progress_dir).start() if progress and progress_dir else None
-        finished = False
+        finished, result = False, None
         try:
-            result = p.run()
-            if on_dataflow:
-                dataflow.announce(result, all_options)
             try:
+                result = p.run()
+                if on_dataflow:
+                    dataflow.announce(result, all_options)
                 result.wait_until_finish()
             except BaseException as exc:
                 if on_dataflow and not isinstance(exc, Exception):  # Ctrl-C or SIGTERM, not a job failure
-                    dataflow.cancel_on_interrupt(result, all_options, staging)
-                    keep_staging = True  # workers may still be writing there
+                    keep_staging = True  # a job may exist (result None: still being submitted); workers write there
+                    dataflow.cancel_on_interrupt(result, options, staging)
                 raise
             finished = True
         finally:
