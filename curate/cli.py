@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
+
+import yaml
 
 from curate.config import ConfigError, InputConfig, TooManyFailures, load_job
 
@@ -45,6 +48,18 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     # faiss logs its SIMD-variant probes as INFO lines that read like import errors
     for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "datasets", "absl", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # Beam logs a step's error with its traceback before re-raising it; `main` says it
+        # in one line (or, for a bug, shows the traceback once)
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_beam_gcp_notice)
+
+
+def _not_beam_gcp_notice(record: logging.LogRecord) -> bool:
+    """Beam's GCP modules warn at import that apitools is missing: true, and harmless for
+    every run that does not use BigQuery."""
+    return not record.getMessage().startswith("apitools not found")
 
 
 def cmd_run(args) -> int:
@@ -92,10 +107,13 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
+def _parse_value(text: str, where: str):
+    """A command-line value read as YAML (a number, a list, ...); plain YAML only."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # a tag such as !!python/object, or broken syntax
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} {text!r}: not a plain YAML value ({problem})") from None
 
 
 def cmd_select(args) -> int:
@@ -104,12 +122,12 @@ def cmd_select(args) -> int:
 
     step = {"type": args.method}
     if args.budget is not None:
-        step["budget"] = _parse_value(args.budget)
+        step["budget"] = _parse_value(args.budget, "--budget")
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        step[key] = _parse_value(value)
+        step[key] = _parse_value(value, f"--set {key}=")
     output = args.output or f"{args.scores.rstrip('/')}-{args.method}"
     job = JobConfig(inputs=[], output=output, name=f"select-{args.method}", selectors=[step])
     manifest = select_from_scores(job, args.scores, args.beam_args, overwrite=args.overwrite,
@@ -329,23 +347,40 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
-        return 2
-    except TooManyFailures as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the machine said no: disk full, permission denied, read-only
-        print(f"curate: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("curate: interrupted; no output was published", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("curate: terminated; no output was published", file=sys.stderr)
-        return 143
+    except BaseException as exc:
+        return _exit_status(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def raised_in_step(exc: BaseException) -> BaseException:
+    """The error a Beam step raised. Beam re-raises it with the step's name added, as a
+    copy of its type or, when the type cannot take the text (OSError, a BaseException), as
+    a RuntimeError; either way the original is the copy's context."""
+    while getattr(exc, "_tagged_with_step", False) and exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
+
+
+def _exit_status(exc: BaseException) -> int:
+    """One line and the exit status for an error the user can act on, wherever it was
+    raised (here or inside a Beam step); anything else is a bug in curate and raises."""
+    cause = raised_in_step(exc)
+    if isinstance(cause, KeyboardInterrupt):
+        print("curate: interrupted; no output was published", file=sys.stderr)
+        return 130
+    if isinstance(cause, Terminated):
+        print("curate: terminated; no output was published", file=sys.stderr)
+        return 143
+    if isinstance(cause, (ConfigError, FileNotFoundError)):
+        status = 2
+    elif isinstance(cause, (TooManyFailures, OSError)):  # OSError: disk full, file too large, read-only
+        status = 1
+    else:
+        raise exc
+    step = re.search(r"\[while running '([^']+)'\]", str(exc)) if cause is not exc else None
+    print(f"curate: error: {cause}" + (f" (in the step {step[1]})" if step else ""), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ def plan_inputs(specs: list[InputConfig], max_chars: int) -> InputPlan:
     planned: dict[str, tuple[InputConfig, str]] = {}  # file -> (first spec naming it, path)
     for spec in specs:
         for path in _expand(spec):
+            if any("\udc80" <= c <= "\udcff" for c in path):
+                # a name the file system holds as bytes that are not UTF-8 (Python keeps them as
+                # lone surrogates): it could not be written as any row's origin
+                raise ConfigError(f"input {os.fsencode(path)!r}: the file name is not valid UTF-8 text; "
+                                  f"rename the file")
             key = path if "://" in path else os.path.abspath(path)
             if key in planned:
                 log.warning("%s is listed more than once in the inputs; reading it once", path)

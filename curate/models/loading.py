@@ -7,6 +7,7 @@ rate there), float32 otherwise (emulated bf16 is far slower than fp32).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -182,14 +183,28 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _from_pretrained(auto_cls, name: str, path: str, kwargs: dict):
+@contextlib.contextmanager
+def _refusing_remote_code(name: str):
+    """transformers refuses a model whose config needs its own code unless
+    trust_remote_code: that refusal, as one line naming the setting."""
     try:
-        return auto_cls.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-    except (ValueError, ImportError) as err:
-        if "sdpa" not in str(err).lower() and "attn_implementation" not in str(err):
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
             raise
-        log.info("%s does not support SDPA attention; using its default", name)
-        return auto_cls.from_pretrained(path, **kwargs)
+        raise ConfigError(f"model {name!r} needs to run code shipped in its own files (its config has an "
+                          f"auto_map); curate runs it only when the step sets trust_remote_code: true") from None
+
+
+def _from_pretrained(auto_cls, name: str, path: str, kwargs: dict):
+    with _refusing_remote_code(name):
+        try:
+            return auto_cls.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError) as err:
+            if "sdpa" not in str(err).lower() and "attn_implementation" not in str(err):
+                raise
+            log.info("%s does not support SDPA attention; using its default", name)
+            return auto_cls.from_pretrained(path, **kwargs)
 
 
 def _finish_tokenizer(tokenizer, name: str):
@@ -205,7 +220,8 @@ def load_tokenizer(name: str = "default", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _refusing_remote_code(name):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return _finish_tokenizer(tokenizer, name)
 
 

@@ -208,6 +208,8 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     inputs = [t.path for t in plan.tasks]
     remove_stale_staging(job.output)  # first: a killed publish's old output may be put back
     check_output(job.output, inputs, overwrite)
+    if plan.scorers:
+        saved_work.check_writable(plan.saved_work)
     # inputs that are curate outputs (`curate select`): a run republishing one while this
     # one reads it fails this run instead of mixing its two versions' rows
     pinned = {t.path: manifest_token(t.path) for t in plan.tasks if t.adapter == "curate"}

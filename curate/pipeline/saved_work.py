@@ -44,9 +44,11 @@ import uuid
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from curate import __version__
+from curate.config import ConfigError
 from curate.inputs.formats import batch_rows
 from curate.models.loading import model_files
 from curate.pipeline.output import canonical_path, is_remote, list_tree
@@ -112,6 +114,21 @@ def scorer_key(scorer) -> str:
     blob = json.dumps({"type": scorer.type, "options": options, "files": files, "curate": __version__,
                        "format": FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_writable(root: str) -> None:
+    """Before any scoring: the saved-work location can be written (a scorer saves its
+    first rows there within a minute, and would otherwise fail only then)."""
+    probe = FileSystems.join(root, f".probe-{uuid.uuid4().hex[:8]}")
+    try:
+        if not is_remote(root):
+            os.makedirs(root, exist_ok=True)
+        with FileSystems.create(probe) as fh:
+            fh.write(b"")
+        FileSystems.delete([probe])
+    except (OSError, BeamIOError) as exc:
+        raise ConfigError(f"saved work {root}: cannot write there ({exc}); scorers save their results there as "
+                          f"they go: set the job's saved_work: to a writable directory") from None
 
 
 def scorer_dir(root: str, scorer) -> str:

@@ -55,8 +55,13 @@ def write_table(path: str, table: pa.Table) -> str:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=1000)
     data = sink.getvalue().to_pybytes()
-    with FileSystems.create(path) as fh:
-        fh.write(data)
+    try:
+        with FileSystems.create(path) as fh:
+            fh.write(data)
+    except OSError as exc:  # disk full, file too large: say which file
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from exc
     return hashlib.sha256(data).hexdigest()
 
 
