@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import torch
 
+from curate.config import ConfigError
 from curate.formatting import TEMPLATES, TURNS
 from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.train import checkpoints as ckpts
@@ -245,6 +246,9 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
 
     Writes `output_dir/adapter/` (LoRA; `peft.PeftModel.from_pretrained(base, it)`) or
     `output_dir/model/` (full), `checkpoints/step-XXXXXX/`, `metrics.json`.
+
+    Checkpoints in `output_dir` of a different run are a `ConfigError`, raised before
+    `output_dir` is created or touched.
     """
     wall_start = time.perf_counter()
     if cfg.threads:
@@ -252,14 +256,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         # over: OpenMP's barriers wait for whichever thread the scheduler has parked.
         torch.set_num_threads(cfg.threads)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for name in (ckpts.CHECKPOINTS, "adapter", "model", "metrics.json"):
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
 
     device, compute_dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if model is None:
@@ -296,6 +292,21 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         if done.get("completed") and done.get("fingerprint") == fingerprint:
             log.info("%s: this run is already complete; returning its metrics", out)
             return done
+    existing = ckpts.list_checkpoints(out) if resume else []
+    saved = ckpts.load_trainer_state(existing[-1][1]) if existing else None
+    if saved is not None and saved.get("fingerprint") != fingerprint:
+        # "different run": curate.train.proxy recognises this error by these words
+        raise ConfigError(f"{output_dir} holds checkpoints of a different run (other config or data); "
+                          f"choose another --output, or delete that directory to start over")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in (ckpts.CHECKPOINTS, "adapter", "model", "metrics.json"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     torch.manual_seed(cfg.seed)
     model = _prepare_model(model, cfg)
@@ -307,13 +318,8 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
                              "eval_curve": [], "eval_before": None, "samples_before": [],
                              "train_time_s": 0.0, "tokens": 0, "response_tokens": 0,
                              "padded_tokens": 0, "resumed_from": []}
-    existing = ckpts.list_checkpoints(out) if resume else []
-    if existing:
+    if saved is not None:
         step0, path = existing[-1]
-        saved = ckpts.load_trainer_state(path)
-        if saved.get("fingerprint") != fingerprint:
-            raise ValueError(f"{path} belongs to a different run (other config or data); "
-                             f"resume=False (--no-resume) starts over, or use another output_dir")
         ckpts.load_trainable_weights(model, path, cfg.method)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
