@@ -58,6 +58,65 @@ def _train(*args) -> int:
     return main(["train", *map(str, args)])
 
 
+def test_zero_kept_rows_is_an_error_before_anything_is_created(tmp_path, tiny_lm_dir, capsys):
+    data = _curate_output(tmp_path, "none", budget=0)
+    before = _tree(data)
+    assert _train("--data", data, "--model", tiny_lm_dir, "--output", tmp_path / "run") == 2
+    line = _error_line(capsys)
+    assert str(data) in line and "kept 0 rows" in line and "no examples" in line
+    assert not (tmp_path / "run").exists() and _tree(data) == before
+
+
+def test_curate_run_with_train_and_an_empty_selection_is_an_error_line(tmp_path, tiny_lm_dir, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "inputs": [str(_qa_file(tmp_path / "in.jsonl"))], "output": str(tmp_path / "out"),
+        "selectors": [{"type": "random", "budget": 0}],
+        "train": {"model": str(tiny_lm_dir), "output": str(tmp_path / "sft"), "max_length": 64}}))
+    assert main(["run", str(job), "-q"]) == 2
+    assert "kept 0 rows" in _error_line(capsys)
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the selection itself is published
+    assert not (tmp_path / "sft").exists()
+
+
+def test_every_response_token_cut_off_is_an_error_naming_max_length(tmp_path, tiny_lm_dir, capsys):
+    data = _qa_file(tmp_path / "qa.jsonl")
+    assert _train("--data", data, "--model", tiny_lm_dir, "--output", tmp_path / "run", "--max-length", 1) == 2
+    line = _error_line(capsys)
+    assert "every response token is cut off by max_length=1" in line and "none of the 6 examples" in line
+    assert not (tmp_path / "run").exists()
+
+
+def _without_response(first_n):
+    """The trainer's tokenize, with the loss spans of the first `first_n` examples emptied:
+    with validated records and max_length >= 2 truncation always leaves a response token,
+    so this is how an example with none left reaches the trainer here."""
+    real = trainer_module.tokenize
+
+    def tokenize(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.spans = [() if i < first_n else sp for i, sp in enumerate(tok.spans)]
+        return tok
+    return tokenize
+
+
+def test_examples_with_no_response_token_are_left_out_and_counted(tmp_path, tiny_lm_dir, monkeypatch, caplog):
+    records = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(6)]
+    cfg = TrainConfig(model=str(tiny_lm_dir), max_length=64, batch_size=2, save_every=None,
+                      warmup_ratio=0.0, dtype="fp32")
+    monkeypatch.setattr(trainer_module, "tokenize", _without_response(2))
+    with caplog.at_level(logging.WARNING, logger="curate.train"):
+        m = train(records, cfg, tmp_path / "part", progress=False)
+    assert m["n_train"] == 4 and m["n_train_no_response"] == 2 and m["steps"] == 2
+    assert all(r["loss"] > 0 for r in m["train_curve"])
+    assert "2 of 6 examples have no response token left" in caplog.text
+
+    monkeypatch.setattr(trainer_module, "tokenize", _without_response(6))
+    with pytest.raises(ConfigError, match="none of the 6 examples has a response token"):
+        train(records, cfg, tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 def test_checkpoints_of_another_run_are_one_line_with_real_options(tmp_path, tiny_lm_dir, capsys):
     data = _qa_file(tmp_path / "qa.jsonl")
     run = tmp_path / "run"
