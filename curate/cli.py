@@ -54,8 +54,12 @@ def cmd_run(args) -> int:
         job.output = args.output
     if job.train:  # a mistake in `train:` is found now, not after the selection has run
         from curate.train import TrainConfig
+        from curate.train.trainer import check_run_dir
 
-        TrainConfig.from_dict({k: v for k, v in job.train.items() if k != "output"})
+        opts = dict(job.train)
+        out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
+        TrainConfig.from_dict(opts)
+        check_run_dir(out, [job.output, *(i.path for i in job.inputs), *([job.scores] if job.scores else [])])
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
@@ -64,8 +68,6 @@ def cmd_run(args) -> int:
     if job.train:
         from curate.train import run_train
 
-        opts = dict(job.train)
-        out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
         print(f"curate run: training on {job.output} -> {out}", file=sys.stderr)
         metrics = run_train(job.output, output_dir=out, **opts)
         _print_train(metrics)

@@ -117,6 +117,41 @@ def test_examples_with_no_response_token_are_left_out_and_counted(tmp_path, tiny
     assert not (tmp_path / "none").exists()
 
 
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """A curate output that kept 4 rows, alone in its folder (read only)."""
+    return _curate_output(tmp_path_factory.mktemp("curated"), "out", budget=4)
+
+
+@pytest.mark.parametrize("case", ["is", "lies inside", "contains", "contains the eval data", "cwd"])
+def test_run_directory_overlapping_the_data_is_refused(tmp_path, curated, tiny_lm_dir, capsys, monkeypatch,
+                                                       case):
+    held_out = _qa_file(tmp_path / "held.jsonl")
+    output, expected = {
+        "is": (curated, f"is the data {curated}"),
+        "lies inside": (curated / "sft", f"lies inside the data {curated}"),
+        "contains": (curated.parent, f"contains the data {curated}"),
+        "contains the eval data": (tmp_path, f"contains the data {held_out}"),
+        "cwd": (".", "contains the working directory"),
+    }[case]
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")
+    before = _tree(curated.parent), _tree(tmp_path)
+    assert _train("--data", curated, "--eval", held_out, "--model", tiny_lm_dir, "--output", output) == 2
+    assert expected in _error_line(capsys)
+    assert (_tree(curated.parent), _tree(tmp_path)) == before
+
+
+def test_curate_run_refuses_a_train_output_inside_its_output_before_running(tmp_path, tiny_lm_dir, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "inputs": [str(_qa_file(tmp_path / "in.jsonl"))], "output": str(tmp_path / "out"),
+        "train": {"model": str(tiny_lm_dir), "output": str(tmp_path / "out" / "sft")}}))
+    assert main(["run", str(job), "-q"]) == 2
+    assert f"lies inside the data {tmp_path / 'out'}" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()  # refused before the pipeline ran
+
+
 def test_checkpoints_of_another_run_are_one_line_with_real_options(tmp_path, tiny_lm_dir, capsys):
     data = _qa_file(tmp_path / "qa.jsonl")
     run = tmp_path / "run"

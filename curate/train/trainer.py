@@ -231,6 +231,25 @@ def _save_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
     return {s for s in steps if s <= total_steps}
 
 
+def check_run_dir(output_dir: str | os.PathLike, data_paths: list) -> None:
+    """Refuse, before anything is written, a run directory that is, contains or lies
+    inside the training or held-out data (`data_paths`: the paths among them), or that
+    contains the working, home or root directory: a run writes checkpoints/, adapter/ (or
+    model/) and metrics.json there, and starting over deletes them."""
+    from curate.pipeline.output import canonical_path, guarded_inside, overlap
+
+    run = canonical_path(str(output_dir))
+    for path in data_paths:
+        how = overlap(run, canonical_path(str(path)))
+        if how:
+            raise ConfigError(f"run directory {output_dir} {how} the data {path}: training would "
+                              f"write its checkpoints and weights among the data; choose another --output")
+    name = guarded_inside(run)
+    if name:
+        raise ConfigError(f"run directory {output_dir} contains {name}: training writes and deletes "
+                          f"checkpoints/, adapter/ and model/ there; name a new directory (e.g. runs/NAME-sft)")
+
+
 def _read(data: Any, what: str, limit: int | None = None) -> Sequence[dict]:
     """`load_records(data, limit)`, refusing a set with no example: nothing to learn from
     (or to evaluate on)."""
@@ -284,9 +303,10 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     `output_dir/model/` (full), `checkpoints/step-XXXXXX/`, `metrics.json`.
 
     What a user can get wrong is a `ConfigError`, raised before `output_dir` is created or
-    touched: no examples, no example with a response token left after truncation to
-    `max_length` (examples with none are left out, with a warning, and counted in
-    `n_train_no_response`), checkpoints in `output_dir` of a different run.
+    touched: a run directory that overlaps the data (`check_run_dir`), no examples, no
+    example with a response token left after truncation to `max_length` (examples with
+    none are left out, with a warning, and counted in `n_train_no_response`), checkpoints
+    in `output_dir` of a different run.
     """
     wall_start = time.perf_counter()
     if cfg.threads:
@@ -294,6 +314,7 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         # over: OpenMP's barriers wait for whichever thread the scheduler has parked.
         torch.set_num_threads(cfg.threads)
     out = Path(output_dir)
+    check_run_dir(out, [d for d in (data, eval_data) if isinstance(d, (str, os.PathLike))])
     records = _read(data, "training data")
     if eval_data is not None:
         eval_data = _read(eval_data, "held-out data")
@@ -516,6 +537,7 @@ def run_train(data_path: str | os.PathLike, model: str = "default",
     for name, value in (("limit", limit), ("eval_limit", eval_limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 or unset")
+    check_run_dir(output_dir, [p for p in (data_path, eval_path) if p is not None])
     data = _read(data_path, "training data", limit)
     eval_data = _read(eval_path, "held-out data", eval_limit) if eval_path is not None else None
     return train(data, cfg, output_dir, eval_data=eval_data, resume=resume, progress=progress)
