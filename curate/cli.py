@@ -285,7 +285,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model (LoRA by default) on curated shards")
     p.add_argument("--data", required=True, help="a curate output directory or a JSONL file")
     p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
-    p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json "
+                                                    "(never --data or --eval, nor inside or around them)")
     p.add_argument("--eval", help="held-out data for loss before/after (directory or JSONL)")
     p.add_argument("--limit", type=int, help="train on the first N examples")
     p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N held-out examples")
