@@ -70,8 +70,12 @@ def cmd_run(args) -> int:
         job.output = args.output
     if job.train:  # a mistake in `train:` is found now, not after the selection has run
         from curate.train import TrainConfig
+        from curate.train.trainer import check_run_dir
 
-        TrainConfig.from_dict({k: v for k, v in job.train.items() if k != "output"})
+        opts = dict(job.train)
+        out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
+        TrainConfig.from_dict(opts)
+        check_run_dir(out, [job.output, *(i.path for i in job.inputs), *([job.scores] if job.scores else [])])
     from curate.pipeline.build import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
@@ -80,8 +84,6 @@ def cmd_run(args) -> int:
     if job.train:
         from curate.train import run_train
 
-        opts = dict(job.train)
-        out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
         print(f"curate run: training on {job.output} -> {out}", file=sys.stderr)
         metrics = run_train(job.output, output_dir=out, **opts)
         _print_train(metrics)
@@ -302,7 +304,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model (LoRA by default) on curated shards")
     p.add_argument("--data", required=True, help="a curate output directory or a JSONL file")
     p.add_argument("--model", default="default", help="HF id or local path (default: embedded SmolLM2)")
-    p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, adapter, metrics.json "
+                                                    "(never --data or --eval, nor inside or around them)")
     p.add_argument("--eval", help="held-out data for loss before/after (directory or JSONL)")
     p.add_argument("--limit", type=int, help="train on the first N examples")
     p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N held-out examples")

@@ -38,7 +38,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
-from curate.pipeline.output import canonical_path, check_output, is_inside, is_remote, pid_alive, read_manifest
+from curate.pipeline.output import canonical_path, check_output, is_remote, overlap, pid_alive, read_manifest
 from curate.published import check_unchanged, manifest_token
 from curate.pipeline.sink import hf_schema
 
@@ -191,9 +191,8 @@ def check_destination(to: str, out: str, overwrite: bool) -> None:
     """Refuse a destination the export could damage (see the module docstring)."""
     if is_remote(to):
         raise ConfigError(f"--to {to}: export writes to a local directory")
-    dest, src = canonical_path(to), canonical_path(out)
-    if is_inside(dest, src) or is_inside(src, dest):
-        how = "is" if dest == src else ("lies inside" if is_inside(dest, src) else "contains")
+    how = overlap(canonical_path(to), canonical_path(out))
+    if how:
         raise ConfigError(f"--to {to} {how} the curate output {out}; export to another directory "
                           f"(--overwrite never allows this)")
     # overwrite=True: only the rules no flag lifts (not into OUT or one of the inputs it was

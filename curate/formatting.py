@@ -164,7 +164,9 @@ def truncate(prompt_ids: list[int], response_ids: list[int], max_length: int,
         raise ValueError("empty prompt: the first response token would have no context")
     if len(prompt_ids) + len(response_ids) <= max_length:
         return Encoded(prompt_ids + response_ids, len(prompt_ids), False, spans)
-    keep_prompt = max(min(len(prompt_ids), max_length // 2), max_length - len(response_ids))
+    # at least one prompt token, even in a window of one: the first token cannot carry the
+    # loss (see below), so there the response is cut off entirely rather than unreachable
+    keep_prompt = max(min(len(prompt_ids), max(max_length // 2, 1)), max_length - len(response_ids))
     keep_prompt = min(keep_prompt, len(prompt_ids))
     drop = len(prompt_ids) - keep_prompt
     prompt_ids = prompt_ids[drop:]

@@ -32,3 +32,7 @@ def test_truncation_policy():
     # long response: the prompt keeps half the window, the response is cut on the right
     e = truncate([1, 2, 3, 4], list(range(100, 110)), 6)
     assert e.input_ids == [2, 3, 4, 100, 101, 102] and e.prompt_len == 3
+    # a window of one token: the prompt's last token, no response token (a response token
+    # first in the window would be counted in the loss, which nothing can predict it from)
+    e = truncate([1, 2, 3], [4, 5], 1)
+    assert e.input_ids == [3] and e.prompt_len == 1 and e.n_response == 0 and e.targets == []

@@ -70,6 +70,25 @@ def is_inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def overlap(path: str, other: str) -> str | None:
+    """How `path` stands to `other` (both canonical): "is", "lies inside", "contains", or None."""
+    if path == other:
+        return "is"
+    if is_inside(path, other):
+        return "lies inside"
+    return "contains" if is_inside(other, path) else None
+
+
+def guarded_inside(path: str) -> str | None:
+    """The directory that replacing or deleting the canonical local `path` would take
+    along, when it contains one: the working, home or root directory; else None."""
+    for name, guarded in (("the working directory", os.getcwd()), ("your home directory", "~"),
+                          ("the root directory", "/")):
+        if is_inside(os.path.realpath(os.path.expanduser(guarded)), path):
+            return name
+    return None
+
+
 def check_output(output: str, inputs: list[str], overwrite: bool = False) -> None:
     """Refuse, before any work, an output whose publishing could destroy data.
 
@@ -82,17 +101,15 @@ def check_output(output: str, inputs: list[str], overwrite: bool = False) -> Non
         raise ConfigError("output: empty path")
     out = canonical_path(output)
     for path in inputs:
-        inp = canonical_path(path)
-        if is_inside(out, inp) or is_inside(inp, out):
-            how = "is" if out == inp else ("lies inside" if is_inside(out, inp) else "contains")
+        how = overlap(out, canonical_path(path))
+        if how:
             raise ConfigError(f"output {output} {how} the input {path}: publishing would replace the "
                               f"input; choose another output (--overwrite never allows this)")
     if not is_remote(output):
-        for name, guarded in (("the working directory", os.getcwd()), ("your home directory", "~"),
-                              ("the root directory", "/")):
-            if is_inside(os.path.realpath(os.path.expanduser(guarded)), out):
-                raise ConfigError(f"output {output} contains {name}: publishing replaces the output "
-                                  f"directory as a whole; name a new directory (e.g. runs/NAME)")
+        name = guarded_inside(out)
+        if name:
+            raise ConfigError(f"output {output} contains {name}: publishing replaces the output "
+                              f"directory as a whole; name a new directory (e.g. runs/NAME)")
         if os.path.exists(out) and not os.path.isdir(out):
             if not overwrite:
                 raise ConfigError(f"output {output} is an existing file, not a curate output; "

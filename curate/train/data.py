@@ -95,11 +95,23 @@ class Tokenized:
     input_ids: list[list[int]]
     prompt_lens: list[int]  # where the last response starts (generation prompts end there)
     ids: list[str]
-    n_truncated: int
+    truncated: list[bool]  # cut to max_length
     spans: list[tuple[tuple[int, int], ...]]  # the token ranges that carry the loss
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated)
+
+    def select(self, indices: Sequence[int]) -> "Tokenized":
+        """These examples only, in this order."""
+        def pick(values):
+            return [values[i] for i in indices]
+
+        return Tokenized(pick(self.input_ids), pick(self.prompt_lens), pick(self.ids),
+                         pick(self.truncated), pick(self.spans))
 
     @property
     def lengths(self) -> np.ndarray:
@@ -118,7 +130,7 @@ class Tokenized:
 
 def tokenize(records: Iterable[dict], tokenizer, template: str, max_length: int,
              turns: str = "all") -> Tokenized:
-    input_ids, prompt_lens, ids, truncated, spans = [], [], [], 0, []
+    input_ids, prompt_lens, ids, truncated, spans = [], [], [], [], []
     for i, row in enumerate(records):
         row = _as_record(row)
         enc = encode(row, tokenizer, template, max_length, turns=turns)
@@ -126,7 +138,7 @@ def tokenize(records: Iterable[dict], tokenizer, template: str, max_length: int,
         prompt_lens.append(enc.prompt_len)
         spans.append(enc.loss_spans)
         ids.append(str(row.get("id") or i))
-        truncated += enc.truncated
+        truncated.append(bool(enc.truncated))
     return Tokenized(input_ids, prompt_lens, ids, truncated, spans)
 
 
