@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from curate.formatting import encode
+from curate.published import reading
 from curate.records import prompt_text
 
 log = logging.getLogger("curate.train")
@@ -44,7 +45,8 @@ def load_records(data: Any, limit: int | None = None, source: str | None = None)
         if path.is_dir():
             import datasets
 
-            ds = datasets.load_from_disk(str(path))
+            with reading(str(path)):  # one run's shards, not a mix with a run publishing meanwhile
+                ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 split = "train" if "train" in ds else next(iter(ds))
                 ds = ds[split]
