@@ -107,8 +107,11 @@ def scorer_key(scorer) -> str:
     names = ([f.name for f in dataclasses.fields(scorer)] if dataclasses.is_dataclass(scorer)
              else [n for n in vars(scorer) if not n.startswith("_")])
     options = {n: getattr(scorer, n) for n in names if n not in BATCHING_OPTIONS and n not in ("stage", "progress_dir")}
-    files = {name: fp for name, value in sorted(options.items())
-             if isinstance(value, str) and value and (fp := _path_fingerprint(value, name)) is not None}
+    # a path the scorer's own model stage writes (S2L's proxy checkpoints) follows from its
+    # other options, and may not exist yet when the key is first asked for
+    own = set(getattr(scorer, "written_paths", lambda: ())())
+    files = {name: fp for name, value in sorted(options.items()) if name not in own
+             and isinstance(value, str) and value and (fp := _path_fingerprint(value, name)) is not None}
     # a path option stands for its files (the first entry: the resolved path), not its spelling
     options.update({name: None for name in files})
     blob = json.dumps({"type": scorer.type, "options": options, "files": files, "curate": __version__,

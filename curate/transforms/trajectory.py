@@ -188,6 +188,10 @@ class TrajectoryScorer(ModelScorer):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.column: pa.list_(pa.float64())}
 
+    def written_paths(self) -> tuple[str, ...]:
+        """Path options this scorer's model stage writes (`curate.pipeline.saved_work`)."""
+        return ("checkpoints",) if self.proxy is not None else ()
+
     def before_pipeline(self, read_pool) -> dict | None:
         """Model stage (curate.pipeline.stages): train the proxy on the pool, `proxy.data`
         or else the job's inputs, after the job's validation and filters; the trainer
