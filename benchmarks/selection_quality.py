@@ -477,7 +477,7 @@ def save_scores_of(scores: pathlib.Path, scorers: list[dict], store: str) -> Non
         schema = saved_work.saved_schema(scorer)
         keys = pa.array([saved_work.content_key({"messages": m}) for m in table.column("messages").to_pylist()])
         saved_work.write_shard(directory, pa.Table.from_arrays(
-            [keys, *(table.column(n).cast(f.type) for n, f in zip(schema.names[1:], schema[1:]))], schema=schema))
+            [keys, *(table.column(f.name).cast(f.type) for f in list(schema)[1:])], schema=schema))
 
 
 def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathlib.Path) -> tuple[dict, bool]:

@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+@pytest.fixture
+def torch_one_thread():
+    """One torch thread for the test (tiny models on a shared 2-core machine: thread
+    hand-offs cost more than the math), restored afterwards: the setting is process-wide."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SHARED_DATA = pathlib.Path(os.environ.get("CURATE_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 _CORPUS = [

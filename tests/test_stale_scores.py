@@ -8,7 +8,6 @@ import shutil
 import time
 
 import datasets
-import pytest
 
 from curate import transforms
 from curate.cli import main

@@ -18,13 +18,7 @@ from curate.train.data import collate, micro_batches, plan_steps, split_by_token
 from curate.train.loss import batch_nll
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the math.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _records(n=12, offset=0):

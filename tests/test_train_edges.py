@@ -10,7 +10,6 @@ import os
 import re
 
 import pytest
-import torch
 import yaml
 
 from curate.cli import main, make_parser
@@ -20,12 +19,7 @@ from curate.train import TrainConfig, train
 from curate.train import trainer as trainer_module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _qa_file(path, n=6):
