@@ -7,6 +7,9 @@
 One invocation per size list; results of several invocations merge (keyed by size and
 job) into benchmarks/results/scale.json and benchmarks/RESULTS_scale.md, so a long 1M
 run can be done on its own. `--results-dir DIR` writes them under DIR instead (trials).
+A curate job whose estimated memory (BYTES_PER_ROW x rows) exceeds the available memory
+is not started unless --ignore-memory. Each job's output is removed once scored
+(--keep-outputs keeps it); its log and job file stay in WORK/ROWS/JOB/.
 
 1. The pool (`build_pool`), deterministic for (rows, seed) and cached in the work dir
    (WORK/pool-vN-ROWS-seedSEED-shardsK/: part-0000i.jsonl.gz, truth.jsonl.gz, pool.json),
@@ -20,12 +23,16 @@ run can be done on its own. `--results-dir DIR` writes them under DIR instead (t
    - ~70% distinct variants: two base rows a, b of similar length (neighbours in the
      rows sorted by shingle count) joined, instruction a + instruction b, inputs, output
      a + output b; each unordered pair at most once, so two variants share at most one
-     half (true Jaccard ~1/3, never near 0.8): 700k distinct variants exist.
+     half (true Jaccard ~1/3; up to ~0.65 where two similar base rows, below 0.5 to each
+     other, met the same partner): 700k distinct variants exist. At 1M rows each base row is in ~64 variants, so
+     ~44M pairs of variants share a half: what tests an LSH that does not verify (a
+     16x8 band scheme makes a pair at Jaccard 1/3 a candidate with p ~ 0.0024).
    - ~10% exact copies of a random variant: half verbatim, half with only case and
      whitespace changed (exact dedup's normalisation makes them equal to the source).
    - ~20% near copies of a random variant: a few words of the instruction or the output
-     replaced, deleted or inserted; the number of edits is drawn so that ~80% land at
-     true Jaccard >= 0.8 and the rest below (recorded per copy).
+     replaced, deleted or inserted; the number of edits is drawn from a target Jaccard
+     (85% of targets in [0.8, 0.97], the rest in [0.6, 0.8]); ~77% land at true Jaccard
+     >= 0.8 (one edit already takes a short row below), each recorded.
    The rows are shuffled. truth.jsonl.gz has one line per planted copy: its row, its
    source row (the variant), kind (exact / case-space / near), edits and true Jaccard to
    the source, computed with curate's own definition (curate.transforms.near_dedup:
@@ -49,7 +56,9 @@ run can be done on its own. `--results-dir DIR` writes them under DIR instead (t
                  one per pool shard (2) for stages 1 and 4, one per bucket for stage 2,
                  1 for stage 3; --workers (default: the cores) at once. Stage 3 saves
                  cluster ids and stage 4 writes the removed rows (exclusion writer): that
-                 is how we learn what each removed row was merged with.
+                 is how we learn what each removed row was merged with. Hashes: its
+                 default, 64-bit xxhash of each shingle (with xxhash >= 4, which takes
+                 bytes only, the shingle is UTF-8 encoded first, as xxhash 3 did).
    Measured: wall seconds; CPU seconds of the whole process tree, two ways: psutil
    samples of every descendant every 0.2 s (user + system, last value per process) and
    rusage of the reaped descendants (this process is a child subreaper, so orphaned
@@ -113,7 +122,10 @@ SAMPLE = {"type": "random", "budget": 0.1, "seed": 0}
 EXACT_SHARE, NEAR_SHARE = 0.10, 0.20  # the rest are distinct variants
 NEAR_HIGH_SHARE = 0.85  # near copies aimed at true Jaccard >= 0.8; the rest aimed below
 BASE_MAX_JACCARD = 0.5  # base rows at least this similar to an earlier one are dropped
-CURATE_NEAR_BYTES_PER_ROW = 67_000  # curate near_dedup's memory per row, measured before this benchmark
+# a curate job's peak memory per pool row: near_dedup's measured before this benchmark; the
+# exact job's from its trial at 5k-20k rows (the tree's peak grew by ~23 KB a row). A job
+# whose estimate exceeds the available memory is not started (--ignore-memory).
+BYTES_PER_ROW = {"curate-exact": 23_000, "curate-near": 67_000}
 SAMPLE_EVERY_S = 0.2
 POOL_VERSION = 1  # part of the pool cache's name: raise it when build_pool makes different rows
 RECALL_BINS = ("0.00-0.70", "0.70-0.75", "0.75-0.80", "0.80-0.85", "0.85-0.90", "0.90-0.95", "0.95-1.00")
@@ -745,6 +757,16 @@ def fmt(v, spec=",.0f"):
     return "-" if v is None else format(v, spec)
 
 
+def short_commit(commit: str) -> str:
+    return commit[:12] + (" (uncommitted changes)" if commit.endswith("-dirty") else "")
+
+
+def short(command: str) -> str:
+    """A job's command with this checkout's and the interpreter's paths left out."""
+    return (command.replace(sys.executable, "python").replace(str(pathlib.Path(sys.executable).parent) + "/", "")
+            .replace(str(ROOT) + "/", ""))
+
+
 def render(results: dict) -> str:
     near = near_settings()
     md = ["# Dedup at scale: curate against plain `datasets` and DataTrove", "",
@@ -756,7 +778,9 @@ def render(results: dict) -> str:
           "exact job in plain `datasets` (batched map/filter, keeps the first occurrence); **datatrove** "
           f"DataTrove MinHash, 4 stages, {near['shingle']}-grams, {near['bands']} buckets x "
           f"{near['num_perm'] // near['bands']} hashes, spaCy word tokenizer (its English default), no "
-          "verification of bucket collisions.", "",
+          "verification of bucket collisions. DataTrove normalises text its own way (numbers to 0, punctuation "
+          "dropped, spaCy tokens), so its own similarity of a pair can differ from the true Jaccard here, which "
+          "is always curate's (5 words, letters and digits).", "",
           "CPU s: the whole process tree (workers included). Kept: rows in the job's output (after the 10% "
           "sample for the exact jobs). Recall: near copies at true Jaccard >= 0.8 (curate's shingles) where "
           "the copy or its source was removed and the other kept. Wrong removals: families (a distinct row "
@@ -790,14 +814,20 @@ def render(results: dict) -> str:
                       f"{r['largest_process_mb'] / 1024:,.2f} GB | {r['after_dedup']:,} | {r['kept']:,} | "
                       f"{q['exact_caught']:.2%} | {recall} | {wrong} |")
         md.append("")
+        for job in ("curate-near", "datatrove"):
+            if "quality" in runs.get(job, {}):
+                q = runs[job]["quality"]
+                md.append(f"- {job}, near copies found by true Jaccard: "
+                          + ", ".join(f"{b} {v}" for b, v in q["near_found_by_jaccard"].items())
+                          + f"; cross merges {q['cross_merges']:,} "
+                          f"(median J {fmt(q['cross_merges_median_jaccard'], '.3f')})")
         for job in JOBS:
             if job in runs:
                 r = runs[job]
-                md.append(f"- {job}: `{r['command']}` at {r['commit']}, {r['finished']}; {r['processes']} "
-                          f"processes; CPU rusage {r['cpu_rusage_s']:,.1f} s, sampled {r['cpu_sampled_s']:,.1f} s"
-                          + (f"; cross merges {r['quality']['cross_merges']:,}" if "quality" in r else ""))
-        machines = {json.dumps(r["machine"], sort_keys=True) for r in runs.values()}
-        for m in machines:
+                md.append(f"- {job}: `{short(r['command'])}` from `{r['invocation']}` at {short_commit(r['commit'])}, "
+                          f"{r['finished']}; {r['processes']} process(es), CPU by rusage {r['cpu_rusage_s']:,.1f} s, "
+                          f"by samples {r['cpu_sampled_s']:,.1f} s")
+        for m in {json.dumps(r["machine"], sort_keys=True) for r in runs.values()}:
             md.append("- machine: " + ", ".join(f"{k} {v}" for k, v in json.loads(m).items()))
         md.append("")
     return "\n".join(md) + "\n"
@@ -857,7 +887,7 @@ def main(argv=None) -> None:
                     help="RESULTS_scale.md and results/scale.json go here")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each job's output (default: removed once scored)")
     ap.add_argument("--ignore-memory", action="store_true",
-                    help="start curate-near even where its estimated memory exceeds what is available")
+                    help="start a curate job even where its estimated memory exceeds what is available")
     ap.add_argument("--child", choices=["datasets", "datatrove"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", type=pathlib.Path, help=argparse.SUPPRESS)
     ap.add_argument("--job-dir", type=pathlib.Path, help=argparse.SUPPRESS)
@@ -888,13 +918,12 @@ def main(argv=None) -> None:
         meta = read_meta(pool)
         print(f"[{size:,}] pool {pool}: {json.dumps(meta)}", flush=True)
         for job in jobs:
-            if job == "curate-near" and not args.ignore_memory:
-                need, avail = size * CURATE_NEAR_BYTES_PER_ROW, psutil.virtual_memory().available
-                if need > avail:
-                    print(f"[{size:,}] curate-near skipped: ~{need / 2**30:.1f} GiB estimated "
-                          f"({CURATE_NEAR_BYTES_PER_ROW:,} bytes per row), {avail / 2**30:.1f} GiB available; "
-                          "--ignore-memory starts it anyway", flush=True)
-                    continue
+            need, avail = size * BYTES_PER_ROW.get(job, 0), psutil.virtual_memory().available
+            if need > avail and not args.ignore_memory:
+                print(f"[{size:,}] {job} not started: ~{need / 2**30:.1f} GiB estimated ({BYTES_PER_ROW[job]:,} "
+                      f"bytes per row), {avail / 2**30:.1f} GiB available; --ignore-memory starts it anyway",
+                      flush=True)
+                continue
             entry = run_job(job, size, pool, args, machine, command)
             merge_results(args.results_dir, size, job, entry, meta)
     print(f"results: {args.results_dir / 'RESULTS_scale.md'}, {args.results_dir / 'results' / 'scale.json'}")
