@@ -852,12 +852,13 @@ def run_job(job: str, size: int, pool: pathlib.Path, args, machine: dict, comman
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
     cmd = job_command(job, pool, job_dir, args.workers)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = dict(os.environ)  # the jobs import this checkout's curate, whatever is installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     print(f"[{size:,}] {job}: {' '.join(cmd)}", flush=True)
     m = measure(cmd, job_dir / "job.log", env)
-    entry = {**m, "command": " ".join(cmd), "invocation": command, "machine": machine, "commit": git_commit(),
-             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "log": str(job_dir / "job.log"),
-             "rows_per_cpu_s": round(size / m["cpu_s"]) if m["cpu_s"] else None}
+    entry = {**m, "command": " ".join(cmd), "invocation": command, "pool": pool.name, "machine": machine,
+             "commit": git_commit(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "log": str(job_dir / "job.log"), "rows_per_cpu_s": round(size / m["cpu_s"]) if m["cpu_s"] else None}
     if m["rc"] != 0:
         print(f"  failed (exit {m['rc']}): see {job_dir / 'job.log'}", flush=True)
         return entry
