@@ -15,7 +15,8 @@ from curate.config import parse_job
 from curate.pipeline import output
 from curate.pipeline.build import run_job
 from curate.pipeline.output import publish, read_manifest, remove_stale_staging, staging_dir
-from curate.pipeline.sink import _WriteShard, commit_jsonl, finalize_shards, shard_count, shard_of, write_jsonl
+from curate.pipeline.sink import (_row_order, commit_jsonl, finalize_shards, shard_count, shard_of, write_jsonl,
+                                 write_shard)
 from memfs import OBJECTS, MemoryObjectStore, listing, store  # noqa: F401 (store: a fixture)
 
 SCHEMA = pa.schema([("origin", pa.string()), ("id", pa.string()), ("text", pa.string())])
@@ -28,19 +29,21 @@ def rows(n, tag):
 
 def write_dataset(folder, records, shard_rows, attempts=None):
     """What WriteShards' steps do for `records` in `folder`, without a pipeline: every shard
-    written by one attempt, then committed. `attempts(i, item, n, writer)` may run extra
+    written by one attempt, then committed. `attempts(folder, i, rows, writer)` may run extra
     attempts of shard i first (whose output Beam never commits)."""
     n = shard_count(len(records), shard_rows)
     by_shard = {}
     for r in records:
         by_shard.setdefault(shard_of(r, n), []).append(r)
-    writer = _WriteShard(folder, SCHEMA)
-    writer.setup()
+
+    def writer(i, part):
+        return write_shard(folder, i, n, sorted(part, key=_row_order), SCHEMA)
+
     written = []
     for i, part in sorted(by_shard.items()):
         if attempts:
-            attempts(folder, i, (i, part), n, writer)
-        written += writer.process((i, part), n)
+            attempts(folder, i, part, writer)
+        written.append(writer(i, part))
     return finalize_shards(written, n, folder, SCHEMA), written
 
 
@@ -122,10 +125,10 @@ def test_a_stray_file_from_a_failed_attempt_in_staging_is_not_published(store):
     are deleted with the staging directory."""
     strays = []
 
-    def failed_attempts(folder, i, item, n, writer):
+    def failed_attempts(folder, i, part, writer):
         if i == 0:
             for half in (True, False):
-                (out,) = writer.process(item, n)
+                out = writer(i, part)
                 path = FileSystems.join(folder, out["file"])
                 if half:
                     OBJECTS[path] = OBJECTS[path][: len(OBJECTS[path]) // 2]

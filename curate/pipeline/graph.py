@@ -4,6 +4,27 @@
     dead_letter.jsonl: rows reading or validation could not make examples, rows a scorer failed on
     rejected/:         rows a filter or a selector dropped, with reject_stage and reject_reason
 
+Memory. Beam's local runner holds in memory every PCollection that crosses from one stage
+to another (a shuffle, or rows waiting for a side input): rows crossing one make the
+peak grow with the pool (about 10 KB a row of 1 KB of text, measured). So rows never
+cross a stage here while they can be read again instead:
+
+- The *streamed* steps, a prefix of the job's steps, are the per-example filters and
+  the steps that decide from a small projection of each row: `project(record)` -> a few
+  fields, `decide()` -> a PTransform from the projections to one state (the set of
+  duplicates, a cut-off), `route(projection, state)` -> (reject reason or None, the
+  columns the step adds). Exact dedup and the random selector are such steps.
+- A *keys pass* reads the inputs and keeps per row only (id, origin), the first
+  per-example filter that rejects it and each streamed step's projection. Each step
+  decides from the projections of the rows that reach it, in job order, and the keys
+  pass counts the rows kept and rejected.
+- The *write pass* reads the inputs again and routes each row by the states (side
+  inputs) to the kept or rejected shards, whose sizes the keys pass counted; the sink
+  streams them through sorted runs (`curate.pipeline.sink`). Read, route and write are
+  one fused stage: no row is held.
+- The other steps (scorers, and the filters and selectors without a projection) run as
+  before on the rows the streamed prefix kept, which then sit in memory.
+
 `read_and_filter` is the front every pipeline shares (the job's own, and the pool a
 model stage trains on); `build` adds scoring, selection and the writes.
 """
@@ -11,6 +32,7 @@ model stage trains on); `build` adds scoring, selection and the writes.
 from __future__ import annotations
 
 import json
+from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -27,45 +49,192 @@ from curate.transforms.handlers import SCORE_ERROR
 
 SCORE_FAILED = "score_failed"
 READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
+KEPT = "kept"
+
+
+class Streamed:
+    """The streamed prefix of a plan's steps (module docstring): each step with its reject
+    stage, and each deciding step's state once `decide_streamed` has added it."""
+
+    def __init__(self, plan: Plan):
+        steps = [(s, f"filter:{s.type}") for s in plan.filters]
+        steps += list(zip(plan.scorers, plan.scorer_stages)) + list(zip(plan.selectors, plan.selector_stages))
+        self.steps = []
+        for step, stage in steps:
+            if not (_per_example(step) or getattr(step, "project", None) is not None):
+                break
+            self.steps.append((step, stage))
+        self.rest = len(steps) - len(self.steps)  # steps that run on held rows
+        self.states: dict[int, beam.PCollection] = {}  # deciding step's index -> its state
+        self.selector_index = {id(s): i for i, s in enumerate(plan.selectors)}
+
+    def deciding(self) -> list[int]:
+        return [i for i, (s, _) in enumerate(self.steps) if not _per_example(s)]
+
+    def side_inputs(self, before: int | None = None) -> list:
+        return [beam.pvalue.AsSingleton(self.states[i]) for i in self.deciding() if before is None or i < before]
+
+
+def _per_example(step) -> bool:
+    return getattr(step, "per_example", False)
+
+
+class _Keys(beam.DoFn):
+    """A row -> ((id, origin), the first per-example filter rejecting it as (index,
+    reason) or None, {deciding step index: its projection} for the steps it reaches)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def setup(self):
+        for step, _ in self.steps:
+            if _per_example(step):
+                step.setup()
+
+    def process(self, record):
+        rejected, projections = None, {}
+        for i, (step, _) in enumerate(self.steps):
+            if _per_example(step):
+                if rejected is None and (reason := step.reason_to_drop(record)) is not None:
+                    rejected = (i, reason)
+            elif rejected is None:
+                projections[i] = step.project(record)
+        yield (record["id"], record["origin"]), rejected, projections
+
+
+def _fate(steps, rejected, projections: dict, states: dict, until: int | None = None):
+    """(index of the first step before `until` that rejects the row, or None; its reason;
+    the columns the steps the row reached added)."""
+    columns = {}
+    for i, (step, _) in enumerate(steps[:until]):
+        if _per_example(step):
+            if rejected is not None and rejected[0] == i:
+                return i, rejected[1], columns
+            continue
+        reason, cols = step.route(projections[i], states[i])
+        columns.update(cols)
+        if reason is not None:
+            return i, reason, columns
+    return None, None, columns
+
+
+class _Route(beam.DoFn):
+    """The write pass: each row to the kept output, or REJECTED with its reject stage and
+    reason, by the per-example filters (run again) and the states (side inputs)."""
+
+    def __init__(self, steps, deciding: list[int]):
+        self.steps, self.deciding = steps, deciding
+
+    def setup(self):
+        self._keys = _Keys(self.steps)
+        self._keys.setup()
+
+    def process(self, record, *states) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
+        (_, rejected, projections), = self._keys.process(record)
+        i, reason, columns = _fate(self.steps, rejected, projections, dict(zip(self.deciding, states)))
+        record = {**record, **columns}
+        if i is None:
+            yield record
+        else:
+            yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": self.steps[i][1],
+                                                      "reject_reason": reason})
+
+
+def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None):
+    """The keys pass and the deciding steps' states (`streamed.states`); returns the counts
+    of the rows the prefix keeps and rejects, a PCollection of one dict."""
+    read = p | "KeysRead" >> ReadInputs(plan.tasks, progress_dir, spread=False)
+    valid = read["records"] | "KeysValidate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
+        DEAD, main="records")
+    keys = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps))
+    steps, deciding = streamed.steps, streamed.deciding()
+    for i in deciding:
+        step, _ = steps[i]
+
+        def reaches(item, *states, i=i):
+            _, rejected, projections = item
+            if _fate(steps, rejected, projections, dict(zip(deciding, states)), until=i)[0] is None:
+                yield projections[i]
+
+        label = (f"Select{streamed.selector_index[id(step)]}:{step.type}" if id(step) in streamed.selector_index
+                 else f"Filter{i}:{step.type}")
+        # a stage boundary (a reshuffle of the projections) before the step: Beam's local
+        # runner never runs a step fused with the one that made its side input's input
+        # (`A total of N watermark-pending bundles did not execute`)
+        streamed.states[i] = (keys
+                              | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
+                              | f"Reaching{i}" >> beam.Reshuffle()
+                              | label >> step.decide())
+
+    def fate(item, *states):
+        _, rejected, projections = item
+        return KEPT if _fate(steps, rejected, projections, dict(zip(deciding, states)))[0] is None else REJECTED
+
+    return (keys
+            | "Fates" >> beam.Map(fate, *streamed.side_inputs())
+            | "CountFates" >> beam.combiners.Count.PerElement()
+            | "FateCounts" >> beam.combiners.ToDict())
+
+
+def read_and_route(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None = None,
+                   spread: bool = True):
+    """Read, validate and route every row through the streamed steps: (the examples, i.e.
+    the valid records; the rows that never became examples; the rows every streamed step
+    kept; the rejected rows)."""
+    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir, spread=spread)
+    valid = read["records"] | "Validate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
+        DEAD, main="records")
+    routed = valid.records | "Route" >> beam.ParDo(
+        _Route(streamed.steps, streamed.deciding()), *streamed.side_inputs()).with_outputs(REJECTED, main="kept")
+    return valid.records, [read[DEAD], valid[DEAD]], routed.kept, [routed[REJECTED]]
 
 
 def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = None):
-    """Read, validate and filter, each a step of its own: (the examples, i.e. the valid
-    records; the rows that never became examples, with their reasons; the examples that
-    pass every filter; the filters' rejected PCollections)."""
-    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir)
-    valid = read["records"] | "Validate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
-        DEAD, main="records")
-    examples = recs = valid.records
-    invalid = [read[DEAD], valid[DEAD]]
-    rejected = []
+    """Read, validate and filter a plan without scorers or selectors (a graph of its own:
+    the pool a model stage trains on): (the examples, the rows that never became
+    examples, the examples that pass every filter, the filters' rejected PCollections)."""
+    return _front(p, plan, progress_dir)[:4]
 
-    # consecutive per-example filters share one step; a whole-pool step (dedup) is its own
+
+def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None):
+    """The streamed prefix (keys pass if it decides anything, then the write pass's read
+    and routing) and the filters that did not stream, run on the held rows: (examples,
+    invalid, rows for what follows, rejected PCollections, the streamed prefix, the
+    prefix's fate counts or None)."""
+    streamed = Streamed(plan)
+    # a keys pass when a streamed step decides, or to count the rows for the sinks
+    counts = decide_streamed(p, plan, streamed, progress_dir) if streamed.deciding() or not streamed.rest else None
+    held = streamed.rest > 0  # rows go on to steps that hold them: spread them over the workers
+    examples, invalid, recs, rejected = read_and_route(p, plan, streamed, None if counts else progress_dir,
+                                                       spread=held)
+    # the filters that did not stream, on the held rows: consecutive per-example ones
+    # share one step, a whole-pool one is its own
     pending = []
 
-    def flush_filters(recs, i):
-        if not pending:
-            return recs
-        out = recs | f"Filter{i}" >> beam.ParDo(ApplyFilters(list(pending))).with_outputs(REJECTED, main="kept")
-        rejected.append(out[REJECTED])
-        pending.clear()
-        return out.kept
-
-    for i, step in enumerate(plan.filters):
-        if step.per_example:
-            pending.append(step)
-        else:
-            recs = flush_filters(recs, i)
-            out = recs | f"Filter{i}:{step.type}" >> step
+    def flush(recs, i):
+        if pending:
+            out = recs | f"Filter{i}" >> beam.ParDo(ApplyFilters(list(pending))).with_outputs(REJECTED, main="kept")
             rejected.append(out[REJECTED])
-            recs = out["kept"]
-    return examples, invalid, flush_filters(recs, len(plan.filters)), rejected
+            pending.clear()
+            recs = out.kept
+        return recs
+
+    for i, step in enumerate(plan.filters[len(streamed.steps):], start=len(streamed.steps)):
+        if _per_example(step):
+            pending.append(step)
+            continue
+        recs = flush(recs, i)
+        out = recs | f"Filter{i}:{step.type}" >> step
+        rejected.append(out[REJECTED])
+        recs = out["kept"]
+    return examples, invalid, flush(recs, len(plan.filters)), rejected, streamed, counts
 
 
 def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None, fresh: bool = False) -> None:
     """The job's graph. `progress_dir`: where workers write progress counts (local runs);
     `fresh`: remove the scorers' saved work instead of resuming from it."""
-    examples, invalid, recs, rejected = read_and_filter(p, plan, progress_dir)
+    examples, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir)
+    done = len(streamed.steps) - len(plan.filters)  # streamed scorers and selectors (selectors only)
 
     # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
     # dead letter right after that scorer, so later steps only see complete rows
@@ -100,16 +269,22 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
                 recs = (recs, saved) | f"WithSaved{i}" >> beam.Flatten()
 
     for i, selector in enumerate(plan.selectors):
+        if i < done:
+            continue  # streamed: routed by the write pass
         out = recs | f"Select{i}:{selector.type}" >> selector
         stage = plan.selector_stages[i]
         rejected.append(out["rejected"] | f"Stage{i}" >> beam.Map(lambda r, s=stage: {**r, "reject_stage": s}))
         recs = out["kept"]
 
-    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows)
+    # when every step streamed, the keys pass counted the kept and rejected rows: the
+    # sinks need not hold the rows to count them
+    sizes = (None, None) if counts is None or streamed.rest else tuple(
+        counts | f"{which}Rows" >> beam.Map(lambda c, w=which: c.get(w, 0)) for which in (KEPT, REJECTED))
+    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows, rows=sizes[0])
     all_rejected = (rejected | "AllRejected" >> beam.Flatten()) if rejected else (
         p | "NoRejected" >> beam.Create([]))
     rejected_info = all_rejected | "WriteRejected" >> WriteShards(
-        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows)
+        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows, rows=sizes[1])
     dead = (invalid + score_failed) | "AllDeadLetter" >> beam.Flatten()
     dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
     examples_n = examples | "CountExamples" >> beam.combiners.Count.Globally()

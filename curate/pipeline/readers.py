@@ -40,17 +40,20 @@ class Validate(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """Planned file tasks -> {'records': ..., 'dead_letter': ...}."""
+    """Planned file tasks -> {'records': ..., 'dead_letter': ...}; `spread`: reshuffle
+    the records so one file's rows are worked on by every worker."""
 
-    def __init__(self, tasks: list[FileTask], progress_dir: str | None = None):
+    def __init__(self, tasks: list[FileTask], progress_dir: str | None = None, spread: bool = True):
         super().__init__()
         self.tasks = tasks
         self.progress_dir = progress_dir
+        self.spread = spread
 
     def expand(self, pbegin):
         out = (pbegin
                | "Files" >> beam.Create(self.tasks)
                | "Read" >> beam.ParDo(ReadFile(self.progress_dir)).with_outputs(DEAD, main="records"))
-        # spread one file's rows over all workers
-        recs = out.records | "Spread" >> beam.Reshuffle()
+        # spread one file's rows over all workers; not when the rows stream straight to a
+        # file (curate.pipeline.graph): a shuffle holds them all on the local runner
+        recs = out.records | "Spread" >> beam.Reshuffle() if self.spread else out.records
         return {"records": recs, DEAD: out[DEAD]}

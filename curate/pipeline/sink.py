@@ -7,7 +7,9 @@ Layout (the one `Dataset.save_to_disk` writes):
 
 Shards are deterministic: the row count fixes the number of shards N (about
 `shard_rows` rows each), a row goes to shard hash(origin, id) mod N, and each shard is
-written sorted by (origin, id). Two runs over the same rows write byte-identical shards
+written sorted by (origin, id), in record batches of SHARD_BATCH rows. The rows reach
+the shards through sorted runs merged per shard (`WriteShards`), so memory does not grow
+with the dataset. Two runs over the same rows write byte-identical shards
 under the same names whatever the runner, the bundling or the worker timing. (origin, id)
 is unique within a run (see curate.records), so the order is total.
 
@@ -25,11 +27,14 @@ data safe are in `curate.pipeline.output`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import uuid
+from typing import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
@@ -49,25 +54,66 @@ def hf_schema(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata(meta)
 
 
-def write_table(path: str, table: pa.Table) -> str:
-    """Write `table` as an Arrow IPC stream; returns the sha256 of the bytes written."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1000)
-    data = sink.getvalue().to_pybytes()
+SHARD_BATCH = 1000  # rows per record batch of a shard
+
+
+def write_rows(path: str, rows: Iterable[dict], schema: pa.Schema) -> tuple[int, str]:
+    """Write `rows` (in their order) as an Arrow IPC stream, SHARD_BATCH rows a record
+    batch, holding one batch at a time; returns (rows written, sha256 of the bytes)."""
+    count = 0
+    with creating(path) as fh:
+        out = _HashingWriter(fh)
+        with pa.ipc.new_stream(pa.PythonFile(out, mode="w"), schema) as writer:
+            for chunk in _chunks(rows, SHARD_BATCH):
+                writer.write_batch(_to_batch(chunk, schema))
+                count += len(chunk)
+    return count, out.digest.hexdigest()
+
+
+@contextlib.contextmanager
+def creating(path: str):
+    """`FileSystems.create(path)`, whose OSError (disk full, file too large) names the file."""
     try:
         with FileSystems.create(path) as fh:
-            fh.write(data)
-    except OSError as exc:  # disk full, file too large: say which file
+            yield fh
+    except OSError as exc:
         if exc.filename is not None or exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror, path) from exc
-    return hashlib.sha256(data).hexdigest()
 
 
-def _to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    columns = {name: [r.get(name) for r in rows] for name in schema.names}
-    return pa.Table.from_pydict(columns, schema=schema)
+def _chunks(rows: Iterable[dict], size: int):
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _HashingWriter:
+    """A file being written, hashing what goes through."""
+
+    def __init__(self, fh):
+        self.fh, self.digest, self.closed = fh, hashlib.sha256(), False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.digest.update(data)
+        self.fh.write(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _to_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)
 
 
 def shard_count(rows: int, shard_rows: int) -> int:
@@ -122,9 +168,65 @@ def commit_files(directory: str, files: dict[str, str], what: str, info: dict) -
     FileSystems.rename([tmp], [FileSystems.join(directory, record)])  # whole or not there
 
 
-class _WriteShard(beam.DoFn):
-    """(shard index, rows) -> that shard, rows in (origin, id) order, written under this
-    attempt's own name; yields the name for the finalize step to commit."""
+def write_shard(staging: str, i: int, n: int, rows: Iterable[dict], schema: pa.Schema) -> dict:
+    """Shard i of n from `rows` in (origin, id) order, under this attempt's own name (a
+    retried or duplicate attempt writes another file); what the finalize step commits."""
+    name = attempt_name(shard_name(i, n))
+    count, digest = write_rows(FileSystems.join(staging, name), rows, schema)
+    return {"index": i, "rows": count, "sha256": digest, "file": name}
+
+
+RUNS = "_runs"  # under a dataset's staging folder: sorted runs, merged into its shards
+RUN_ROWS = 20_000  # rows a run writer holds (all shards together) before it writes them
+RUN_BATCH = 256  # rows per record batch of a run: what a merge holds of each run
+
+
+class _WriteRuns(beam.DoFn):
+    """Rows -> sorted runs: the rows of each shard this worker saw since its last write,
+    sorted by (origin, id), as an Arrow IPC file under RUNS; yields (shard, run file).
+    Holds at most RUN_ROWS rows, however many rows the dataset has."""
+
+    def __init__(self, staging: str, schema: pa.Schema):
+        self.staging, self.schema = staging, schema
+
+    def start_bundle(self):
+        self._held: dict[int, list[dict]] = {}
+        self._count = 0
+
+    def process(self, record, n):
+        self._held.setdefault(shard_of(record, n), []).append(record)
+        self._count += 1
+        if self._count >= RUN_ROWS:
+            yield from self._write()
+
+    def finish_bundle(self):
+        for item in self._write():
+            yield beam.transforms.window.GlobalWindows.windowed_value(item)
+
+    def _write(self):
+        for i, rows in sorted(self._held.items()):
+            rows.sort(key=_row_order)
+            path = FileSystems.join(self.staging, RUNS, attempt_name(f"run-{i:05d}.arrow"))
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, self.schema) as writer:
+                for chunk in _chunks(rows, RUN_BATCH):
+                    writer.write_batch(_to_batch(chunk, self.schema))
+            with creating(path) as fh:
+                fh.write(sink.getvalue().to_pybytes())
+            yield i, path
+        self._held, self._count = {}, 0
+
+
+def _run_rows(path: str):
+    """The rows of a run, in its order, one record batch in memory at a time."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        reader = pa.ipc.open_file(pa.BufferReader(fh.read()))
+    for b in range(reader.num_record_batches):
+        yield from reader.get_batch(b).to_pylist()
+
+
+class _MergeRuns(beam.DoFn):
+    """(shard index, its run files) -> that shard: the runs merged in (origin, id) order."""
 
     def __init__(self, staging: str, schema: pa.Schema):
         self.staging, self.schema = staging, schema
@@ -133,11 +235,9 @@ class _WriteShard(beam.DoFn):
         self._schema = hf_schema(self.schema)
 
     def process(self, item, n):
-        i, rows = item
-        rows = sorted(rows, key=_row_order)
-        name = attempt_name(shard_name(i, n))  # a retried or duplicate attempt writes another file
-        digest = write_table(FileSystems.join(self.staging, name), _to_table(rows, self._schema))
-        yield {"index": i, "rows": len(rows), "sha256": digest, "file": name}
+        i, runs = item
+        yield write_shard(self.staging, i, n, heapq.merge(*(_run_rows(r) for r in sorted(runs)), key=_row_order),
+                          self._schema)
 
 
 def finalize_shards(written: list[dict], n: int, staging: str, schema: pa.Schema) -> dict:
@@ -151,8 +251,7 @@ def finalize_shards(written: list[dict], n: int, staging: str, schema: pa.Schema
     for i in range(n):
         if i not in done:  # a shard no row hashed to is still a shard: write it empty
             files[shard_name(i, n)] = name = attempt_name(shard_name(i, n))
-            done[i] = {"index": i, "rows": 0,
-                       "sha256": write_table(FileSystems.join(staging, name), schema.empty_table())}
+            done[i] = {"index": i, "rows": 0, "sha256": write_rows(FileSystems.join(staging, name), [], schema)[1]}
     data_files = [{"filename": shard_name(i, n)} for i in range(n)]
     info = dataclasses.asdict(DatasetInfo(features=Features.from_arrow_schema(schema)))
     info = {k: v for k, v in info.items() if v not in (None, {}, [])} | {"features": info["features"]}
@@ -185,24 +284,26 @@ def _read_json(path: str):
 class WriteShards(beam.PTransform):
     """records -> one dict {shards, rows} once every shard is in place in `staging`.
 
-    Only the row count reaches one place; each shard's rows are grouped on one worker
-    (about `shard_rows` rows), which is what writing that shard takes anyway.
+    The rows stream into sorted runs (`_WriteRuns`, RUN_ROWS rows held per worker), and
+    each shard is a merge of its runs (`_MergeRuns`): no step holds a shard, let alone the
+    dataset. The shard count comes from `rows`, the number of rows the dataset will have
+    when the graph knows it before they arrive (a PCollection of one int); without it the
+    rows are counted first, which holds them until the count is done.
     """
 
-    def __init__(self, staging: str, schema: pa.Schema, shard_rows: int = 50_000):
+    def __init__(self, staging: str, schema: pa.Schema, shard_rows: int = 50_000, rows=None):
         super().__init__()
-        self.staging, self.schema, self.shard_rows = staging, schema, shard_rows
+        self.staging, self.schema, self.shard_rows, self.rows = staging, schema, shard_rows, rows
 
     def expand(self, pcoll):
-        staging, schema, shard_rows = self.staging, self.schema, self.shard_rows
-        n = (pcoll
-             | "Count" >> beam.combiners.Count.Globally()
-             | "Shards" >> beam.Map(shard_count, shard_rows))
+        staging, schema = self.staging, self.schema
+        rows = self.rows if self.rows is not None else pcoll | "Count" >> beam.combiners.Count.Globally()
+        n = rows | "Shards" >> beam.Map(shard_count, self.shard_rows)
         n_side = beam.pvalue.AsSingleton(n)
         written = (pcoll
-                   | "ToShard" >> beam.Map(lambda r, n: (shard_of(r, n), r), n=n_side)
-                   | "ByShard" >> beam.GroupByKey()
-                   | "WriteShard" >> beam.ParDo(_WriteShard(staging, schema), n=n_side)
+                   | "WriteRuns" >> beam.ParDo(_WriteRuns(staging, schema), n=n_side)
+                   | "RunsByShard" >> beam.GroupByKey()
+                   | "MergeRuns" >> beam.ParDo(_MergeRuns(staging, schema), n=n_side)
                    | "Collect" >> beam.combiners.ToList())
         return n | "Finalize" >> beam.Map(lambda n, written: finalize_shards(written, n, staging, schema),
                                           written=beam.pvalue.AsSingleton(written))

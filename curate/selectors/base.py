@@ -21,6 +21,12 @@ class Selector(beam.PTransform):
     type: str = ""
     # score columns this selector reads; the pipeline checks they exist before running
     requires: tuple[str, ...] = ()
+    # Streamed selectors (curate.pipeline.graph) select from a small projection of each
+    # row, so the pipeline streams the rows instead of holding them: `project(record)`
+    # -> the few fields read (id and origin included), `decide()` -> a PTransform from
+    # the projections to one state element (a cut-off, quotas), `route(projection,
+    # state)` -> (reject reason or None, the selector's columns). None: whole rows needed.
+    project = None
 
     def output_columns(self) -> dict[str, pa.DataType]:
         """Columns this selector adds to kept and rejected records."""
@@ -40,3 +46,4 @@ class Selector(beam.PTransform):
 
 def reject(record: dict, reason: str) -> dict:
     return {**record, "reject_reason": reason}
+

@@ -8,11 +8,12 @@ a smaller budget keeps a subset of a larger one (nested selections).
 
 from __future__ import annotations
 
+import apache_beam as beam
 import pyarrow as pa
 
 from curate.config import parse_budget
 from curate.selectors.base import Selector
-from curate.selectors.shared.cutoff import KeepTop
+from curate.selectors.shared.cutoff import Cutoff, KeepTop, passes
 from curate.selectors.shared.keys import hash_unit
 
 
@@ -30,19 +31,29 @@ class RandomSelector(Selector):
     def describe(self):
         return {"type": self.type, "budget": self.budget, "seed": self.seed}
 
+    def key(self, record: dict) -> tuple:
+        # smaller random key is better; negate so KeepTop's "largest" keeps it
+        return (-hash_unit(self.seed, record), record["origin"], record["id"])
+
+    def explain(self, record: dict, k: tuple, cutoff: dict, kept: bool) -> tuple[dict, str | None]:
+        record = {**record, "random_key": -k[0]}
+        if kept:
+            return record, None
+        if cutoff["keep"] == "none":
+            return record, "budget is 0"
+        return record, f"random key {-k[0]:.6f} above the cut-off {-cutoff['key'][0]:.6f} (seed {self.seed})"
+
+    # streamed (curate.pipeline.graph): the key needs only (id, origin); the state is the cut-off
+    def project(self, record: dict) -> dict:
+        return {"id": record["id"], "origin": record["origin"]}
+
+    def decide(self) -> beam.PTransform:
+        return "Keys" >> beam.Map(self.key) | Cutoff(self.budget)
+
+    def route(self, projection: dict, cutoff: dict) -> tuple[str | None, dict]:
+        k = self.key(projection)
+        record, reason = self.explain(projection, k, cutoff, passes(k, cutoff))
+        return reason, {"random_key": record["random_key"]}
+
     def expand(self, pcoll):
-        seed = self.seed
-
-        def key(record):
-            # smaller random key is better; negate so KeepTop's "largest" keeps it
-            return (-hash_unit(seed, record), record["origin"], record["id"])
-
-        def explain(record, k, cutoff, kept):
-            record = {**record, "random_key": -k[0]}
-            if kept:
-                return record, None
-            if cutoff["keep"] == "none":
-                return record, "budget is 0"
-            return record, f"random key {-k[0]:.6f} above the cut-off {-cutoff['key'][0]:.6f} (seed {seed})"
-
-        return pcoll | KeepTop(key, self.budget, explain)
+        return pcoll | KeepTop(self.key, self.budget, self.explain)

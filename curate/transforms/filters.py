@@ -8,13 +8,14 @@ its own transform (group by normalised text, keep the smallest id).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from curate.config import ConfigError, make_step
-from curate.transforms.base import REJECTED
+from curate.transforms.base import REJECTED, ApplyDecisions
 from curate.transforms.decontaminate import Decontaminate
 from curate.transforms.near_dedup import NearDedup
 
@@ -124,6 +125,8 @@ class ExactDedup(beam.PTransform):
 
     key: "prompt_response" (default: the whole conversation) or "prompt". Never use
     "prompt" on a multi-response pool: it would keep one candidate per instruction.
+    Streamed (curate.pipeline.graph): only (id, origin) and a 128-bit hash of the
+    normalised text travel to the grouping, never the rows.
     """
 
     type = "dedup"
@@ -135,22 +138,30 @@ class ExactDedup(beam.PTransform):
             raise ConfigError(f"dedup: key must be prompt_response or prompt, not {key!r}")
         self.key = key
 
-    def expand(self, pcoll):
-        key = self.key
+    def project(self, record: dict) -> dict:
+        text = dedup_key(record, self.key).encode("utf-8", "surrogatepass")
+        return {"id": record["id"], "origin": record["origin"],
+                "key": hashlib.blake2b(text, digest_size=16).digest()}
+
+    def decide(self) -> beam.PTransform:
+        """Projections -> {(id, origin): reason} of every row but the first of its text."""
 
         def split(group):
-            _, recs = group
-            recs = sorted(recs, key=lambda r: (r["id"], r["origin"]))
-            yield recs[0]
-            for r in recs[1:]:
-                yield beam.pvalue.TaggedOutput(REJECTED, {
-                    **r, "reject_stage": "filter:dedup",
-                    "reject_reason": f"duplicate of {recs[0]['id']} ({recs[0]['origin']})"})
+            _, refs = group
+            refs = sorted(refs)
+            for ref in refs[1:]:
+                yield ref, f"duplicate of {refs[0][0]} ({refs[0][1]})"
 
-        return (pcoll
-                | "Key" >> beam.Map(lambda r: (dedup_key(r, key), r))
+        return ("Key" >> beam.Map(lambda r: (r["key"], (r["id"], r["origin"])))
                 | "Group" >> beam.GroupByKey()
-                | "Keep" >> beam.FlatMap(split).with_outputs(REJECTED, main="kept"))
+                | "Copies" >> beam.FlatMap(split)
+                | "Rejected" >> beam.combiners.ToDict())
+
+    def route(self, projection: dict, rejected: dict) -> tuple[str | None, dict]:
+        return rejected.get((projection["id"], projection["origin"])), {}
+
+    def expand(self, pcoll):
+        return pcoll | ApplyDecisions(self, "filter:dedup")
 
 
 def whole_pool_steps() -> dict:

@@ -40,6 +40,25 @@ def passes(key, cutoff: dict) -> bool:
     return key >= cutoff["key"]
 
 
+class Cutoff(beam.PTransform):
+    """Keys -> the cut-off (one dict) that keeps the `budget` largest of them."""
+
+    def __init__(self, budget: int | float):
+        super().__init__()
+        self.budget = budget
+
+    def expand(self, keys):
+        budget = self.budget
+        if isinstance(budget, int):
+            return (keys
+                    | "Top" >> beam.combiners.Top.Largest(budget)
+                    | "Cutoff" >> beam.Map(_cutoff_from_top, budget))
+        n = keys | "Count" >> beam.combiners.Count.Globally()
+        return (keys
+                | "All" >> beam.combiners.ToList()
+                | "Cutoff" >> beam.Map(lambda ks, n: _cutoff_from_all(ks, n, budget), n=beam.pvalue.AsSingleton(n)))
+
+
 class KeepTop(beam.PTransform):
     """Split records into the `budget` with the largest `key_fn(record)` and the rest.
 
@@ -53,18 +72,8 @@ class KeepTop(beam.PTransform):
         self.key_fn, self.budget, self.explain = key_fn, budget, explain
 
     def expand(self, pcoll):
-        key_fn, budget, explain = self.key_fn, self.budget, self.explain
-        keys = pcoll | "Keys" >> beam.Map(key_fn)
-        if isinstance(budget, int):
-            cutoff = (keys
-                      | "Top" >> beam.combiners.Top.Largest(budget)
-                      | "Cutoff" >> beam.Map(_cutoff_from_top, budget))
-        else:
-            n = keys | "Count" >> beam.combiners.Count.Globally()
-            cutoff = (keys
-                      | "All" >> beam.combiners.ToList()
-                      | "Cutoff" >> beam.Map(lambda ks, n: _cutoff_from_all(ks, n, budget),
-                                             n=beam.pvalue.AsSingleton(n)))
+        key_fn, explain = self.key_fn, self.explain
+        cutoff = pcoll | "Keys" >> beam.Map(key_fn) | Cutoff(self.budget)
 
         def split(record, cutoff):
             key = key_fn(record)
