@@ -38,7 +38,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
-from curate.pipeline.output import canonical_path, check_output, is_remote, overlap, pid_alive, read_manifest
+from curate.paths import canonical_path, is_remote, overlap
+from curate.pipeline.output import check_output, pid_alive, read_manifest
 from curate.published import check_unchanged, manifest_token
 from curate.pipeline.sink import hf_schema
 

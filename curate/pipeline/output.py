@@ -26,6 +26,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from curate.config import ConfigError
+from curate.paths import canonical_path, guarded_inside, is_remote, overlap
 from curate.pipeline.sink import COMMITTED, _read_json, _write_json
 
 log = logging.getLogger(__name__)
@@ -54,39 +55,6 @@ _COUNTED = {f"{COMMITTED}shards.json": {"rows": "kept", "shards": "shards"},
             f"{COMMITTED}dead_letter.jsonl.json": {"rows": "dead_letter_rows_written"}}
 _PUBLISHED = "_published.json"  # in a remote staging directory: the output is in place and verified
 _JOURNAL = "_journal.json"  # in a remote backup directory: what was saved; written once all of it is
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def canonical_path(path: str) -> str:
-    """An absolute, symlink-free local path; a remote one without its trailing slash."""
-    return path.rstrip("/") if is_remote(path) else os.path.realpath(os.path.abspath(path))
-
-
-def is_inside(path: str, parent: str) -> bool:
-    """path is parent or lies inside it (both canonical)."""
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
-def overlap(path: str, other: str) -> str | None:
-    """How `path` stands to `other` (both canonical): "is", "lies inside", "contains", or None."""
-    if path == other:
-        return "is"
-    if is_inside(path, other):
-        return "lies inside"
-    return "contains" if is_inside(other, path) else None
-
-
-def guarded_inside(path: str) -> str | None:
-    """The directory that replacing or deleting the canonical local `path` would take
-    along, when it contains one: the working, home or root directory; else None."""
-    for name, guarded in (("the working directory", os.getcwd()), ("your home directory", "~"),
-                          ("the root directory", "/")):
-        if is_inside(os.path.realpath(os.path.expanduser(guarded)), path):
-            return name
-    return None
 
 
 def check_output(output: str, inputs: list[str], overwrite: bool = False) -> None:

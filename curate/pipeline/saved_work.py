@@ -51,7 +51,8 @@ from curate import __version__
 from curate.config import ConfigError
 from curate.inputs.formats import batch_rows
 from curate.models.loading import model_files
-from curate.pipeline.output import canonical_path, is_remote, list_tree
+from curate.paths import canonical_path, is_remote
+from curate.pipeline.output import list_tree
 from curate.records import content_hash
 
 log = logging.getLogger(__name__)

@@ -45,6 +45,7 @@ import torch
 
 from curate.config import ConfigError
 from curate.formatting import TEMPLATES, TURNS
+from curate.paths import canonical_path, guarded_inside, overlap
 from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.train import checkpoints as ckpts
 from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
@@ -236,8 +237,6 @@ def check_run_dir(output_dir: str | os.PathLike, data_paths: list) -> None:
     inside the training or held-out data (`data_paths`: the paths among them), or that
     contains the working, home or root directory: a run writes checkpoints/, adapter/ (or
     model/) and metrics.json there, and starting over deletes them."""
-    from curate.pipeline.output import canonical_path, guarded_inside, overlap
-
     run = canonical_path(str(output_dir))
     for path in data_paths:
         how = overlap(run, canonical_path(str(path)))
@@ -249,7 +248,6 @@ def check_run_dir(output_dir: str | os.PathLike, data_paths: list) -> None:
         raise ConfigError(f"run directory {output_dir} contains {name}: training writes and deletes "
                           f"checkpoints/, adapter/ and model/ there; name a new directory (e.g. runs/NAME-sft)")
 
-
 def _read(data: Any, what: str, limit: int | None = None) -> Sequence[dict]:
     """`load_records(data, limit)`, refusing a set with no example: nothing to learn from
     (or to evaluate on)."""
@@ -260,7 +258,6 @@ def _read(data: Any, what: str, limit: int | None = None) -> Sequence[dict]:
             where += " (a curate output that kept 0 rows)"
         raise ConfigError(f"{what}{where} holds no examples")
     return records
-
 
 def _with_response(tok: Tokenized, what: str, max_length: int) -> Tokenized:
     """The examples with at least one response token left, with a warning when some have
@@ -285,7 +282,6 @@ def _with_response(tok: Tokenized, what: str, max_length: int) -> Tokenized:
                 what, dropped, len(tok), why)
     return tok.select(keep)
 
-
 def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data: Any = None,
           resume: bool = True, *, model=None, tokenizer=None,
           on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
@@ -298,7 +294,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         be the same run: same config and data); False starts over, deleting them.
     model, tokenizer: an already loaded model to train in place instead of `cfg.model`.
     on_step: called as on_step(step, record) after each optimizer step and its checkpoint.
-
     Writes `output_dir/adapter/` (LoRA; `peft.PeftModel.from_pretrained(base, it)`) or
     `output_dir/model/` (full), `checkpoints/step-XXXXXX/`, `metrics.json`.
 
@@ -318,7 +313,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     records = _read(data, "training data")
     if eval_data is not None:
         eval_data = _read(eval_data, "held-out data")
-
     device, compute_dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if model is None:
         load_dtype = compute_dtype if cfg.method == "lora" else torch.float32
@@ -346,7 +340,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     total_steps = len(plan)
     fingerprint = _fingerprint(cfg, tok)
     save_steps = _save_steps(cfg, total_steps)
-
     metrics_path = out / "metrics.json"
     if resume and metrics_path.is_file():
         done = json.loads(metrics_path.read_text())
@@ -368,13 +361,11 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-
     torch.manual_seed(cfg.seed)
     model = _prepare_model(model, cfg)
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-
     state: dict[str, Any] = {"step": 0, "epoch": 0, "fingerprint": fingerprint, "train_curve": [],
                              "eval_curve": [], "eval_before": None, "samples_before": [],
                              "train_time_s": 0.0, "tokens": 0, "response_tokens": 0,
@@ -388,7 +379,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         state.update({k: saved[k] for k in state if k in saved})
         state["resumed_from"] = list(state["resumed_from"]) + [step0]
         log.info("resuming %s from step %d of %d", out, step0, total_steps)
-
     if eval_tok is not None and state["eval_before"] is None:
         state["eval_before"] = evaluate_tokenized(model, eval_tok, pad_id,
                                                   batch_tokens=cfg.eval_batch_tokens,
@@ -464,7 +454,6 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
                 on_step(step, record)
     finally:
         bar.close()
-
     model.eval()
     metrics = {
         "completed": True,
@@ -514,16 +503,12 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     _write_json(metrics_path, metrics)
     return metrics
 
-
 def _versions() -> dict:
     import peft
     import transformers
-
     import curate
-
     return {"curate": curate.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
-
 
 def run_train(data_path: str | os.PathLike, model: str = "default",
               output_dir: str | os.PathLike = "train_out", eval_path: str | os.PathLike | None = None,
