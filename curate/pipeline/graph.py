@@ -57,16 +57,18 @@ class Streamed:
     stage, and each deciding step's state once `decide_streamed` has added it."""
 
     def __init__(self, plan: Plan):
-        steps = [(s, f"filter:{s.type}") for s in plan.filters]
-        steps += list(zip(plan.scorers, plan.scorer_stages)) + list(zip(plan.selectors, plan.selector_stages))
-        self.steps = []
-        for step, stage in steps:
+        steps = [(s, f"filter:{s.type}", f"Filter{i}:{s.type}") for i, s in enumerate(plan.filters)]
+        steps += [(s, stage, f"Score{i}:{s.type}") for i, (s, stage) in enumerate(zip(plan.scorers, plan.scorer_stages))]
+        steps += [(s, stage, f"Select{i}:{s.type}")
+                  for i, (s, stage) in enumerate(zip(plan.selectors, plan.selector_stages))]
+        self.steps, self.labels = [], []  # (step, reject stage); the step's Beam label
+        for step, stage, label in steps:
             if not (_per_example(step) or getattr(step, "project", None) is not None):
                 break
             self.steps.append((step, stage))
+            self.labels.append(label)
         self.rest = len(steps) - len(self.steps)  # steps that run on held rows
         self.states: dict[int, beam.PCollection] = {}  # deciding step's index -> its state
-        self.selector_index = {id(s): i for i, s in enumerate(plan.selectors)}
 
     def deciding(self) -> list[int]:
         return [i for i, (s, _) in enumerate(self.steps) if not _per_example(s)]
@@ -156,15 +158,13 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
             if _fate(steps, rejected, projections, dict(zip(deciding, states)), until=i)[0] is None:
                 yield projections[i]
 
-        label = (f"Select{streamed.selector_index[id(step)]}:{step.type}" if id(step) in streamed.selector_index
-                 else f"Filter{i}:{step.type}")
         # a stage boundary (a reshuffle of the projections) before the step: Beam's local
         # runner never runs a step fused with the one that made its side input's input
         # (`A total of N watermark-pending bundles did not execute`)
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
                               | f"Reaching{i}" >> beam.Reshuffle()
-                              | label >> step.decide())
+                              | streamed.labels[i] >> step.decide())
 
     def fate(item, *states):
         _, rejected, projections = item
@@ -234,7 +234,8 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
     """The job's graph. `progress_dir`: where workers write progress counts (local runs);
     `fresh`: remove the scorers' saved work instead of resuming from it."""
     examples, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir)
-    done = len(streamed.steps) - len(plan.filters)  # streamed scorers and selectors (selectors only)
+    # selectors in the streamed prefix (scorers never stream: none when the job scores)
+    streamed_selectors = len(streamed.steps) - len(plan.filters) - len(plan.scorers)
 
     # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
     # dead letter right after that scorer, so later steps only see complete rows
@@ -269,7 +270,7 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
                 recs = (recs, saved) | f"WithSaved{i}" >> beam.Flatten()
 
     for i, selector in enumerate(plan.selectors):
-        if i < done:
+        if i < streamed_selectors:
             continue  # streamed: routed by the write pass
         out = recs | f"Select{i}:{selector.type}" >> selector
         stage = plan.selector_stages[i]
