@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
         job.output = args.output
     if job.train:  # a mistake in `train:` is found now, not after the selection has run
         from curate.train import TrainConfig
-        from curate.train.trainer import check_run_dir
+        from curate.train.checkpoints import check_run_dir
 
         opts = dict(job.train)
         out = opts.pop("output", f"{job.output.rstrip('/')}-sft")

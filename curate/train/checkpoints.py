@@ -12,18 +12,23 @@ Layout, under the run's output directory:
 A checkpoint is written to `step-XXXXXX.tmp` and renamed into place, so a directory
 named `step-XXXXXX` is always complete. The trainer draws randomness only from torch
 (dropout) and from its own seeded data-order generator, so restoring the torch RNG and
-the step index restores the run exactly.
+the step index restores the run exactly. `check_run_dir` refuses a run directory that
+overlaps the data or holds the working, home or root directory, before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from curate.config import ConfigError
+from curate.paths import canonical_path, guarded_inside, overlap
 
 log = logging.getLogger("curate.train")
 
@@ -186,3 +191,20 @@ def load_checkpoint_model(base_model_name: str | None, ckpt_path: str | Path, *,
                                       trust_remote_code=trust_remote_code)
         return model.eval(), tokenizer
     raise FileNotFoundError(f"{ckpt_path}: neither a LoRA adapter nor a saved model")
+
+
+def check_run_dir(output_dir: str | os.PathLike, data_paths: list) -> None:
+    """Refuse, before anything is written, a run directory that is, contains or lies
+    inside the training or held-out data (`data_paths`: the paths among them), or that
+    contains the working, home or root directory: a run writes checkpoints/, adapter/ (or
+    model/) and metrics.json there, and starting over deletes them."""
+    run = canonical_path(str(output_dir))
+    for path in data_paths:
+        how = overlap(run, canonical_path(str(path)))
+        if how:
+            raise ConfigError(f"run directory {output_dir} {how} the data {path}: training would "
+                              f"write its checkpoints and weights among the data; choose another --output")
+    name = guarded_inside(run)
+    if name:
+        raise ConfigError(f"run directory {output_dir} contains {name}: training writes and deletes "
+                          f"checkpoints/, adapter/ and model/ there; name a new directory (e.g. runs/NAME-sft)")

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from curate.config import ConfigError
 from curate.formatting import encode
 from curate.published import reading
 from curate.records import prompt_text
@@ -257,3 +258,39 @@ def collate(tok: Tokenized, indices: Sequence[int], pad_id: int, multiple: int =
             labels[row, a:b] = t[a:b]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "prompt_lens": torch.tensor([tok.prompt_lens[i] for i in indices])}
+
+
+def read_examples(data: Any, what: str, limit: int | None = None) -> Sequence[dict]:
+    """`load_records(data, limit)`, refusing a set with no example: nothing to learn from
+    (or to evaluate on)."""
+    records = load_records(data, limit=limit)
+    if len(records) == 0:
+        where = f" {data}" if isinstance(data, (str, os.PathLike)) else ""
+        if where and (Path(data) / "manifest.json").is_file():
+            where += " (a curate output that kept 0 rows)"
+        raise ConfigError(f"{what}{where} holds no examples")
+    return records
+
+
+def with_response_tokens(tok: Tokenized, what: str, max_length: int) -> Tokenized:
+    """The examples with at least one response token left, with a warning when some have
+    none (they would add nothing to the loss; a step of only such examples would divide
+    by zero). None at all is an error: training on it would report a loss of 0 and
+    publish an untrained adapter."""
+    lens = tok.response_lens
+    keep = [i for i in range(len(tok)) if lens[i] > 0]
+    dropped = len(tok) - len(keep)
+    if not dropped:
+        return tok
+    cut = sum(tok.truncated[i] for i in range(len(tok)) if lens[i] == 0)
+    why = (f"cut off by max_length={max_length}" if cut == dropped
+           else f"{cut} cut off by max_length={max_length}, {dropped - cut} empty")
+    if not keep:
+        if cut == dropped:
+            raise ConfigError(f"{what}: every response token is {why}: none of the {len(tok)} examples "
+                              f"has one left to learn from; raise max_length (--max-length)")
+        raise ConfigError(f"{what}: none of the {len(tok)} examples has a response token to learn "
+                          f"from ({why})")
+    log.warning("%s: %d of %d examples have no response token left (%s); they are left out",
+                what, dropped, len(tok), why)
+    return tok.select(keep)

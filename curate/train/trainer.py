@@ -39,16 +39,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from curate.config import ConfigError
 from curate.formatting import TEMPLATES, TURNS
-from curate.paths import canonical_path, guarded_inside, overlap
 from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.train import checkpoints as ckpts
-from curate.train.data import Tokenized, collate, load_records, plan_steps, split_by_tokens, tokenize
+from curate.train.data import (Tokenized, collate, load_records, plan_steps, read_examples, split_by_tokens,
+                               tokenize, with_response_tokens)
 from curate.train.loading import DTYPES, load_model, resolve_device_dtype
 from curate.train.loss import (autocast_for, batch_nll, evaluate_tokenized,
                                generate_samples)
@@ -232,56 +232,6 @@ def _save_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
     return {s for s in steps if s <= total_steps}
 
 
-def check_run_dir(output_dir: str | os.PathLike, data_paths: list) -> None:
-    """Refuse, before anything is written, a run directory that is, contains or lies
-    inside the training or held-out data (`data_paths`: the paths among them), or that
-    contains the working, home or root directory: a run writes checkpoints/, adapter/ (or
-    model/) and metrics.json there, and starting over deletes them."""
-    run = canonical_path(str(output_dir))
-    for path in data_paths:
-        how = overlap(run, canonical_path(str(path)))
-        if how:
-            raise ConfigError(f"run directory {output_dir} {how} the data {path}: training would "
-                              f"write its checkpoints and weights among the data; choose another --output")
-    name = guarded_inside(run)
-    if name:
-        raise ConfigError(f"run directory {output_dir} contains {name}: training writes and deletes "
-                          f"checkpoints/, adapter/ and model/ there; name a new directory (e.g. runs/NAME-sft)")
-
-def _read(data: Any, what: str, limit: int | None = None) -> Sequence[dict]:
-    """`load_records(data, limit)`, refusing a set with no example: nothing to learn from
-    (or to evaluate on)."""
-    records = load_records(data, limit=limit)
-    if len(records) == 0:
-        where = f" {data}" if isinstance(data, (str, os.PathLike)) else ""
-        if where and (Path(data) / "manifest.json").is_file():
-            where += " (a curate output that kept 0 rows)"
-        raise ConfigError(f"{what}{where} holds no examples")
-    return records
-
-def _with_response(tok: Tokenized, what: str, max_length: int) -> Tokenized:
-    """The examples with at least one response token left, with a warning when some have
-    none (they would add nothing to the loss; a step of only such examples would divide
-    by zero). None at all is an error: training on it would report a loss of 0 and
-    publish an untrained adapter."""
-    lens = tok.response_lens
-    keep = [i for i in range(len(tok)) if lens[i] > 0]
-    dropped = len(tok) - len(keep)
-    if not dropped:
-        return tok
-    cut = sum(tok.truncated[i] for i in range(len(tok)) if lens[i] == 0)
-    why = (f"cut off by max_length={max_length}" if cut == dropped
-           else f"{cut} cut off by max_length={max_length}, {dropped - cut} empty")
-    if not keep:
-        if cut == dropped:
-            raise ConfigError(f"{what}: every response token is {why}: none of the {len(tok)} examples "
-                              f"has one left to learn from; raise max_length (--max-length)")
-        raise ConfigError(f"{what}: none of the {len(tok)} examples has a response token to learn "
-                          f"from ({why})")
-    log.warning("%s: %d of %d examples have no response token left (%s); they are left out",
-                what, dropped, len(tok), why)
-    return tok.select(keep)
-
 def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data: Any = None,
           resume: bool = True, *, model=None, tokenizer=None,
           on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
@@ -298,7 +248,7 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     `output_dir/model/` (full), `checkpoints/step-XXXXXX/`, `metrics.json`.
 
     What a user can get wrong is a `ConfigError`, raised before `output_dir` is created or
-    touched: a run directory that overlaps the data (`check_run_dir`), no examples, no
+    touched: a run directory that overlaps the data (`checkpoints.check_run_dir`), no examples, no
     example with a response token left after truncation to `max_length` (examples with
     none are left out, with a warning, and counted in `n_train_no_response`), checkpoints
     in `output_dir` of a different run.
@@ -309,10 +259,10 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
         # over: OpenMP's barriers wait for whichever thread the scheduler has parked.
         torch.set_num_threads(cfg.threads)
     out = Path(output_dir)
-    check_run_dir(out, [d for d in (data, eval_data) if isinstance(d, (str, os.PathLike))])
-    records = _read(data, "training data")
+    ckpts.check_run_dir(out, [d for d in (data, eval_data) if isinstance(d, (str, os.PathLike))])
+    records = read_examples(data, "training data")
     if eval_data is not None:
-        eval_data = _read(eval_data, "held-out data")
+        eval_data = read_examples(eval_data, "held-out data")
     device, compute_dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if model is None:
         load_dtype = compute_dtype if cfg.method == "lora" else torch.float32
@@ -325,10 +275,10 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     autocast_dtype = compute_dtype if compute_dtype == torch.bfloat16 else None
 
     all_tok = tokenize(records, tokenizer, cfg.template, cfg.max_length, cfg.turns)
-    tok = _with_response(all_tok, "training data", cfg.max_length)
+    tok = with_response_tokens(all_tok, "training data", cfg.max_length)
     eval_tok = None
     if eval_data is not None:
-        eval_tok = _with_response(tokenize(eval_data, tokenizer, cfg.template, cfg.max_length, cfg.turns),
+        eval_tok = with_response_tokens(tokenize(eval_data, tokenizer, cfg.template, cfg.max_length, cfg.turns),
                                   "held-out data", cfg.max_length)
     eval_records = []
     if eval_data is not None and cfg.n_samples:
@@ -522,7 +472,7 @@ def run_train(data_path: str | os.PathLike, model: str = "default",
     for name, value in (("limit", limit), ("eval_limit", eval_limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 or unset")
-    check_run_dir(output_dir, [p for p in (data_path, eval_path) if p is not None])
-    data = _read(data_path, "training data", limit)
-    eval_data = _read(eval_path, "held-out data", eval_limit) if eval_path is not None else None
+    ckpts.check_run_dir(output_dir, [p for p in (data_path, eval_path) if p is not None])
+    data = read_examples(data_path, "training data", limit)
+    eval_data = read_examples(eval_path, "held-out data", eval_limit) if eval_path is not None else None
     return train(data, cfg, output_dir, eval_data=eval_data, resume=resume, progress=progress)
