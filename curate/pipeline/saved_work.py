@@ -18,9 +18,10 @@ sits in the input.
 
 A shard holds the content key and the scorer's columns of rows it scored (never of rows
 it failed on: those are retried). A shard that cannot be read (truncated, emptied by a
-full disk) is skipped with a warning and its rows are scored again. Shards are written whole to a temporary name and then
-renamed (`FileSystems.rename`, also on gs://), every `SAVE_EVERY_ROWS` rows or
-`SAVE_EVERY_S` seconds and at the end of each bundle: a kill loses at most that much.
+full disk) is skipped with a warning and its rows are scored again. Shards are written
+whole to a temporary name and then renamed (`FileSystems.rename`, also on gs://), every
+`SAVE_EVERY_ROWS` rows or `SAVE_EVERY_S` seconds and at the end of each bundle: a kill
+loses at most that much.
 The published output does not depend on which rows came from saved work: the sink
 orders rows by (origin, id), and the language-model scorers on CPU forward one row at a
 time, so a resumed run writes the same rows, byte for byte, as an uninterrupted one
