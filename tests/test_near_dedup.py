@@ -15,8 +15,8 @@ from apache_beam.testing.util import assert_that
 from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs.files import read_records
 from curate.pipeline.build import pipeline_options, run_job
-from curate.transforms.near_dedup import (PRIME, NearDedup, estimated_jaccard, permutations, record_text, shingle_values,
-                                          shingles, signature)
+from curate.transforms.near_dedup import (PRIME, NearDedup, band_hashes, bucket_pairs, estimated_jaccard, permutations,
+                                          record_text, shingle_values, shingles, signature, verified_pairs)
 
 
 def jaccard(a: set, b: set) -> float:
@@ -59,7 +59,7 @@ def edited(text: str, rng: random.Random) -> str:
     return " ".join(ws)
 
 
-def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
+def real_rows_with_edits(shared_data) -> list[dict]:
     rng = random.Random(0)
     recs = []
     for name in ("gsm8k_train", "codealpaca"):
@@ -70,23 +70,64 @@ def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
         response = edited(r["response"], rng)
         recs.append({**r, "id": f"edit-{k}", "origin": f"edit:{k}", "response": response,
                      "messages": [r["messages"][0], {"role": "assistant", "content": response}]})
+    return recs
+
+
+def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
+    recs = real_rows_with_edits(shared_data)
     sets = {(r["id"], r["origin"]): shingles(record_text(r), 5) for r in recs}
     keys = sorted(sets)
     exact = {(x, y): jaccard(sets[x], sets[y]) for i, x in enumerate(keys) for y in keys[i + 1:]}
     truth = {p for p, j in exact.items() if j >= 0.8}
     assert len(truth) >= 30  # the planted edits (and any real near-duplicates)
 
-    def check(pairs):
-        found = {((a[0], a[1]), (b[0], b[1])) if a < b else (b, a) for a, b, _ in pairs}
-        tp = len(found & truth)
-        precision, recall = tp / max(len(found), 1), tp / len(truth)
-        assert precision >= 0.9 and recall >= 0.9, (precision, recall, len(found), len(truth))
-        # every pair the step reports is close to the threshold or above it, exactly
-        assert all(exact[p] >= 0.7 for p in found)
+    # the decide's own stages, in memory: band arrays, buckets, verification
+    step = NearDedup(threshold=0.8, seed=0)
+    refs, row_keys, sigs, _ = step.blocks([step.project(r) for r in recs])
+    hashes = band_hashes(sigs, step.bands)
+    candidates = np.unique(np.concatenate([bucket_pairs(hashes[:, j], refs) for j in range(step.bands)]), axis=0)
+    order = np.argsort(refs)
+    edges, _ = verified_pairs(candidates, refs[order], sigs[order], 0.8)
+    found = {tuple(sorted((row_keys[order[a]], row_keys[order[b]]))) for a, b in edges}
+    tp = len(found & truth)
+    precision, recall = tp / max(len(found), 1), tp / len(truth)
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall, len(found), len(truth))
+    # every pair the step reports is close to the threshold or above it, exactly
+    assert all(exact[p] >= 0.7 for p in found)
+
+
+def test_the_beam_step_rejects_what_banding_by_hand_rejects(shared_data):
+    """Candidates found by comparing every pair's bands directly (no hashing, no refs),
+    verified, joined and resolved by hand: the same rows rejected, with the same reasons."""
+    recs = real_rows_with_edits(shared_data)
+    step = NearDedup(threshold=0.8, seed=0, keep="longest")
+    proj = {(r["id"], r["origin"]): (np.frombuffer(step.project(r)["sig"], dtype=np.uint32), len(r["response"]))
+            for r in recs}
+    keys, width = sorted(proj), step.num_perm // step.bands
+    edges = [(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]
+             if (proj[x][0] != PRIME).any()
+             and any((proj[x][0][j:j + width] == proj[y][0][j:j + width]).all() for j in range(0, step.num_perm, width))
+             and estimated_jaccard(proj[x][0], proj[y][0]) >= 0.8]
+    group = {k: {k} for k in keys}
+    for x, y in edges:
+        if group[x] is not group[y]:
+            merged = group[x] | group[y]
+            for k in merged:
+                group[k] = merged
+    want = {}
+    for members in {id(g): g for g in group.values() if len(g) > 1}.values():
+        winner = min(members, key=lambda k: (-proj[k][1], k))
+        for k in members - {winner}:
+            sim = estimated_jaccard(proj[k][0], proj[winner][0])
+            want[k] = f"near-duplicate of {winner[0]} ({winner[1]}), estimated Jaccard {sim:.3f}"
+    assert len(want) >= 30
+
+    def check(rejected):
+        assert {(r["id"], r["origin"]): r["reject_reason"] for r in rejected} == want
 
     with beam.Pipeline(options=pipeline_options([])) as p:
-        out = p | beam.Create(recs) | NearDedup(threshold=0.8, seed=0)
-        assert_that(out["pairs"], check)
+        out = p | beam.Create(recs) | step
+        assert_that(out["rejected"], check)
 
 
 def write_jsonl(path, rows):

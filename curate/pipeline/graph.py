@@ -12,8 +12,10 @@ cross a stage here while they can be read again instead:
 - The *streamed* steps, a prefix of the job's steps, are the per-example filters and
   the steps that decide from a small projection of each row: `project(record)` -> a few
   fields, `decide()` -> a PTransform from the projections to one state (the set of
-  duplicates, a cut-off), `route(projection, state)` -> (reject reason or None, the
-  columns the step adds). Exact dedup and the random selector are such steps.
+  duplicates, a cut-off), `route(row, state)` -> (reject reason or None, the columns
+  the step adds), where `row` is the record or its projection: route reads only the
+  fields both carry (id, origin), so the write pass never projects again. Exact dedup,
+  near dedup and the random selector are such steps.
 - A *keys pass* reads the inputs and keeps per row only (id, origin), the first
   per-example filter that rejects it and each streamed step's projection. Each step
   decides from the projections of the rows that reach it, in job order, and the keys
@@ -94,26 +96,31 @@ class _Keys(beam.DoFn):
                 step.setup()
 
     def process(self, record):
-        rejected, projections = None, {}
-        for i, (step, _) in enumerate(self.steps):
-            if _per_example(step):
-                if rejected is None and (reason := step.reason_to_drop(record)) is not None:
-                    rejected = (i, reason)
-            elif rejected is None:
-                projections[i] = step.project(record)
+        rejected = _first_rejection(self.steps, record)
+        projections = {i: step.project(record) for i, (step, _) in enumerate(self.steps)
+                       if not _per_example(step) and (rejected is None or i < rejected[0])}
         yield (record["id"], record["origin"]), rejected, projections
 
 
-def _fate(steps, rejected, projections: dict, states: dict, until: int | None = None):
+def _first_rejection(steps, record) -> tuple[int, str] | None:
+    """(index, reason) of the first per-example filter that rejects the row, or None."""
+    for i, (step, _) in enumerate(steps):
+        if _per_example(step) and (reason := step.reason_to_drop(record)) is not None:
+            return i, reason
+    return None
+
+
+def _fate(steps, rejected, rows: dict, states: dict, until: int | None = None):
     """(index of the first step before `until` that rejects the row, or None; its reason;
-    the columns the steps the row reached added)."""
+    the columns the steps the row reached added). `rows`: what each deciding step routes,
+    the row's projection or the record itself."""
     columns = {}
     for i, (step, _) in enumerate(steps[:until]):
         if _per_example(step):
             if rejected is not None and rejected[0] == i:
                 return i, rejected[1], columns
             continue
-        reason, cols = step.route(projections[i], states[i])
+        reason, cols = step.route(rows[i], states[i])
         columns.update(cols)
         if reason is not None:
             return i, reason, columns
@@ -128,12 +135,14 @@ class _Route(beam.DoFn):
         self.steps, self.deciding = steps, deciding
 
     def setup(self):
-        self._keys = _Keys(self.steps)
-        self._keys.setup()
+        for step, _ in self.steps:
+            if _per_example(step):
+                step.setup()
 
     def process(self, record, *states) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
-        (_, rejected, projections), = self._keys.process(record)
-        i, reason, columns = _fate(self.steps, rejected, projections, dict(zip(self.deciding, states)))
+        rows = dict.fromkeys(self.deciding, record)
+        i, reason, columns = _fate(self.steps, _first_rejection(self.steps, record), rows,
+                                   dict(zip(self.deciding, states)))
         record = {**record, **columns}
         if i is None:
             yield record

@@ -24,8 +24,9 @@ class Selector(beam.PTransform):
     # Streamed selectors (curate.pipeline.graph) select from a small projection of each
     # row, so the pipeline streams the rows instead of holding them: `project(record)`
     # -> the few fields read (id and origin included), `decide()` -> a PTransform from
-    # the projections to one state element (a cut-off, quotas), `route(projection,
-    # state)` -> (reject reason or None, the selector's columns). None: whole rows needed.
+    # the projections to one state element (a cut-off, quotas), `route(row, state)` ->
+    # (reject reason or None, the selector's columns), reading only the fields both the
+    # record and its projection carry. None: whole rows needed.
     project = None
 
     def output_columns(self) -> dict[str, pa.DataType]:

@@ -50,10 +50,9 @@ class RandomSelector(Selector):
     def decide(self) -> beam.PTransform:
         return "Keys" >> beam.Map(self.key) | Cutoff(self.budget)
 
-    def route(self, projection: dict, cutoff: dict) -> tuple[str | None, dict]:
-        k = self.key(projection)
-        record, reason = self.explain(projection, k, cutoff, passes(k, cutoff))
-        return reason, {"random_key": record["random_key"]}
+    def route(self, row: dict, cutoff: dict) -> tuple[str | None, dict]:
+        k = self.key(row)
+        return self.explain({}, k, cutoff, passes(k, cutoff))[1], {"random_key": -k[0]}
 
     def expand(self, pcoll):
         return pcoll | KeepTop(self.key, self.budget, self.explain)

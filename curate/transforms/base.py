@@ -33,7 +33,7 @@ REJECTED = "rejected"
 
 class ApplyDecisions(beam.PTransform):
     """A streamed step (`project` a row to a few fields, `decide` one state from the
-    projections, `route` a projection by it: curate.pipeline.graph) applied to rows held
+    projections, `route` a row by it: curate.pipeline.graph) applied to rows held
     in a PCollection: {"kept", REJECTED}, each rejected row with `stage` and the step's
     reason, each row with the columns the step gave it."""
 
@@ -46,7 +46,7 @@ class ApplyDecisions(beam.PTransform):
         state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide()
 
         def split(record, state) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
-            reason, columns = step.route(step.project(record), state)
+            reason, columns = step.route(record, state)
             record = {**record, **columns}
             if reason is None:
                 yield record

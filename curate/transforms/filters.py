@@ -157,8 +157,8 @@ class ExactDedup(beam.PTransform):
                 | "Copies" >> beam.FlatMap(split)
                 | "Rejected" >> beam.combiners.ToDict())
 
-    def route(self, projection: dict, rejected: dict) -> tuple[str | None, dict]:
-        return rejected.get((projection["id"], projection["origin"])), {}
+    def route(self, row: dict, rejected: dict) -> tuple[str | None, dict]:
+        return rejected.get((row["id"], row["origin"])), {}
 
     def expand(self, pcoll):
         return pcoll | ApplyDecisions(self, "filter:dedup")

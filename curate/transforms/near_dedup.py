@@ -13,17 +13,22 @@
    product fits in 64 bits). Two rows agree on a position with probability equal to the
    Jaccard similarity of their shingle sets.
 3. LSH: the signature cut into `bands` bands of num_perm / bands values; rows sharing a
-   band's values land in one bucket (a GroupByKey per band), and each pair in a bucket is
-   a candidate.
+   band's values land in one bucket, and each pair in a bucket is a candidate.
 4. Verification: a candidate pair is a duplicate when its estimated Jaccard (the share of
    equal signature positions) is >= `threshold`.
-5. Components: the verified pairs are gathered on one worker and joined by union-find
-   (only pairs and the members' signatures travel there, never the rows: about 600 bytes
-   per member at num_perm 128; a pool where millions of rows have near-duplicates needs
-   more memory than one worker has: then raise the threshold or shard by source first).
-   Each component keeps one row: the longest response (`keep: longest`, ties by id) or the
-   smallest id (`keep: first`); every other member is rejected with the reason naming
-   the kept row and their estimated Jaccard.
+5. Components: the verified pairs are joined by union-find. Each component keeps one
+   row: the longest response (`keep: longest`, ties by id) or the smallest id
+   (`keep: first`); every other member is rejected with the reason naming the kept row
+   and their estimated Jaccard.
+
+Streamed (curate.pipeline.graph): rows never travel, only their projections (id, origin,
+the 512-byte signature, the response's length). Per block of ROW_BLOCK rows, each band
+becomes one array of 64-bit hashes of its values beside the rows' 64-bit refs (a hash of
+id and origin); the arrays are grouped by band, sorted, and every run of equal hashes
+gives its pairs (a hash collision only adds a candidate, which verification removes).
+The pairs (16 bytes each) and the signatures of the rows in them are then verified and
+joined on one worker: memory there grows with the rows that have near-duplicates, not
+with the pool (about 700 bytes per such row at num_perm 128).
 A row with fewer words than `shingle` is one shingle (its whole text). Rows with no text
 left after normalisation are never duplicates.
 """
@@ -37,7 +42,7 @@ import numpy as np
 
 from curate.config import ConfigError
 from curate.transforms.decontaminate import words
-from curate.transforms.base import REJECTED
+from curate.transforms.base import ApplyDecisions
 
 PRIME = (1 << 31) - 1
 
@@ -79,8 +84,43 @@ def record_text(record: dict) -> str:
     return "\n".join(m["content"] for m in record["messages"])
 
 
-def components(edges, members: dict) -> dict:
-    """Union-find over verified pairs: {member id: component root id} (roots arbitrary)."""
+def row_ref(rid: str, origin: str) -> int:
+    """A row's 64-bit reference in the band arrays ((id, origin) is unique)."""
+    text = f"{origin}\x00{rid}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_hashes(sigs: np.ndarray, bands: int) -> np.ndarray:
+    """(rows, num_perm) uint32 signatures -> (rows, bands) uint64: equal bands hash equal;
+    unequal ones collide with probability ~2^-64 (each step a bijection of 64 bits)."""
+    values = sigs.reshape(sigs.shape[0], bands, -1).astype(np.uint64)
+    h = np.zeros(values.shape[:2], dtype=np.uint64)
+    for k in range(values.shape[2]):
+        h = (h ^ values[:, :, k]) * _MIX  # wraps modulo 2^64
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def bucket_pairs(hashes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Every pair of rows sharing a hash: (pairs, 2) uint64 refs, the smaller first."""
+    order = np.argsort(hashes, kind="stable")
+    h, r = hashes[order], refs[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    sizes = np.diff(np.r_[starts, len(h)])
+    out = [np.empty((0, 2), dtype=np.uint64)]
+    for k in np.unique(sizes[sizes >= 2]):
+        first = starts[sizes == k][:, None]
+        i, j = np.triu_indices(k, 1)
+        a, b = r[first + i].ravel(), r[first + j].ravel()
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+    return np.concatenate(out)
+
+
+def components(edges, members) -> dict:
+    """Union-find over verified pairs: {member: component root} (roots arbitrary)."""
     parent = {m: m for m in members}
 
     def find(x):
@@ -96,9 +136,52 @@ def components(edges, members: dict) -> dict:
     return {m: find(m) for m in members}
 
 
+def verified_pairs(pairs: np.ndarray, refs: np.ndarray, sigs: np.ndarray, threshold: float,
+                   chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (refs) whose estimated Jaccard is >= threshold, as (row indices
+    into `refs` (sorted), their estimated Jaccard)."""
+    ia, ib = np.searchsorted(refs, pairs[:, 0]), np.searchsorted(refs, pairs[:, 1])
+    sims = np.concatenate([np.empty(0)] + [(sigs[ia[s:s + chunk]] == sigs[ib[s:s + chunk]]).sum(axis=1) / sigs.shape[1]
+                                           for s in range(0, len(pairs), chunk)])
+    hit = sims >= threshold
+    return np.stack([ia[hit], ib[hit]], axis=1), sims[hit]
+
+
+def resolve(pairs: np.ndarray, blocks: list, threshold: float, keep: str) -> dict:
+    """Candidate pairs and the candidates' (refs, keys, signatures, lengths) blocks ->
+    {rejected (id, origin): (kept (id, origin), estimated Jaccard)}."""
+    if not blocks:
+        return {}
+    refs = np.concatenate([b[0] for b in blocks])
+    keys = [k for b in blocks for k in b[1]]
+    sigs, lengths = np.concatenate([b[2] for b in blocks]), np.concatenate([b[3] for b in blocks])
+    order = np.argsort(refs, kind="stable")
+    refs, sigs, lengths, keys = refs[order], sigs[order], lengths[order], [keys[i] for i in order]
+    same = np.flatnonzero(refs[1:] == refs[:-1])
+    if same.size:  # two rows with one 64-bit ref: p ~ rows^2 / 2^65
+        raise RuntimeError(f"near_dedup: rows {keys[same[0]]} and {keys[same[0] + 1]} share a 64-bit reference; "
+                           "rerun with another seed")
+    edges, _ = verified_pairs(pairs, refs, sigs, threshold)
+    root = components(edges.tolist(), np.unique(edges).tolist())
+    groups: dict = {}
+    for m, r in root.items():
+        groups.setdefault(r, []).append(m)
+    rank = (lambda m: (-int(lengths[m]), keys[m])) if keep == "longest" else (lambda m: keys[m])
+    drop = {}
+    for group in groups.values():
+        winner = min(group, key=rank)
+        for m in group:
+            if m != winner:
+                drop[keys[m]] = (keys[winner], estimated_jaccard(sigs[m], sigs[winner]))
+    return drop
+
+
+ROW_BLOCK = 4096  # projections per block of band arrays
+
+
 class NearDedup(beam.PTransform):
-    """A whole-pool filter step (see the module docstring): {"kept", "rejected", "pairs"},
-    pairs being the verified (id, id, estimated Jaccard) edges, for diagnostics."""
+    """A whole-pool filter step (see the module docstring), streamed: `project`, `decide`
+    (the state: {rejected (id, origin): (kept (id, origin), estimated Jaccard)}), `route`."""
 
     type = "near_dedup"
     per_example = False
@@ -118,72 +201,73 @@ class NearDedup(beam.PTransform):
             raise ConfigError(f"near_dedup: keep must be longest or first, got {keep!r}")
         self.threshold, self.shingle, self.unit = float(threshold), shingle, unit
         self.num_perm, self.bands, self.keep, self.seed = num_perm, bands, keep, int(seed)
+        self._perms = permutations(num_perm, self.seed)
+        self._no_text = np.full(num_perm, PRIME, dtype=np.uint32).tobytes()
+
+    def project(self, record: dict) -> dict:
+        sig = signature(shingle_values(shingles(record_text(record), self.shingle, self.unit)), *self._perms)
+        return {"id": record["id"], "origin": record["origin"], "sig": sig.tobytes(), "length": len(record["response"])}
+
+    def blocks(self, projections: list[dict]):
+        """A batch of projections -> (refs, keys, signatures, lengths) of its rows with text
+        (a row with no text is never a duplicate)."""
+        live = [p for p in projections if p["sig"] != self._no_text]
+        refs = np.fromiter((row_ref(p["id"], p["origin"]) for p in live), dtype=np.uint64, count=len(live))
+        sigs = np.frombuffer(b"".join(p["sig"] for p in live), dtype=np.uint32).reshape(len(live), self.num_perm)
+        lengths = np.fromiter((p["length"] for p in live), dtype=np.int64, count=len(live))
+        return refs, [(p["id"], p["origin"]) for p in live], sigs, lengths
+
+    def decide(self) -> beam.PTransform:
+        step = self
+
+        def bands(batch):
+            refs, _, sigs, _ = step.blocks(batch)
+            hashes = band_hashes(sigs, step.bands)
+            for j in range(step.bands):
+                yield j, (np.ascontiguousarray(hashes[:, j]), refs)
+
+        def pairs_of(group):
+            _, arrays = group
+            arrays = list(arrays)
+            return bucket_pairs(np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+
+        def unique(pairs):
+            pairs = np.unique(np.concatenate([np.empty((0, 2), dtype=np.uint64)] + pairs), axis=0)
+            return pairs, np.unique(pairs)
+
+        def candidates(batch, pairs):
+            refs, keys, sigs, lengths = step.blocks(batch)
+            pos = np.searchsorted(pairs[1], refs)
+            hit = (pos < len(pairs[1])) & (pairs[1][np.minimum(pos, len(pairs[1]) - 1)] == refs) \
+                if len(pairs[1]) else np.zeros(len(refs), dtype=bool)
+            if hit.any():
+                yield refs[hit], [k for k, h in zip(keys, hit) if h], sigs[hit], lengths[hit]
+
+        class Decide(beam.PTransform):
+            def expand(self, projections):
+                pairs = (projections
+                         | "Blocks" >> beam.BatchElements(min_batch_size=ROW_BLOCK, max_batch_size=ROW_BLOCK)
+                         | "Bands" >> beam.FlatMap(bands)
+                         | "Buckets" >> beam.GroupByKey()
+                         | "Pairs" >> beam.Map(pairs_of)
+                         | "AllPairs" >> beam.combiners.ToList()
+                         | "OnePerPair" >> beam.Map(unique))
+                members = (projections
+                           | "CandidateBlocks" >> beam.BatchElements(min_batch_size=ROW_BLOCK,
+                                                                     max_batch_size=ROW_BLOCK)
+                           | "Candidates" >> beam.FlatMap(candidates, beam.pvalue.AsSingleton(pairs))
+                           | "AllCandidates" >> beam.combiners.ToList())
+                return pairs | "Resolve" >> beam.Map(lambda p, m: resolve(p[0], m, step.threshold, step.keep),
+                                                     beam.pvalue.AsSingleton(members))
+
+        return Decide()
+
+    def route(self, row: dict, drop: dict) -> tuple[str | None, dict]:
+        hit = drop.get((row["id"], row["origin"]))
+        if hit is None:
+            return None, {}
+        (kept_id, kept_origin), sim = hit
+        return f"near-duplicate of {kept_id} ({kept_origin}), estimated Jaccard {sim:.3f}", {}
 
     def expand(self, pcoll):
-        a, b = permutations(self.num_perm, self.seed)
-        n, unit, rows_per_band, threshold, keep = self.shingle, self.unit, self.num_perm // self.bands, \
-            self.threshold, self.keep
-
-        def sign(record):
-            sig = signature(shingle_values(shingles(record_text(record), n, unit)), a, b)
-            key = (record["id"], record["origin"])  # (id, origin) is unique; exact copies share an id
-            rank = (-len(record["response"]), key) if keep == "longest" else (key,)
-            return key, sig, rank
-
-        def bucket(item):
-            rid, sig, rank = item
-            bands = 0 if (sig == PRIME).all() else len(sig) // rows_per_band  # no text: never a duplicate
-            raw = sig.tobytes()  # bytes travel through the shuffle far cheaper than an array
-            width = rows_per_band * sig.itemsize
-            for j in range(bands):
-                yield (j, raw[j * width:(j + 1) * width]), (rid, raw, rank)
-
-        def verify(group):
-            _, members = group
-            if len(members) < 2:
-                return []
-            members = [(rid, np.frombuffer(raw, dtype=np.uint32), rank)
-                       for rid, raw, rank in sorted(members, key=lambda m: m[0])]
-            return [((m1[0], m2[0]), (sim, m1, m2))
-                    for i, m1 in enumerate(members) for m2 in members[i + 1:]
-                    if (sim := estimated_jaccard(m1[1], m2[1])) >= threshold]
-
-        def resolve(edges):
-            """All verified pairs on one worker -> {rejected id: (kept id, estimated Jaccard)}."""
-            members = {}
-            for (_, (_, m1, m2)) in edges:
-                members[m1[0]], members[m2[0]] = m1, m2
-            root = components([e[0] for e in edges], members)
-            groups: dict = {}
-            for m, r in root.items():
-                groups.setdefault(r, []).append(members[m])
-            drop = {}
-            for group in groups.values():
-                winner = min(group, key=lambda m: m[2])
-                for m in group:
-                    if m[0] != winner[0]:
-                        drop[m[0]] = (winner[0], estimated_jaccard(m[1], winner[1]))
-            return drop
-
-        signed = pcoll | "Sign" >> beam.Map(sign)
-        pairs = (signed
-                 | "Bands" >> beam.FlatMap(bucket)
-                 | "Buckets" >> beam.GroupByKey()
-                 | "Verify" >> beam.FlatMap(verify)
-                 | "OnePerPair" >> beam.CombinePerKey(lambda vs: max(vs, key=lambda v: v[0])))
-        drop = pairs | "AllPairs" >> beam.combiners.ToList() | "Components" >> beam.Map(resolve)
-
-        def split(record, drop):
-            hit = drop.get((record["id"], record["origin"]))
-            if hit is None:
-                yield record
-            else:
-                (kept_id, kept_origin), sim = hit
-                yield beam.pvalue.TaggedOutput(REJECTED, {
-                    **record, "reject_stage": "filter:near_dedup",
-                    "reject_reason": f"near-duplicate of {kept_id} ({kept_origin}), estimated Jaccard {sim:.3f}"})
-
-        out = pcoll | "Split" >> beam.FlatMap(split, beam.pvalue.AsSingleton(drop)).with_outputs(
-            REJECTED, main="kept")
-        return {"kept": out.kept, REJECTED: out[REJECTED],
-                "pairs": pairs | "PairSims" >> beam.Map(lambda kv: (kv[0][0], kv[0][1], kv[1][0]))}
+        return pcoll | ApplyDecisions(self, "filter:near_dedup")
