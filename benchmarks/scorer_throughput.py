@@ -12,8 +12,10 @@ prepare`), on short rows (gsm8k_train) and long rows (alpaca_eval_pool outputs),
                   logits, in the scorer's dtype: what batching alone buys
   scorer          curate's LikelihoodScorer runner: dtype by hardware (bf16 where the CPU
                   has avx512_bf16/AMX), token-budget batches after a length sort, LM head on
-                  response positions only; fed --beam-batch records at a time, as
-                  RunInference would
+                  response positions only, one-row forwards padded to a multiple of 32
+                  tokens on CPU; fed --beam-batch records at a time, as RunInference would
+  scorer_exact_widths  the same with every forward at the row's own length (the scorer
+                  before widths were rounded: one oneDNN kernel shape per length)
 
 Each method runs in a fresh process (so peak RSS is its own), over the same rows in the
 same order, timed after one warm-up example, stopping early at --time-cap seconds (a
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import machine_info  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("CURATE_DATA", ROOT.parent / "shared" / "data"))
-METHODS = ("loop_fp32", "loop_bf16", "padded_unsorted", "scorer")
+METHODS = ("loop_fp32", "loop_bf16", "padded_unsorted", "scorer", "scorer_exact_widths")
 
 
 # ---------------------------------------------------------------- data
@@ -208,7 +210,11 @@ def run_method(spec: dict) -> dict:
     method, records, cap = spec["method"], spec["records"], spec["time_cap"]
     auto = str(pick_dtype("cpu")).replace("torch.", "")
     dtype = {"loop_fp32": "float32", "loop_bf16": "bfloat16"}.get(method, spec.get("dtype") or auto)
-    if method == "scorer":
+    if method == "scorer_exact_widths":
+        import curate.models.logprobs
+
+        curate.models.logprobs.CPU_WIDTH_MULTIPLE = 1
+    if method.startswith("scorer"):
         runner = LikelihoodScorer(model=spec["model"], dtype=dtype, device="cpu").load_runner()
         model, tokenizer = runner.loaded.model, runner.loaded.tokenizer
     else:

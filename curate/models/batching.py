@@ -55,11 +55,12 @@ def map_token_batches(items: Sequence, lengths: Sequence[int], max_tokens: int,
     return results
 
 
-def pad_batch(encoded: Sequence, pad_token_id: int):
-    """Right-padded (ids, attention mask), both long tensors of (batch, longest)."""
+def pad_batch(encoded: Sequence, pad_token_id: int, multiple: int = 1):
+    """Right-padded (ids, attention mask), both long tensors of (batch, longest rounded up
+    to a `multiple`)."""
     import torch
 
-    width = max(len(e.input_ids) for e in encoded)
+    width = -(-max(len(e.input_ids) for e in encoded) // multiple) * multiple
     ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, e in enumerate(encoded):

@@ -1,7 +1,11 @@
 """Response-token log-probabilities under a causal LM: the one implementation behind the
 likelihood, IFD and trajectory scorers.
 
-- The transformer body runs once per batch (right padding, a mask only when padded). The
+- The transformer body runs once per batch (right padding, a mask only when padded). On
+  CPU a batch of one row is padded to a multiple of CPU_WIDTH_MULTIPLE tokens, without a
+  mask (causal attention: no real position sees the padding after it): oneDNN builds a
+  matmul kernel per shape, and a few widths cost less than one per row length (as in the
+  trainer, `curate.train.data.collate`). The
   LM head is applied only to the hidden states that predict response tokens, gathered
   across the batch: a full `model(ids).logits` costs batch x length x vocab floats (for
   SmolLM2, 49k floats per token) and a head matmul per prompt token, for nothing.
@@ -16,6 +20,8 @@ from typing import Sequence
 
 from curate.models.batching import map_token_batches, mask_if_padded, pad_batch, predicting_positions
 from curate.models.lm_head import DEFAULT_MAX_LOGIT_ELEMENTS, body_and_head, chunk_rows, head_logits, post_head
+
+CPU_WIDTH_MULTIPLE = 32
 
 
 def response_logprobs(model, encoded: Sequence, *, pad_token_id: int = 0,
@@ -33,14 +39,15 @@ def response_logprobs(model, encoded: Sequence, *, pad_token_id: int = 0,
     body, head = body_and_head(model)
     transform = post_head(model.config)
     device = head.weight.device
-    ids, mask = pad_batch(encoded, pad_token_id)
+    one_row_on_cpu = device.type == "cpu" and len(encoded) == 1
+    ids, mask = pad_batch(encoded, pad_token_id, CPU_WIDTH_MULTIPLE if one_row_on_cpu else 1)
     rows, cols = predicting_positions(encoded)
     rows_t = torch.tensor(rows, dtype=torch.long)
     cols_t = torch.tensor(cols, dtype=torch.long)
     targets = ids[rows_t, cols_t + 1].to(device)
 
     with torch.inference_mode():
-        attention_mask = mask_if_padded(mask)
+        attention_mask = None if one_row_on_cpu else mask_if_padded(mask)
         hidden = body(input_ids=ids.to(device),
                       attention_mask=None if attention_mask is None else attention_mask.to(device),
                       use_cache=False).last_hidden_state
