@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'     # datatrove[io] 0.10.1, spacy (DataTrove's English word tokenizer), psutil
     python benchmarks/scale.py --rows 100000 250000 1000000 \\
-        [--only curate-exact,curate-near,datasets,datatrove] [--work-dir runs/scale]
+        [--only curate-exact,curate-near,curate-near-exact,datasets,datatrove] [--work-dir runs/scale]
 
 One invocation per size list; results of several invocations merge (keyed by size and
 job) into benchmarks/results/scale.json and benchmarks/RESULTS_scale.md, so a long 1M
@@ -44,6 +44,8 @@ is not started unless --ignore-memory. Each job's output is removed once scored
    curate-exact  `curate run`: length (chars, 10..20000), dedup, random budget 0.1 seed 0
    curate-near   the same with near_dedup after dedup (jobs/near_dedup.yaml's settings:
                  threshold 0.8, 5-word shingles, 128 permutations, 16 bands, keep longest)
+   curate-near-exact  the same with `verify: exact` (pairs verified by the Jaccard of their
+                 shingle sets, not the estimate from the signatures)
    datasets      plain `datasets`: load_dataset("json"), the same length filter as one
                  batched filter, exact dedup on curate's normalisation (lower case,
                  whitespace runs to one space, stripped; per message) keeping the FIRST
@@ -115,7 +117,8 @@ if str(ROOT) not in sys.path:
 # curate, datasets, datatrove and torch (machine_info) are imported inside the functions
 # that need them: each job's subprocess imports only its own tool, so its CPU is its own.
 
-JOBS = ("curate-exact", "curate-near", "datasets", "datatrove")
+JOBS = ("curate-exact", "curate-near", "curate-near-exact", "datasets", "datatrove")
+NEAR_JOBS = ("curate-near", "curate-near-exact", "datatrove")  # the jobs with a recall
 BASE_FILES = ("gsm8k_train", "codealpaca", "gpteacher_roleplay", "gpteacher_toolformer")
 LENGTH = {"type": "length", "unit": "chars", "min": 10, "max": 20000}
 SAMPLE = {"type": "random", "budget": 0.1, "seed": 0}
@@ -126,7 +129,7 @@ BASE_MAX_JACCARD = 0.5  # base rows at least this similar to an earlier one are 
 # (curate.pipeline.graph); measured between 100k and 250k rows, ~1.7 KB a row for the
 # exact job and ~6.5 KB with near_dedup, with a margin. A job whose estimate exceeds the
 # available memory is not started (--ignore-memory).
-BYTES_PER_ROW = {"curate-exact": 3_000, "curate-near": 8_000}
+BYTES_PER_ROW = {"curate-exact": 3_000, "curate-near": 8_000, "curate-near-exact": 9_000}
 SAMPLE_EVERY_S = 0.2
 POOL_VERSION = 1  # part of the pool cache's name: raise it when build_pool makes different rows
 RECALL_BINS = ("0.00-0.70", "0.70-0.75", "0.75-0.80", "0.80-0.85", "0.85-0.90", "0.90-0.95", "0.95-1.00")
@@ -470,8 +473,8 @@ def measure(cmd: list[str], log_path: pathlib.Path, env: dict) -> dict:
 # ================================================================ the jobs
 
 
-def curate_job(pool: pathlib.Path, out: pathlib.Path, near: bool) -> dict:
-    filters = [dict(LENGTH), {"type": "dedup"}] + ([near_settings()] if near else [])
+def curate_job(pool: pathlib.Path, out: pathlib.Path, near: bool, verify: str = "estimate") -> dict:
+    filters = [dict(LENGTH), {"type": "dedup"}] + ([{**near_settings(), "verify": verify}] if near else [])
     return {"name": "scale-near" if near else "scale-exact",
             "inputs": [{"path": str(pool / "part-*.jsonl.gz"), "source": "pool"}],
             "filters": filters, "selectors": [dict(SAMPLE)], "output": str(out)}
@@ -486,8 +489,9 @@ def curate_command() -> list[str]:
 
 def job_command(job: str, pool: pathlib.Path, job_dir: pathlib.Path, workers: int) -> list[str]:
     """The job's command line; curate's job YAML is written into job_dir first."""
-    if job in ("curate-exact", "curate-near"):
-        spec = curate_job(pool, job_dir / "out", near=job == "curate-near")
+    if job.startswith("curate-"):
+        spec = curate_job(pool, job_dir / "out", near=job != "curate-exact",
+                          verify="exact" if job == "curate-near-exact" else "estimate")
         (job_dir / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         return curate_command() + ["run", str(job_dir / "job.yaml"), "-q"]
     return [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", job, "--pool", str(pool),
@@ -775,7 +779,9 @@ def render(results: dict) -> str:
           "measured, the quality definitions). Each size's runs name their command, machine and commit.", "",
           f"Jobs: **curate-exact** length (chars 10-20000) + exact dedup + random 10% (seed 0); **curate-near** "
           f"the same + near_dedup (threshold {near['threshold']}, {near['shingle']}-word shingles, "
-          f"{near['num_perm']} permutations in {near['bands']} bands, keep {near['keep']}); **datasets** the "
+          f"{near['num_perm']} permutations in {near['bands']} bands, keep {near['keep']}); **curate-near-exact** "
+          "the same with `verify: exact` (a candidate pair's Jaccard from its shingle sets, not estimated from "
+          "the signatures); **datasets** the "
           "exact job in plain `datasets` (batched map/filter, keeps the first occurrence); **datatrove** "
           f"DataTrove MinHash, 4 stages, {near['shingle']}-grams, {near['bands']} buckets x "
           f"{near['num_perm'] // near['bands']} hashes, spaCy word tokenizer (its English default), no "
@@ -807,7 +813,7 @@ def render(results: dict) -> str:
                 md.append(f"| {job} | failed (exit {r['rc']}; see {r.get('log', 'its log')}) |||||||||| ")
                 continue
             q = r["quality"]
-            recall = f"{q['near_recall']:.2%}" if job in ("curate-near", "datatrove") else "-"
+            recall = f"{q['near_recall']:.2%}" if job in NEAR_JOBS else "-"
             wrong = f"{q['wrong_removals']:,}" + (f" ({q['wrong_removals_median_jaccard']:.3f})"
                                                   if q["wrong_removals_median_jaccard"] is not None else "")
             md.append(f"| {job} | {r['wall_s']:,.1f} | {r['cpu_s']:,.1f} ({r['cpu_source']}) | "
@@ -815,7 +821,7 @@ def render(results: dict) -> str:
                       f"{r['largest_process_mb'] / 1024:,.2f} GB | {r['after_dedup']:,} | {r['kept']:,} | "
                       f"{q['exact_caught']:.2%} | {recall} | {wrong} |")
         md.append("")
-        for job in ("curate-near", "datatrove"):
+        for job in NEAR_JOBS:
             if "quality" in runs.get(job, {}):
                 q = runs[job]["quality"]
                 md.append(f"- {job}, near copies found by true Jaccard: "
@@ -863,7 +869,8 @@ def run_job(job: str, size: int, pool: pathlib.Path, args, machine: dict, comman
     if m["rc"] != 0:
         print(f"  failed (exit {m['rc']}): see {job_dir / 'job.log'}", flush=True)
         return entry
-    rm = {"curate-exact": removals_curate, "curate-near": removals_curate, "datasets": removals_datasets,
+    rm = {"curate-exact": removals_curate, "curate-near": removals_curate, "curate-near-exact": removals_curate,
+          "datasets": removals_datasets,
           "datatrove": removals_datatrove}[job](job_dir, pool)
     entry.update(after_dedup=rm["after_dedup"], kept=rm["kept"], quality=score(read_truth(pool), rm, pool=pool))
     print(f"  wall {m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s ({m['cpu_source']}), tree peak "

@@ -16,7 +16,8 @@ from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs.files import read_records
 from curate.pipeline.build import pipeline_options, run_job
 from curate.transforms.near_dedup import (PRIME, NearDedup, band_hashes, bucket_pairs, estimated_jaccard, permutations,
-                                          record_text, shingle_values, shingles, signature, verified_pairs)
+                                          record_text, shingle_values, shingles, signature, signature_similarity,
+                                          verified_pairs)
 
 
 def jaccard(a: set, b: set) -> float:
@@ -83,11 +84,11 @@ def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
 
     # the decide's own stages, in memory: band arrays, buckets, verification
     step = NearDedup(threshold=0.8, seed=0)
-    refs, row_keys, sigs, _ = step.blocks([step.project(r) for r in recs])
+    refs, row_keys, sigs, _, _ = step.blocks([step.project(r) for r in recs])
     hashes = band_hashes(sigs, step.bands)
     candidates = np.unique(np.concatenate([bucket_pairs(hashes[:, j], refs) for j in range(step.bands)]), axis=0)
     order = np.argsort(refs)
-    edges, _ = verified_pairs(candidates, refs[order], sigs[order], 0.8)
+    edges, _ = verified_pairs(candidates, refs[order], signature_similarity(sigs[order]), 0.8)
     found = {tuple(sorted((row_keys[order[a]], row_keys[order[b]]))) for a, b in edges}
     tp = len(found & truth)
     precision, recall = tp / max(len(found), 1), tp / len(truth)
@@ -96,18 +97,25 @@ def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
     assert all(exact[p] >= 0.7 for p in found)
 
 
-def test_the_beam_step_rejects_what_banding_by_hand_rejects(shared_data):
+@pytest.mark.parametrize("verify", ["estimate", "exact"])
+def test_the_beam_step_rejects_what_banding_by_hand_rejects(shared_data, verify):
     """Candidates found by comparing every pair's bands directly (no hashing, no refs),
-    verified, joined and resolved by hand: the same rows rejected, with the same reasons."""
+    verified (the signatures' agreement, or the Jaccard of the shingle strings), joined
+    and resolved by hand: the same rows rejected, with the same reasons."""
     recs = real_rows_with_edits(shared_data)
-    step = NearDedup(threshold=0.8, seed=0, keep="longest")
+    step = NearDedup(threshold=0.8, seed=0, keep="longest", verify=verify)
+    sets = {(r["id"], r["origin"]): shingles(record_text(r), 5) for r in recs}
+
+    def similarity(x, y):
+        return estimated_jaccard(proj[x][0], proj[y][0]) if verify == "estimate" else jaccard(sets[x], sets[y])
+
     proj = {(r["id"], r["origin"]): (np.frombuffer(step.project(r)["sig"], dtype=np.uint32), len(r["response"]))
             for r in recs}
     keys, width = sorted(proj), step.num_perm // step.bands
     edges = [(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]
              if (proj[x][0] != PRIME).any()
              and any((proj[x][0][j:j + width] == proj[y][0][j:j + width]).all() for j in range(0, step.num_perm, width))
-             and estimated_jaccard(proj[x][0], proj[y][0]) >= 0.8]
+             and similarity(x, y) >= 0.8]
     group = {k: {k} for k in keys}
     for x, y in edges:
         if group[x] is not group[y]:
@@ -118,8 +126,8 @@ def test_the_beam_step_rejects_what_banding_by_hand_rejects(shared_data):
     for members in {id(g): g for g in group.values() if len(g) > 1}.values():
         winner = min(members, key=lambda k: (-proj[k][1], k))
         for k in members - {winner}:
-            sim = estimated_jaccard(proj[k][0], proj[winner][0])
-            want[k] = f"near-duplicate of {winner[0]} ({winner[1]}), estimated Jaccard {sim:.3f}"
+            measure = "estimated Jaccard" if verify == "estimate" else "Jaccard"
+            want[k] = f"near-duplicate of {winner[0]} ({winner[1]}), {measure} {similarity(k, winner):.3f}"
     assert len(want) >= 30
 
     def check(rejected):
@@ -154,7 +162,8 @@ def test_job_keeps_one_row_per_component_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("options, match", [({"threshold": 0}, "threshold"), ({"num_perm": 100}, "multiple"),
-                                            ({"keep": "best"}, "keep"), ({"unit": "byte"}, "unit")])
+                                            ({"keep": "best"}, "keep"), ({"unit": "byte"}, "unit"),
+                                            ({"verify": "sometimes"}, "verify")])
 def test_config_errors(tmp_path, options, match):
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ConfigError, match=match):
