@@ -114,6 +114,29 @@ def test_batching_padding_and_order_do_not_change_scores(tiny_lm):
         _check_close(b, single, tol=1e-4)
 
 
+def test_a_single_row_on_cpu_runs_at_a_rounded_width_and_scores_the_same(tiny_lm):
+    """One row on CPU: the body sees a width rounded up to CPU_WIDTH_MULTIPLE and no mask
+    (right padding after a causal row changes nothing before it); scores equal the
+    full-logits reference of the unpadded row."""
+    from curate.models.logprobs import CPU_WIDTH_MULTIPLE
+
+    model, tokenizer = tiny_lm
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], kwargs.get("attention_mask"))),
+        with_kwargs=True)
+    try:
+        for enc in [encode(r, tokenizer, "plain", 512) for r in _records()]:
+            got = response_logprobs(model, [enc], pad_token_id=tokenizer.pad_token_id)[0]
+            width, mask = seen[-1]
+            assert width % CPU_WIDTH_MULTIPLE == 0 and 0 <= width - len(enc.input_ids) < CPU_WIDTH_MULTIPLE
+            assert mask is None
+            _check_close(got, reference_logprobs(model, enc))
+    finally:
+        hook.remove()
+    assert any(width > 0 for width, _ in seen)
+
+
 def test_chunked_logits_equal_unchunked(tiny_lm):
     model, tokenizer = tiny_lm
     encoded = [encode(r, tokenizer, "plain", 512) for r in _records()]
