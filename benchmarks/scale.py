@@ -606,7 +606,7 @@ def run_datatrove(pool: pathlib.Path, job_dir: pathlib.Path, workers: int) -> No
 # ================================================================ 3. quality
 
 
-_DUPLICATE_OF = re.compile(r"(?:near-)?duplicate of \S+ \((?P<origin>.*)\)(?:, estimated Jaccard [0-9.]+)?")
+_DUPLICATE_OF = re.compile(r"(?:near-)?duplicate of \S+ \((?P<origin>.*)\)(?:, (?:estimated )?Jaccard [0-9.]+)?")
 
 
 def reject_target(reason: str) -> str:

@@ -139,6 +139,8 @@ def test_reject_target_reads_curate_reasons():
     assert scale.reject_target("duplicate of 9f2c (part-00001.jsonl.gz:17)") == "part-00001.jsonl.gz:17"
     assert scale.reject_target("near-duplicate of 9f2c (part-00000.jsonl.gz:3), estimated Jaccard 0.812") \
         == "part-00000.jsonl.gz:3"
+    assert scale.reject_target("near-duplicate of 9f2c (part-00000.jsonl.gz:3), Jaccard 0.812") \
+        == "part-00000.jsonl.gz:3"  # verify: exact
     with pytest.raises(ValueError):
         scale.reject_target("too short: 3 chars < min 10")
 
