@@ -16,7 +16,7 @@ from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs.files import read_records
 from curate.pipeline.build import pipeline_options, run_job
 from curate.transforms.near_dedup import (PRIME, NearDedup, band_hashes, bucket_pairs, estimated_jaccard, permutations,
-                                          record_text, shingle_values, shingles, signature, signature_similarity,
+                                          record_text, row_ref, shingle_values, shingles, signature, signature_similarity,
                                           verified_pairs)
 
 
@@ -84,8 +84,14 @@ def test_pairs_match_brute_force_jaccard_on_real_rows(shared_data):
 
     # the decide's own stages, in memory: band arrays, buckets, verification
     step = NearDedup(threshold=0.8, seed=0)
-    refs, row_keys, sigs, _, _ = step.blocks([step.project(r) for r in recs])
+    perms = permutations(step.num_perm, step.seed)
+    row_keys = [(r["id"], r["origin"]) for r in recs]
+    refs = np.array([row_ref(*k) for k in row_keys], dtype=np.uint64)
+    sigs = np.stack([signature(shingle_values(shingles(record_text(r), 5)), *perms) for r in recs])
     hashes = band_hashes(sigs, step.bands)
+    # the projection carries these band hashes
+    assert all(np.frombuffer(step.project(r)["bands"], dtype=np.uint64).tolist() == h.tolist()
+               for r, h in zip(recs, hashes))
     candidates = np.unique(np.concatenate([bucket_pairs(hashes[:, j], refs) for j in range(step.bands)]), axis=0)
     order = np.argsort(refs)
     edges, _ = verified_pairs(candidates, refs[order], signature_similarity(sigs[order]), 0.8)
@@ -109,7 +115,8 @@ def test_the_beam_step_rejects_what_banding_by_hand_rejects(shared_data, verify)
     def similarity(x, y):
         return estimated_jaccard(proj[x][0], proj[y][0]) if verify == "estimate" else jaccard(sets[x], sets[y])
 
-    proj = {(r["id"], r["origin"]): (np.frombuffer(step.project(r)["sig"], dtype=np.uint32), len(r["response"]))
+    perms = permutations(step.num_perm, step.seed)
+    proj = {(r["id"], r["origin"]): (signature(shingle_values(shingles(record_text(r), 5)), *perms), len(r["response"]))
             for r in recs}
     keys, width = sorted(proj), step.num_perm // step.bands
     edges = [(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]

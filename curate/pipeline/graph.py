@@ -11,15 +11,17 @@ cross a stage here while they can be read again instead:
 
 - The *streamed* steps, a prefix of the job's steps, are the per-example filters and
   the steps that decide from a small projection of each row: `project(record)` -> a few
-  fields, `decide()` -> a PTransform from the projections to one state (the set of
-  duplicates, a cut-off), `route(row, state)` -> (reject reason or None, the columns
-  the step adds), where `row` is the record or its projection: route reads only the
-  fields both carry (id, origin), so the write pass never projects again. Exact dedup,
+  fields, `decide(rows_again)` -> a PTransform from the projections to one state (the
+  set of duplicates, a cut-off), `route(row, state)` -> (reject reason or None, the
+  columns the step adds), where `row` is the record or its projection: route reads only
+  the fields both carry (id, origin), so the write pass never projects again.
+  `rows_again()` reads the rows once more, for a step that needs more of a few rows
+  than their projections hold (near dedup: the candidates' signatures). Exact dedup,
   near dedup and the random selector are such steps.
 - A *keys pass* reads the inputs and keeps per row only (id, origin), the first
-  per-example filter that rejects it and each streamed step's projection. Each step
-  decides from the projections of the rows that reach it, in job order, and the keys
-  pass counts the rows kept and rejected.
+  per-example filter that rejects it and each streamed step's projection (less the id
+  and origin it repeats). Each step decides from the projections of the rows that
+  reach it, in job order, and the keys pass counts the rows kept and rejected.
 - The *write pass* reads the inputs again and routes each row by the states (side
   inputs) to the kept or rejected shards, whose sizes the keys pass counted; the sink
   streams them through sorted runs (`curate.pipeline.sink`). Read, route and write are
@@ -97,9 +99,19 @@ class _Keys(beam.DoFn):
 
     def process(self, record):
         rejected = _first_rejection(self.steps, record)
-        projections = {i: step.project(record) for i, (step, _) in enumerate(self.steps)
+        projections = {i: _bare(step.project(record)) for i, (step, _) in enumerate(self.steps)
                        if not _per_example(step) and (rejected is None or i < rejected[0])}
         yield (record["id"], record["origin"]), rejected, projections
+
+
+# The keys pass holds every row's element until the last state is decided, so its
+# projections leave out the id and origin the element already carries (a third of it).
+def _bare(projection: dict) -> dict:
+    return {k: v for k, v in projection.items() if k not in ("id", "origin")}
+
+
+def _dressed(key: tuple[str, str], bare: dict) -> dict:
+    return {"id": key[0], "origin": key[1], **bare}
 
 
 def _first_rejection(steps, record) -> tuple[int, str] | None:
@@ -163,21 +175,28 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
         step, _ = steps[i]
 
         def reaches(item, *states, i=i):
-            _, rejected, projections = item
-            if _fate(steps, rejected, projections, dict(zip(deciding, states)), until=i)[0] is None:
-                yield projections[i]
+            key, rejected, projections = item
+            rows = {j: _dressed(key, bare) for j, bare in projections.items()}
+            if _fate(steps, rejected, rows, dict(zip(deciding, states)), until=i)[0] is None:
+                yield rows[i]
 
         # a stage boundary (a reshuffle of the projections) before the step: Beam's local
         # runner never runs a step fused with the one that made its side input's input
         # (`A total of N watermark-pending bundles did not execute`)
+        def rows_again(i=i):
+            read = p | f"ReadAgain{i}" >> ReadInputs(plan.tasks, spread=False)
+            return (read["records"] | f"ValidAgain{i}" >> beam.ParDo(
+                Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")).records
+
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
                               | f"Reaching{i}" >> beam.Reshuffle()
-                              | streamed.labels[i] >> step.decide())
+                              | streamed.labels[i] >> step.decide(rows_again))
 
     def fate(item, *states):
-        _, rejected, projections = item
-        return KEPT if _fate(steps, rejected, projections, dict(zip(deciding, states)))[0] is None else REJECTED
+        key, rejected, projections = item
+        rows = {j: _dressed(key, bare) for j, bare in projections.items()}
+        return KEPT if _fate(steps, rejected, rows, dict(zip(deciding, states)))[0] is None else REJECTED
 
     return (keys
             | "Fates" >> beam.Map(fate, *streamed.side_inputs())

@@ -23,8 +23,9 @@ class Selector(beam.PTransform):
     requires: tuple[str, ...] = ()
     # Streamed selectors (curate.pipeline.graph) select from a small projection of each
     # row, so the pipeline streams the rows instead of holding them: `project(record)`
-    # -> the few fields read (id and origin included), `decide()` -> a PTransform from
-    # the projections to one state element (a cut-off, quotas), `route(row, state)` ->
+    # -> the few fields read (id and origin included), `decide(rows_again)` -> a
+    # PTransform from the projections to one state element (a cut-off, quotas; a call to
+    # `rows_again()` reads the rows once more), `route(row, state)` ->
     # (reject reason or None, the selector's columns), reading only the fields both the
     # record and its projection carry. None: whole rows needed.
     project = None

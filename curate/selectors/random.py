@@ -47,7 +47,7 @@ class RandomSelector(Selector):
     def project(self, record: dict) -> dict:
         return {"id": record["id"], "origin": record["origin"]}
 
-    def decide(self) -> beam.PTransform:
+    def decide(self, rows_again) -> beam.PTransform:
         return "Keys" >> beam.Map(self.key) | Cutoff(self.budget)
 
     def route(self, row: dict, cutoff: dict) -> tuple[str | None, dict]:

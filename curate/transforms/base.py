@@ -43,7 +43,7 @@ class ApplyDecisions(beam.PTransform):
 
     def expand(self, rows):
         step, stage = self.step, self.stage
-        state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide()
+        state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide(lambda: rows)
 
         def split(record, state) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
             reason, columns = step.route(record, state)

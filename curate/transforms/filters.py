@@ -143,7 +143,7 @@ class ExactDedup(beam.PTransform):
         return {"id": record["id"], "origin": record["origin"],
                 "key": hashlib.blake2b(text, digest_size=16).digest()}
 
-    def decide(self) -> beam.PTransform:
+    def decide(self, rows_again) -> beam.PTransform:
         """Projections -> {(id, origin): reason} of every row but the first of its text."""
 
         def split(group):

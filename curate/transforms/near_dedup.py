@@ -19,19 +19,20 @@
    positions; `verify: exact` computes it from the two rows' shingle sets (their 31-bit
    values). The estimate from 128 positions has a standard deviation of ~0.035 near 0.8,
    so it misses about a third of the pairs just above the threshold and lets some just
-   below it through; exact verification costs each row's shingle values in the
-   projection (4 bytes a shingle) and a set intersection per candidate pair.
+   below it through; exact verification costs a set intersection per candidate pair and
+   each candidate's shingle values (4 bytes a shingle) on the worker that verifies.
 5. Components: the verified pairs are joined by union-find. Each component keeps one
    row: the longest response (`keep: longest`, ties by id) or the smallest id
    (`keep: first`); every other member is rejected with the reason naming the kept row
    and their (estimated or exact) Jaccard.
 
-Streamed (curate.pipeline.graph): rows never travel, only their projections (id, origin,
-the 512-byte signature, the response's length). Per block of ROW_BLOCK rows, each band
-becomes one array of 64-bit hashes of its values beside the rows' 64-bit refs (a hash of
-id and origin); the arrays are grouped by band, sorted, and every run of equal hashes
-gives its pairs (a hash collision only adds a candidate, which verification removes).
-The pairs (16 bytes each) and the signatures of the rows in them are then verified and
+Streamed (curate.pipeline.graph): rows never travel, only their projections (id, origin
+and the 16 64-bit hashes of the signature's bands, 128 bytes). Per block of ROW_BLOCK
+rows, each band becomes one array of hashes beside the rows' 64-bit refs (a hash of id
+and origin); the arrays are grouped by band, sorted, and every run of equal hashes gives
+its pairs (a hash collision only adds a candidate, which verification removes). The rows
+are then read again (`rows_again`): only the candidates, the rows in a pair, are shingled
+again for their signatures (or shingle sets) and lengths, and the pairs are verified and
 joined on one worker: memory there grows with the rows that have near-duplicates, not
 with the pool (about 700 bytes per such row at num_perm 128).
 A row with fewer words than `shingle` is one shingle (its whole text). Rows with no text
@@ -171,25 +172,25 @@ def verified_pairs(pairs: np.ndarray, refs: np.ndarray, similarity, threshold: f
 
 
 def resolve(pairs: np.ndarray, blocks: list, threshold: float, keep: str) -> dict:
-    """Candidate pairs and the candidates' (refs, keys, signatures, lengths, shingle sets or
-    None) blocks -> {rejected (id, origin): (kept (id, origin), Jaccard)}; exact Jaccard
-    when the blocks carry shingle sets, else estimated."""
+    """Candidate pairs and the candidates' (refs, keys, lengths, signatures or shingle
+    sets) blocks -> {rejected (id, origin): (kept (id, origin), Jaccard)}: exact when the
+    blocks carry shingle sets, else estimated."""
     if not blocks:
         return {}
     refs = np.concatenate([b[0] for b in blocks])
     keys = [k for b in blocks for k in b[1]]
-    sigs, lengths = np.concatenate([b[2] for b in blocks]), np.concatenate([b[3] for b in blocks])
+    lengths = np.concatenate([b[2] for b in blocks])
     order = np.argsort(refs, kind="stable")
-    refs, sigs, lengths, keys = refs[order], sigs[order], lengths[order], [keys[i] for i in order]
+    refs, lengths, keys = refs[order], lengths[order], [keys[i] for i in order]
     same = np.flatnonzero(refs[1:] == refs[:-1])
     if same.size:  # two rows with one 64-bit ref: p ~ rows^2 / 2^65
         raise RuntimeError(f"near_dedup: rows {keys[same[0]]} and {keys[same[0] + 1]} share a 64-bit reference; "
                            "rerun with another seed")
-    if blocks[0][4] is None:
-        similarity = signature_similarity(sigs)
-    else:
-        sets = [s for b in blocks for s in b[4]]
+    if isinstance(blocks[0][3], list):
+        sets = [s for b in blocks for s in b[3]]
         similarity = shingle_similarity([sets[i] for i in order])
+    else:
+        similarity = signature_similarity(np.concatenate([b[3] for b in blocks])[order])
     edges, _ = verified_pairs(pairs, refs, similarity, threshold)
     root = components(edges.tolist(), np.unique(edges).tolist())
     groups: dict = {}
@@ -234,32 +235,43 @@ class NearDedup(beam.PTransform):
         self.threshold, self.shingle, self.unit = float(threshold), shingle, unit
         self.num_perm, self.bands, self.keep, self.seed, self.verify = num_perm, bands, keep, int(seed), verify
         self._perms = permutations(num_perm, self.seed)
-        self._no_text = np.full(num_perm, PRIME, dtype=np.uint32).tobytes()
+
+    def values(self, record: dict) -> np.ndarray:
+        """The row's shingle values (step 1)."""
+        return shingle_values(shingles(record_text(record), self.shingle, self.unit))
 
     def project(self, record: dict) -> dict:
-        values = shingle_values(shingles(record_text(record), self.shingle, self.unit))
-        projection = {"id": record["id"], "origin": record["origin"],
-                      "sig": signature(values, *self._perms).tobytes(), "length": len(record["response"])}
+        """{id, origin, bands: the band hashes of its signature (b"" for a row with no text)}."""
+        values = self.values(record)
+        bands = band_hashes(signature(values, *self._perms)[None, :], self.bands)[0].tobytes() if values.size else b""
+        return {"id": record["id"], "origin": record["origin"], "bands": bands}
+
+    def candidate_block(self, records: list[dict], members: np.ndarray):
+        """A batch of rows read again -> the candidates' (refs, keys, lengths, signatures
+        or shingle sets) among them, `members` the candidates' sorted refs; or None."""
+        refs = np.fromiter((row_ref(r["id"], r["origin"]) for r in records), dtype=np.uint64, count=len(records))
+        pos = np.minimum(np.searchsorted(members, refs), max(len(members) - 1, 0))
+        hit = np.flatnonzero(members[pos] == refs) if len(members) else np.empty(0, dtype=np.int64)
+        if not hit.size:
+            return None
+        rows = [records[k] for k in hit.tolist()]
+        values = [self.values(r) for r in rows]
         if self.verify == "exact":  # values are < 2^31
-            projection["shingles"] = np.unique(values).astype(np.uint32).tobytes()
-        return projection
+            verify = [np.unique(v).astype(np.uint32) for v in values]
+        else:
+            verify = np.stack([signature(v, *self._perms) for v in values])
+        lengths = np.fromiter((len(r["response"]) for r in rows), dtype=np.int64, count=len(rows))
+        return refs[hit], [(r["id"], r["origin"]) for r in rows], lengths, verify
 
-    def blocks(self, projections: list[dict]):
-        """A batch of projections -> (refs, keys, signatures, lengths, shingle sets or None)
-        of its rows with text (a row with no text is never a duplicate)."""
-        live = [p for p in projections if p["sig"] != self._no_text]
-        refs = np.fromiter((row_ref(p["id"], p["origin"]) for p in live), dtype=np.uint64, count=len(live))
-        sigs = np.frombuffer(b"".join(p["sig"] for p in live), dtype=np.uint32).reshape(len(live), self.num_perm)
-        lengths = np.fromiter((p["length"] for p in live), dtype=np.int64, count=len(live))
-        sets = [np.frombuffer(p["shingles"], dtype=np.uint32) for p in live] if self.verify == "exact" else None
-        return refs, [(p["id"], p["origin"]) for p in live], sigs, lengths, sets
-
-    def decide(self) -> beam.PTransform:
+    def decide(self, rows_again) -> beam.PTransform:
+        """Projections -> the state; `rows_again()` gives the rows once more, of which the
+        candidates are shingled again to verify their pairs."""
         step = self
 
         def bands(batch):
-            refs, _, sigs, _, _ = step.blocks(batch)
-            hashes = band_hashes(sigs, step.bands)
+            live = [p for p in batch if p["bands"]]
+            refs = np.fromiter((row_ref(p["id"], p["origin"]) for p in live), dtype=np.uint64, count=len(live))
+            hashes = np.frombuffer(b"".join(p["bands"] for p in live), dtype=np.uint64).reshape(len(live), step.bands)
             for j in range(step.bands):
                 yield j, (np.ascontiguousarray(hashes[:, j]), refs)
 
@@ -273,13 +285,9 @@ class NearDedup(beam.PTransform):
             return pairs, np.unique(pairs)
 
         def candidates(batch, pairs):
-            refs, keys, sigs, lengths, sets = step.blocks(batch)
-            pos = np.searchsorted(pairs[1], refs)
-            hit = (pos < len(pairs[1])) & (pairs[1][np.minimum(pos, len(pairs[1]) - 1)] == refs) \
-                if len(pairs[1]) else np.zeros(len(refs), dtype=bool)
-            if hit.any():
-                yield (refs[hit], [k for k, h in zip(keys, hit) if h], sigs[hit], lengths[hit],
-                       None if sets is None else [s for s, h in zip(sets, hit) if h])
+            block = step.candidate_block(batch, pairs[1])
+            if block is not None:
+                yield block
 
         class Decide(beam.PTransform):
             def expand(self, projections):
@@ -290,7 +298,7 @@ class NearDedup(beam.PTransform):
                          | "Pairs" >> beam.Map(pairs_of)
                          | "AllPairs" >> beam.combiners.ToList()
                          | "OnePerPair" >> beam.Map(unique))
-                members = (projections
+                members = (rows_again()
                            | "CandidateBlocks" >> beam.BatchElements(min_batch_size=ROW_BLOCK,
                                                                      max_batch_size=ROW_BLOCK)
                            | "Candidates" >> beam.FlatMap(candidates, beam.pvalue.AsSingleton(pairs))
