@@ -129,7 +129,7 @@ BASE_MAX_JACCARD = 0.5  # base rows at least this similar to an earlier one are 
 # (curate.pipeline.graph); measured between 100k and 250k rows, ~1.7 KB a row for the
 # exact job and ~6.5 KB with near_dedup, with a margin. A job whose estimate exceeds the
 # available memory is not started (--ignore-memory).
-BYTES_PER_ROW = {"curate-exact": 3_000, "curate-near": 8_000, "curate-near-exact": 9_000}
+BYTES_PER_ROW = {"curate-exact": 3_000, "curate-near": 5_000, "curate-near-exact": 6_000}
 SAMPLE_EVERY_S = 0.2
 POOL_VERSION = 1  # part of the pool cache's name: raise it when build_pool makes different rows
 RECALL_BINS = ("0.00-0.70", "0.70-0.75", "0.75-0.80", "0.80-0.85", "0.85-0.90", "0.90-0.95", "0.95-1.00")
