@@ -180,14 +180,14 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
             if _fate(steps, rejected, rows, dict(zip(deciding, states)), until=i)[0] is None:
                 yield rows[i]
 
-        # a stage boundary (a reshuffle of the projections) before the step: Beam's local
-        # runner never runs a step fused with the one that made its side input's input
-        # (`A total of N watermark-pending bundles did not execute`)
         def rows_again(i=i):
             read = p | f"ReadAgain{i}" >> ReadInputs(plan.tasks, spread=False)
             return (read["records"] | f"ValidAgain{i}" >> beam.ParDo(
                 Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")).records
 
+        # a stage boundary (a reshuffle of the projections) before the step: Beam's local
+        # runner never runs a step fused with the one that made its side input's input
+        # (`A total of N watermark-pending bundles did not execute`)
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
                               | f"Reaching{i}" >> beam.Reshuffle()
