@@ -163,12 +163,19 @@ class _Route(beam.DoFn):
                                                       "reject_reason": reason})
 
 
+def _read_valid(p: beam.Pipeline, plan: Plan, read_label: str, valid_label: str,
+                progress_dir: str | None = None, spread: bool = True):
+    """Read the plan's inputs and validate them: (the read's outputs, the validation's:
+    `.records` and `[DEAD]`)."""
+    read = p | read_label >> ReadInputs(plan.tasks, progress_dir, spread=spread)
+    return read, read["records"] | valid_label >> beam.ParDo(
+        Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")
+
+
 def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None):
     """The keys pass and the deciding steps' states (`streamed.states`); returns the counts
     of the rows the prefix keeps and rejects, a PCollection of one dict."""
-    read = p | "KeysRead" >> ReadInputs(plan.tasks, progress_dir, spread=False)
-    valid = read["records"] | "KeysValidate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
-        DEAD, main="records")
+    _, valid = _read_valid(p, plan, "KeysRead", "KeysValidate", progress_dir, spread=False)
     keys = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps))
     steps, deciding = streamed.steps, streamed.deciding()
     for i in deciding:
@@ -176,14 +183,12 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
 
         def reaches(item, *states, i=i):
             key, rejected, projections = item
-            rows = {j: _dressed(key, bare) for j, bare in projections.items()}
+            rows = {j: _dressed(key, bare) for j, bare in projections.items() if j <= i}
             if _fate(steps, rejected, rows, dict(zip(deciding, states)), until=i)[0] is None:
                 yield rows[i]
 
         def rows_again(i=i):
-            read = p | f"ReadAgain{i}" >> ReadInputs(plan.tasks, spread=False)
-            return (read["records"] | f"ValidAgain{i}" >> beam.ParDo(
-                Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")).records
+            return _read_valid(p, plan, f"ReadAgain{i}", f"ValidAgain{i}", spread=False)[1].records
 
         # a stage boundary (a reshuffle of the projections) before the step: Beam's local
         # runner never runs a step fused with the one that made its side input's input
@@ -209,9 +214,7 @@ def read_and_route(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_di
     """Read, validate and route every row through the streamed steps: (the examples, i.e.
     the valid records; the rows that never became examples; the rows every streamed step
     kept; the rejected rows)."""
-    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir, spread=spread)
-    valid = read["records"] | "Validate" >> beam.ParDo(Validate(plan.job.validate.max_chars)).with_outputs(
-        DEAD, main="records")
+    read, valid = _read_valid(p, plan, "ReadInputs", "Validate", progress_dir, spread)
     routed = valid.records | "Route" >> beam.ParDo(
         _Route(streamed.steps, streamed.deciding()), *streamed.side_inputs()).with_outputs(REJECTED, main="kept")
     return valid.records, [read[DEAD], valid[DEAD]], routed.kept, [routed[REJECTED]]
