@@ -27,6 +27,10 @@ from typing import Any, ClassVar, Iterator, Optional
 import apache_beam as beam
 import pyarrow as pa
 
+from curate.formatting import encode
+from curate.progress import StageProgress
+from curate.transforms.handlers import RecordModelHandler
+
 # the tag of a filter step's rejected output (per-example filters and whole-pool steps)
 REJECTED = "rejected"
 
@@ -67,8 +71,6 @@ class Scorer:
 
     def progress(self):
         """The worker's progress counter for this scorer (rows, tokens)."""
-        from curate.progress import StageProgress
-
         return StageProgress(self.stage or f"score:{self.type}", self.progress_dir)
 
     def output_columns(self) -> dict[str, pa.DataType]:
@@ -128,8 +130,6 @@ class ModelScorer(Scorer):
         """`curate.formatting.encode` of every record with this scorer's template, length and
         turns; a record that cannot be encoded fails the batch naming it (the handler then
         bisects to it and sends it to the dead letter)."""
-        from curate.formatting import encode
-
         out = []
         for record in records:
             try:
@@ -142,8 +142,6 @@ class ModelScorer(Scorer):
         return ModelRunner(self)
 
     def model_handler(self):
-        from curate.transforms.handlers import RecordModelHandler
-
         return RecordModelHandler(self.load_runner, self.type, min_batch_size=self.min_batch_size,
                                   max_batch_size=self.max_batch_size, model_copies=self.model_copies)
 
