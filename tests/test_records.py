@@ -64,6 +64,25 @@ def test_ids_are_stable_content_hashes():
     assert one(row, "qa")["id"] != one({"question": "Q", "answer": "B"}, "qa")["id"]
 
 
+def test_content_hash_is_sha256_of_the_canonical_json():
+    """The hand-built JSON of the usual messages equals json.dumps's canonical form
+    (ids of every saved pool depend on it), for odd text and for the fallback shapes."""
+    import hashlib
+    import json
+    import random
+
+    rng = random.Random(0)
+    alphabet = ['a', 'Z', ' ', '"', '\\', '\n', '\t', '\x00', '\x1f', '\x7f', 'é', '中', '\u2028', '\U0001f600', '/']
+    cases = [[], [{"role": "user", "content": ""}],
+             [{"content": "c", "role": "user", "name": "x"}],  # an extra key: the json.dumps fallback
+             [{"role": "user", "content": 5}]]
+    cases += [[{"role": r, "content": "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))}
+               for r in ("system", "user", "assistant")[rng.randrange(3):]] for _ in range(200)]
+    for messages in cases:
+        data = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        assert records.content_hash(messages) == hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
+
 @pytest.mark.parametrize("row,name,reason", [
     ({"instruction": "Q"}, "alpaca", "missing field 'output'"),
     ({"instruction": "Q", "output": "   "}, "alpaca", "empty field 'output'"),

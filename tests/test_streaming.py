@@ -6,6 +6,8 @@ the same bytes however many runs there were."""
 import hashlib
 import json
 import random
+import re
+import sys
 
 import datasets
 import pyarrow as pa
@@ -36,12 +38,25 @@ def pool(n=300, seed=0):
     return rows
 
 
+def _normalised(text):  # the dedup key's normalisation, written independently
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def test_normalise_is_the_regex_for_every_whitespace_character():
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if re.fullmatch(r"\s", chr(c))]
+    assert "\u00a0" in spaces and "\x1c" in spaces  # Unicode whitespace, not only ASCII
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(spaces + list("aBcÉ İ\u0130ß")) for _ in range(rng.randrange(20)))
+        assert normalise(text) == _normalised(text), repr(text)
+
+
 def reference(rows, min_chars, budget, seed):
     """The job [dedup, length >= min_chars, random budget] by hand: (kept ids, {stage: count})."""
     recs = [dict(adapt(r, ADAPTERS["qa"], {}, "pool")[0], origin=f"pool.jsonl:{i + 1}") for i, r in enumerate(rows)]
     groups = {}
     for r in recs:
-        groups.setdefault("\x00".join(normalise(m["content"]) for m in r["messages"]), []).append(r)
+        groups.setdefault("\x00".join(_normalised(m["content"]) for m in r["messages"]), []).append(r)
     firsts = [min(g, key=lambda r: (r["id"], r["origin"])) for g in groups.values()]
     long_enough = [r for r in firsts if len("\n".join(m["content"] for m in r["messages"])) >= min_chars]
     order = sorted(long_enough, key=lambda r: (hash_unit(seed, r), r["origin"], r["id"]))

@@ -44,7 +44,7 @@ from apache_beam.io.filesystems import FileSystems
 from curate.pipeline import saved_work
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import DEAD, ReadInputs, Validate
+from curate.pipeline.readers import DEAD, ReadInputs, Spread, Validate
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
 from curate.transforms.base import REJECTED
@@ -195,7 +195,7 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
         # (`A total of N watermark-pending bundles did not execute`)
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
-                              | f"Reaching{i}" >> beam.Reshuffle()
+                              | f"Reaching{i}" >> Spread()
                               | streamed.labels[i] >> step.decide(rows_again))
 
     def fate(item, *states):
