@@ -44,7 +44,7 @@ from apache_beam.io.filesystems import FileSystems
 from curate.pipeline import saved_work
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import DEAD, ReadInputs, Spread, Validate
+from curate.pipeline.readers import DEAD, ReadInputs, Spread, Validate, in_batches
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
 from curate.transforms.base import REJECTED
@@ -176,16 +176,21 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
     """The keys pass and the deciding steps' states (`streamed.states`); returns the counts
     of the rows the prefix keeps and rejects, a PCollection of one dict."""
     _, valid = _read_valid(p, plan, "KeysRead", "KeysValidate", progress_dir, spread=False)
-    keys = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps))
+    # in batches: the keys cross to a stage for each deciding step and for the counts
+    keys = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps)) | "KeyBatches" >> in_batches()
     steps, deciding = streamed.steps, streamed.deciding()
     for i in deciding:
         step, _ = steps[i]
 
-        def reaches(item, *states, i=i):
-            key, rejected, projections = item
-            rows = {j: _dressed(key, bare) for j, bare in projections.items() if j <= i}
-            if _fate(steps, rejected, rows, dict(zip(deciding, states)), until=i)[0] is None:
-                yield rows[i]
+        def reaches(batch, *states, i=i):
+            states = dict(zip(deciding, states))
+            reaching = []
+            for key, rejected, projections in batch:
+                rows = {j: _dressed(key, bare) for j, bare in projections.items() if j <= i}
+                if _fate(steps, rejected, rows, states, until=i)[0] is None:
+                    reaching.append(rows[i])
+            if reaching:
+                yield reaching
 
         def rows_again(i=i):
             return _read_valid(p, plan, f"ReadAgain{i}", f"ValidAgain{i}", spread=False)[1].records
@@ -195,17 +200,18 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
         # (`A total of N watermark-pending bundles did not execute`)
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
-                              | f"Reaching{i}" >> Spread()
+                              | f"Reaching{i}" >> Spread(batched=True)
                               | streamed.labels[i] >> step.decide(rows_again))
 
-    def fate(item, *states):
-        key, rejected, projections = item
-        rows = {j: _dressed(key, bare) for j, bare in projections.items()}
-        return KEPT if _fate(steps, rejected, rows, dict(zip(deciding, states)))[0] is None else REJECTED
+    def fates(batch, *states):
+        states = dict(zip(deciding, states))
+        kept = sum(_fate(steps, rejected, {j: _dressed(key, bare) for j, bare in projections.items()}, states)[0]
+                   is None for key, rejected, projections in batch)
+        return [(KEPT, kept), (REJECTED, len(batch) - kept)]
 
     return (keys
-            | "Fates" >> beam.Map(fate, *streamed.side_inputs())
-            | "CountFates" >> beam.combiners.Count.PerElement()
+            | "Fates" >> beam.FlatMap(fates, *streamed.side_inputs())
+            | "CountFates" >> beam.CombinePerKey(sum)
             | "FateCounts" >> beam.combiners.ToDict())
 
 

@@ -39,19 +39,29 @@ class Validate(beam.DoFn):
         yield record if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
 
 
+BATCH = 1000  # rows an element carries where many cross a stage boundary together
+
+
+def in_batches():
+    """Rows -> lists of up to BATCH rows: one element crossing a stage boundary instead
+    of BATCH (Beam's cost per element crossing is several microseconds)."""
+    return beam.BatchElements(min_batch_size=BATCH, max_batch_size=BATCH)
+
+
 class Spread(beam.PTransform):
     """`beam.Reshuffle` in batches: the same fusion break and spread over workers, at a
     quarter of its CPU (it wraps each element's timestamp and window on its own: 23
     against 6 microseconds an element, measured on the local runner). Order is not kept;
-    no step depends on it."""
+    no step depends on it. `batched`: the input is lists of rows already."""
 
-    BATCH = 1000
+    def __init__(self, batched: bool = False):
+        super().__init__()
+        self.batched = batched
 
     def expand(self, pcoll):
-        return (pcoll
-                | "Batch" >> beam.BatchElements(min_batch_size=self.BATCH, max_batch_size=self.BATCH)
-                | "Reshuffle" >> beam.Reshuffle()
-                | "Unbatch" >> beam.FlatMap(lambda batch: batch))
+        if not self.batched:
+            pcoll = pcoll | "Batch" >> in_batches()
+        return pcoll | "Reshuffle" >> beam.Reshuffle() | "Unbatch" >> beam.FlatMap(lambda batch: batch)
 
 
 class ReadInputs(beam.PTransform):
