@@ -13,7 +13,9 @@ Output directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -197,6 +199,23 @@ def select_from_scores(job: JobConfig, scores: str, beam_args=None, scoring: dic
         "scoring_counts": scoring.get("counts"), "scoring_plan": scoring.get("plan")})
 
 
+GC_THRESHOLD = (50_000, 20, 20)
+
+
+@contextlib.contextmanager
+def fewer_gc_passes():
+    """Python's cyclic collector less often while a local run streams rows: its default
+    (a pass every 700 new objects, each row makes dozens of dicts and strings) cost a tenth
+    of the exact-dedup job's CPU (48.0 vs 43.3 CPU-s at 250k rows, sequential runs). The
+    rows hold no cycles, so little waits for a pass; reference counting frees them."""
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict | None = None,
                  overwrite: bool = False, progress: bool = True, fresh: bool = False) -> dict:
     """Plan, run and publish one pipeline; returns the manifest. `progress`: show progress
@@ -235,10 +254,11 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         finished, result = False, None
         try:
             try:
-                result = p.run()
-                if on_dataflow:
-                    dataflow.announce(result, all_options)
-                result.wait_until_finish()
+                with fewer_gc_passes():
+                    result = p.run()
+                    if on_dataflow:
+                        dataflow.announce(result, all_options)
+                    result.wait_until_finish()
             except BaseException as exc:
                 if on_dataflow and not isinstance(exc, Exception):  # Ctrl-C or SIGTERM, not a job failure
                     keep_staging = True  # a job may exist (result None: still being submitted); workers write there
