@@ -78,9 +78,15 @@ def test_content_hash_is_sha256_of_the_canonical_json():
              [{"role": "user", "content": 5}]]
     cases += [[{"role": r, "content": "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))}
                for r in ("system", "user", "assistant")[rng.randrange(3):]] for _ in range(200)]
+    def reference(obj):
+        data = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
     for messages in cases:
-        data = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-        assert records.content_hash(messages) == hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+        assert records.content_hash(messages) == reference(messages)
+        if messages and messages[-1]["role"] == "assistant" and any(m["role"] == "user" for m in messages):
+            rec = records.make_record(messages, "s")
+            assert (rec["id"], rec["prompt_id"]) == (reference(messages), reference(messages[:-1]))
 
 
 @pytest.mark.parametrize("row,name,reason", [
