@@ -19,7 +19,7 @@ from curate.selectors import diversity as dv
 from curate.selectors import diversity_plan as dp
 from curate.selectors.shared import kmeans as km
 from curate.selectors.shared.quotas import water_filling
-from curate.selectors import make_selector
+from curate import steps
 
 # ---------------------------------------------------------------- budgets
 
@@ -134,14 +134,14 @@ def test_multiplicative_weight_update_hand_computed():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="allocation"):
-        make_selector({"type": "diversity", "budget": 10, "allocation": "fair"})
+        steps.build("selector", {"type": "diversity", "budget": 10, "allocation": "fair"}, "selector")
     with pytest.raises(ConfigError, match="k must be"):
-        make_selector({"type": "diversity", "budget": 10, "k": 0})
+        steps.build("selector", {"type": "diversity", "budget": 10, "k": 0}, "selector")
     with pytest.raises(ConfigError, match="reward_model"):
-        make_selector({"type": "diversity", "budget": 10, "rounds": 3, "gap": "reward"})
+        steps.build("selector", {"type": "diversity", "budget": 10, "rounds": 3, "gap": "reward"}, "selector")
     # a bad `train:` of the refinement fails when the plan builds its model stage
     # (test_diversity_refine.py), before any scoring
-    sel = make_selector({"type": "diversity", "budget": 0.25, "k": 5, "quality_column": "logprob_mean"})
+    sel = steps.build("selector", {"type": "diversity", "budget": 0.25, "k": 5, "quality_column": "logprob_mean"}, "selector")
     assert sel.requires == ("embedding", "logprob_mean")
 
 

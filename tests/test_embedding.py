@@ -8,7 +8,8 @@ import torch
 
 from conftest import make_tiny_tokenizer
 from curate.records import make_record
-from curate.transforms import EmbeddingScorer, make_scorer
+from curate.transforms import make_scorer
+from curate.transforms.embedding import EmbeddingScorer
 from curate.transforms.embedding import embed_texts, record_text
 
 TEXTS = [

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from curate import records as curate_records
-from curate import transforms
 from curate.cli import print_summary
 from curate.config import TooManyFailures, parse_job
 from curate.pipeline.build import check_counts, run_job
@@ -140,7 +139,6 @@ def pipeline_job(tmp_path, scorer, out="out"):
 def test_a_batch_failing_whole_is_judged_by_max_failed_fraction(tmp_path, monkeypatch):
     """Every row of the pool's one batch fails: under a limit of 1.0 they go to the dead
     letter and the run publishes; under 0.9 the run fails naming the count."""
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     job = pipeline_job(tmp_path, {"type": "fake", "oom_above": 0})
     job.max_failed_fraction = 1.0
     c = run_job(job, progress=False)["counts"]
@@ -152,7 +150,6 @@ def test_a_batch_failing_whole_is_judged_by_max_failed_fraction(tmp_path, monkey
 
 
 def test_pipeline_sends_the_failing_row_to_the_dead_letter(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     # the scorer fails on the row from line 8 of the pool (its id is a content hash)
     bad = curate_records.adapt(pool_rows()[7], curate_records.ADAPTERS["alpaca"], {}, "pool")[0]
     m = run_job(pipeline_job(tmp_path, {"type": "fake", "fail_id": bad["id"]}))

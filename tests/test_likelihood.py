@@ -15,7 +15,8 @@ import torch
 from conftest import make_tiny_lm
 from curate.formatting import encode
 from curate.records import adapt_qa, make_record
-from curate.transforms import LikelihoodScorer, make_scorer
+from curate.transforms import make_scorer
+from curate.transforms.likelihood import LikelihoodScorer
 from curate.models.batching import batches_by_token_budget
 from curate.models.logprobs import response_logprobs, score_encoded
 
@@ -216,7 +217,7 @@ def test_make_scorer_options():
                                              "p_n_response_tokens", "p_truncated"]
     with pytest.raises(ValueError, match="unknown option.*batch_sise.*colour"):
         make_scorer({"type": "likelihood", "batch_sise": 3, "colour": "red"})
-    with pytest.raises(ValueError, match="unknown scorer type"):
+    with pytest.raises(ValueError, match="unknown scorer 'perplexity'; known: .*likelihood"):
         make_scorer({"type": "perplexity"})
     with pytest.raises(ValueError, match="template"):
         make_scorer({"type": "likelihood", "template": "alpaca"})

@@ -230,10 +230,10 @@ def test_paser_selector_on_a_hand_built_pool():
 
 
 def test_paser_fractional_budget_and_registry():
-    from curate.selectors import make_selector
+    from curate import steps
 
     rows = hand_pool()
-    selector = make_selector({"type": "paser", "budget": 0.25, "n_clusters": 2, "k_neighbors": 3})
+    selector = steps.build("selector", {"type": "paser", "budget": 0.25, "n_clusters": 2, "k_neighbors": 3}, "selector")
 
     def check(kept):
         assert len(kept) == 2  # 0.25 of 8

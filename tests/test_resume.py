@@ -124,7 +124,6 @@ def bad_id():
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_too_many_failures_fail_the_run_and_the_rest_is_saved(tmp_path, monkeypatch, store, remote):  # noqa: F811
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     out = "memgs://bucket/runs/out" if remote else str(tmp_path / "out")
     with pytest.raises(TooManyFailures) as err:  # 1 of 12 rows is more than the default 1%
         run_job(fake_job(tmp_path, out, bad_id()), progress=False)
@@ -148,7 +147,6 @@ def test_too_many_failures_fail_the_run_and_the_rest_is_saved(tmp_path, monkeypa
 
 
 def test_fresh_scores_everything_again(tmp_path, monkeypatch):
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     out = str(tmp_path / "out")
     with pytest.raises(TooManyFailures):
         run_job(fake_job(tmp_path, out, bad_id()), progress=False)

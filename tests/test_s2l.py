@@ -290,10 +290,6 @@ def write_jsonl(path, rows):
 def test_job_trains_proxy_scores_once_selects_deterministically(tmp_path, tiny_lm_dir, monkeypatch):
     from curate.config import parse_job
     from curate.pipeline.build import read_manifest, run_job
-    from curate.transforms import SCORERS
-    from curate.transforms.trajectory import TrajectoryScorer
-
-    monkeypatch.setitem(SCORERS, "trajectory", TrajectoryScorer)  # registered or not yet
     # report.html is tested with the pipeline; its plots cost seconds per output here
     monkeypatch.setattr("curate.report.html.render_report", lambda *a, **k: None)
 
@@ -356,10 +352,6 @@ def test_proxy_model_stage_trains_on_the_pool_after_the_jobs_filters(tmp_path, t
     from curate.config import parse_job
     from curate.pipeline.build import run_job
     from curate.pipeline.stages import read_order
-    from curate.transforms import SCORERS
-    from curate.transforms.trajectory import TrajectoryScorer
-
-    monkeypatch.setitem(SCORERS, "trajectory", TrajectoryScorer)
     monkeypatch.setattr("curate.report.html.render_report", lambda *a, **k: None)
     rows = [{"question": f"Question number {i}" + (" padded" * 40 if i % 3 == 0 else ""), "answer": f"Answer {i}."}
             for i in range(24)]

@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that
 
 from curate.config import ConfigError, parse_job
 from curate.pipeline.build import pipeline_options, run_job
-from curate.selectors import make_selector
+from curate import steps
 from curate.selectors.semdedup import SemDedupSelector, dedup_cluster, dedup_order
 
 
@@ -82,7 +82,7 @@ def test_order_is_farthest_first_ties_by_id():
 def test_bad_options_are_config_errors():
     for spec in ({"threshold": 1.5}, {"k": 0}, {"keep": "random"}, {"block_rows": 0}):
         with pytest.raises(ConfigError, match="semdedup"):
-            make_selector({"type": "semdedup", **spec})
+            steps.build("selector", {"type": "semdedup", **spec}, "selector")
 
 
 def test_the_selector_applies_the_rule_inside_each_cluster():

@@ -60,7 +60,6 @@ def test_stored_scores_are_not_reused_after_the_model_changed(tmp_path, tiny_lm_
 
 def test_an_edited_row_that_kept_its_id_is_scored_again(tmp_path, monkeypatch):
     """An exported output, edited and read back (the curate adapter keeps its ids)."""
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     run_job(parse_job({"inputs": [write_pool(tmp_path)], "output": str(tmp_path / "pool")}), progress=False)
     assert main(["export", str(tmp_path / "pool"), "--format", "jsonl", "--to", str(tmp_path / "export")]) == 0
     edited = tmp_path / "export" / "data.jsonl"
@@ -82,7 +81,6 @@ def test_an_edited_row_that_kept_its_id_is_scored_again(tmp_path, monkeypatch):
 
 
 def test_a_damaged_saved_shard_is_skipped_and_its_rows_scored_again(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(transforms.SCORERS, "fake", FakeScorer)
     monkeypatch.setattr(saved_work, "SAVE_EVERY_ROWS", 4)
     store = str(tmp_path / "store")
     spec = {"inputs": [write_pool(tmp_path)], "saved_work": store, "scorers": [{"type": "fake"}]}

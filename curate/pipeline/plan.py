@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from curate import records
+from curate import records, steps
 from curate.config import ConfigError, JobConfig
 from curate.inputs.formats import arrow_dir_schema
 from curate.inputs.files import plan_inputs
 from curate.pipeline import saved_work
-from curate.transforms.filters import make_filter_steps
 
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
 
@@ -43,17 +42,15 @@ class Plan:
     """Everything the driver decides before the pipeline runs."""
 
     def __init__(self, job: JobConfig):
-        from curate.selectors import make_selector
-
         self.job = job
         self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
-        self.filters = make_filter_steps(job.filters)
+        self.filters = [steps.build("filter", spec, f"filters[{i}]") for i, spec in enumerate(job.filters)]
         self.scorers = []
         if job.scorers:
             from curate.transforms import make_scorer
 
             self.scorers = [make_scorer(dict(s)) for s in job.scorers]
-        self.selectors = [make_selector(dict(s)) for s in job.selectors]
+        self.selectors = [steps.build("selector", spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]
         for step in self.selectors:
             attach_model_stage(step)
         columns = self.input_columns()

@@ -1,6 +1,6 @@
 """report.html sections of the curation steps that run as selectors (they remove
-duplicates rather than choose a budget): SemDeDup. Registered in
-curate.report.sections.SECTIONS like every method's."""
+duplicates rather than choose a budget): SemDeDup. Named by its selector's
+`report_section` like every method's (curate.steps)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `selector_sections` finds the selectors in manifest["plan"]["selectors"] (each one's
 `describe()`), gives each the rows it saw (`SelectorRun`, in curate.report.selector_run:
 what it kept and what it rejected, with the columns it wrote) and calls the section function of its type
-(`SECTIONS`). A section function returns None when the output lacks the columns it reads
+(the step's `report_section`, see curate.steps). A section function returns None when the output lacks the columns it reads
 (an older output, or an unknown selector): the section is then a generic line with the
 counts, and the page's generic histograms show the score columns.
 """
@@ -11,6 +11,7 @@ counts, and the page's generic histograms show the score columns.
 from __future__ import annotations
 
 import html
+import importlib
 import math
 from collections import Counter
 
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.report.curation_sections import semdedup_section
+from curate import steps
 from curate.report.plots import DROPPED_COLOR, KEPT_COLOR, POOL_COLOR, figure, png
 from curate.report.selector_run import (SelectorRun, _budget_text, _cluster_bars, _cluster_table, _code, _counts,
                                        _floats, _n, _padded, _pct)
@@ -432,22 +433,6 @@ def generic_section(run: SelectorRun) -> str:
             f"method reads; the score histograms below show the columns it has.</p>")
 
 
-SECTIONS = {
-    "grape": grape_section,
-    "donod": donod_section,
-    "diversity": kmq_section,
-    "s2l": s2l_section,
-    "paser": paser_section,
-    "random": random_section,
-    "top": top_section,
-    "semdedup": semdedup_section,
-}
-TITLES = {"top": "top by one column", "grape": "GRAPE", "donod": "DONOD", "diversity": "kMQ diversity", "s2l": "S2L (SmallToLarge)",
-          "paser": "PASER", "random": "random", "semdedup": "SemDeDup (semantic duplicates)"}
-# sections that draw the clusters themselves (the page's generic cluster plot is then left out)
-DRAW_CLUSTERS = {"diversity", "s2l", "paser"}
-
-
 def selector_stages(manifest: dict) -> list[str]:
     """The reject_stage of each selector, in order (as curate.pipeline.plan.Plan names them)."""
     specs = manifest.get("plan", {}).get("selectors", [])
@@ -459,6 +444,11 @@ def selector_stages(manifest: dict) -> list[str]:
     return [f"select{i}:{s['type']}" for i, s in enumerate(specs)]
 
 
+def _section_function(step):
+    module, name = step.report_section.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def selector_sections(kept: pa.Table, rejected: pa.Table | None, manifest: dict) -> tuple[str, bool]:
     """The selectors' sections, and whether they drew the clusters."""
     specs = manifest.get("plan", {}).get("selectors", [])
@@ -466,9 +456,11 @@ def selector_sections(kept: pa.Table, rejected: pa.Table | None, manifest: dict)
     out, clusters_drawn = [], False
     for i, (spec, stage) in enumerate(zip(specs, stages)):
         run = SelectorRun(spec, stage, kept, rejected, stages[i + 1:])
-        body = SECTIONS[run.type](run) if run.type in SECTIONS else None
-        clusters_drawn |= body is not None and run.type in DRAW_CLUSTERS
+        step = steps.find("selector", run.type)  # None: a selector this install lacks
+        body = _section_function(step)(run) if step is not None and step.report_section else None
+        clusters_drawn |= body is not None and step.draws_clusters
         anchor = f"selector-{run.type}" if len(specs) == 1 else f"selector{i}-{run.type}"
         out.append(f"<section id='{html.escape(anchor)}'><h2>Selection: "
-                   f"{html.escape(TITLES.get(run.type, run.type))}</h2>{body or generic_section(run)}</section>")
+                   f"{html.escape(step.title if step is not None and step.title else run.type)}</h2>"
+                   f"{body or generic_section(run)}</section>")
     return "".join(out), clusters_drawn

@@ -16,9 +16,11 @@ from __future__ import annotations
 import apache_beam as beam
 import pyarrow as pa
 
+from curate.steps import Step
 
-class Selector(beam.PTransform):
-    type: str = ""
+
+class Selector(Step, beam.PTransform):
+    kind = "selector"
     # score columns this selector reads; the pipeline checks they exist before running
     requires: tuple[str, ...] = ()
     # Streamed selectors (curate.pipeline.graph) select from a small projection of each

@@ -104,6 +104,9 @@ def _key_desc(keys):
 
 class DiversitySelector(Selector):
     type = "diversity"
+    title = "kMQ diversity"
+    report_section = "curate.report.sections:kmq_section"
+    draws_clusters = True
 
     def __init__(self, budget: int | float, embedding_column: str = "embedding",
                  k: int | str = "auto", k_grid: Sequence[int] = DEFAULT_K_GRID,

@@ -205,6 +205,8 @@ class DonodSelector(Selector):
     """
 
     type = "donod"
+    title = "DONOD"
+    report_section = "curate.report.sections:donod_section"
     requires = ("don", "nod")
 
     def __init__(self, criteria: Sequence[Sequence[str]] | None = None,

@@ -39,6 +39,8 @@ def rank_candidates(candidates: list[dict], score_column: str, reverse: bool = F
 
 class GrapeSelector(Selector):
     type = "grape"
+    title = "GRAPE"
+    report_section = "curate.report.sections:grape_section"
 
     def __init__(self, k: int = 1, score_column: str = "logprob_mean", reverse: bool = False):
         super().__init__()

@@ -124,6 +124,9 @@ class PaserSelector(Selector):
     """
 
     type = "paser"
+    title = "PASER"
+    report_section = "curate.report.sections:paser_section"
+    draws_clusters = True
 
     def __init__(self, budget: int | float, embedding_column: str = "embedding", jsd_column: str = "jsd",
                  cost_column: str = "jsd_total_tokens", n_clusters: int | str = 10, k_neighbors: int = 15,

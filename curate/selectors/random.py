@@ -19,6 +19,8 @@ from curate.selectors.shared.keys import hash_unit
 
 class RandomSelector(Selector):
     type = "random"
+    title = "random"
+    report_section = "curate.report.sections:random_section"
 
     def __init__(self, budget: int | float, seed: int = 0):
         super().__init__()

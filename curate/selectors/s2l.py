@@ -116,6 +116,9 @@ def _fit(sample: np.ndarray, k: int, seed: int, niter: int, init: str, nredo: in
 
 class S2LSelector(Selector):
     type = "s2l"
+    title = "S2L (SmallToLarge)"
+    report_section = "curate.report.sections:s2l_section"
+    draws_clusters = True
 
     def __init__(self, budget: int | float, k: int = 100, seed: int = 0, niter: int = 20,
                  sample_size: int = 100_000, stratify_by: str | None = None,

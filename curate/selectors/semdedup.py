@@ -88,6 +88,8 @@ def dedup_cluster(vectors: np.ndarray, threshold: float, block_rows: int = 1024
 
 class SemDedupSelector(Selector):
     type = "semdedup"
+    title = "SemDeDup (semantic duplicates)"
+    report_section = "curate.report.curation_sections:semdedup_section"
 
     def __init__(self, threshold: float = 0.95, embedding_column: str = "embedding",
                  k: int | str = "auto", keep: str = "farthest", sample_size: int = 100_000,

@@ -28,6 +28,8 @@ COMPUTED = {"response_chars": lambda r: float(len(r["response"]))}
 
 class TopSelector(Selector):
     type = "top"
+    title = "top by one column"
+    report_section = "curate.report.sections:top_section"
 
     def __init__(self, column: str, budget: int | float, order: str = "highest",
                  at_least: float | None = None, below: float | None = None):

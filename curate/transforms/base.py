@@ -28,6 +28,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from curate.formatting import encode
+from curate.steps import Step
 from curate.progress import StageProgress
 from curate.transforms.handlers import RecordModelHandler
 
@@ -62,8 +63,8 @@ class ApplyDecisions(beam.PTransform):
         return {"kept": out.kept, REJECTED: out[REJECTED]}
 
 
-class Scorer:
-    type: str = ""
+class Scorer(Step):
+    kind = "scorer"
     # set by the pipeline before `model_handler()`: the stage name shown in progress lines,
     # and on local runs the directory the workers write their counts to
     stage: str = ""

@@ -43,6 +43,7 @@ from apache_beam.metrics import Metrics
 
 from curate.config import ConfigError, InputConfig, expand_vars
 from curate.inputs.files import plan_inputs, task_records
+from curate.steps import Step
 from curate.transforms.base import REJECTED
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,11 @@ def _table_size(table: dict, n: int) -> dict:
     return table
 
 
-class Decontaminate(beam.PTransform):
+class Decontaminate(Step, beam.PTransform):
     """A whole-pool filter step (see the module docstring): kept rows, and `rejected` rows
     with reject_stage `filter:decontaminate` and the reason."""
 
+    kind = "filter"
     type = "decontaminate"
     per_example = False
 

@@ -13,17 +13,15 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from curate.config import ConfigError, make_step
+from curate.config import ConfigError
+from curate.steps import Step
 from curate.transforms.base import REJECTED, ApplyDecisions
-from curate.transforms.decontaminate import Decontaminate
-from curate.transforms.near_dedup import NearDedup
 
 
-
-class Filter:
+class Filter(Step):
     """A per-example filter: `reason_to_drop(record)`. Consecutive ones share one Beam step."""
 
-    type = ""
+    kind = "filter"
     per_example = True
 
     def setup(self) -> None:
@@ -81,9 +79,6 @@ class LengthFilter(Filter):
         return None
 
 
-FILTERS = {cls.type: cls for cls in (LengthFilter,)}
-
-
 class ApplyFilters(beam.DoFn):
     """Runs filters in order; the first that objects rejects the example, with its reason."""
 
@@ -107,7 +102,7 @@ class ApplyFilters(beam.DoFn):
 
 
 def normalise(text: str) -> str:
-    """Lower case, whitespace runs as one space, none at the ends (str.split's whitespace
+    r"""Lower case, whitespace runs as one space, none at the ends (str.split's whitespace
     is the regex \s: the same text as re.sub(r"\s+", " ", ...) at a third of its CPU)."""
     return " ".join(text.lower().split())
 
@@ -118,7 +113,7 @@ def dedup_key(record: dict, key: str) -> str:
     return "\x00".join(normalise(m["content"]) for m in record["messages"])
 
 
-class ExactDedup(beam.PTransform):
+class ExactDedup(Step, beam.PTransform):
     """Keep one example per normalised text (the smallest id, then origin: deterministic).
 
     key: "prompt_response" (default: the whole conversation) or "prompt". Never use
@@ -127,6 +122,7 @@ class ExactDedup(beam.PTransform):
     normalised text travel to the grouping, never the rows.
     """
 
+    kind = "filter"
     type = "dedup"
     per_example = False  # a whole-pool step: a PTransform returning `kept` and `rejected` outputs
 
@@ -160,22 +156,3 @@ class ExactDedup(beam.PTransform):
 
     def expand(self, pcoll):
         return pcoll | ApplyDecisions(self, "filter:dedup")
-
-
-def whole_pool_steps() -> dict:
-    """Filters that see the whole pool (PTransforms with kept / rejected), by type."""
-    return {"dedup": ExactDedup, "near_dedup": NearDedup, "decontaminate": Decontaminate}
-
-
-def make_filter_steps(specs: list[dict]) -> list:
-    steps = []
-    whole_pool = whole_pool_steps()
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        kind = spec.pop("type")
-        cls = whole_pool.get(kind) or FILTERS.get(kind)
-        if cls is None:
-            raise ConfigError(f"filters[{i}]: unknown filter {kind!r}; known: "
-                              f"{', '.join(list(whole_pool) + list(FILTERS))}")
-        steps.append(make_step(cls, spec, f"filters[{i}] ({kind})"))
-    return steps

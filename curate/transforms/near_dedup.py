@@ -47,6 +47,7 @@ import apache_beam as beam
 import numpy as np
 
 from curate.config import ConfigError
+from curate.steps import Step
 from curate.transforms.decontaminate import words
 from curate.transforms.base import ApplyDecisions
 
@@ -210,10 +211,11 @@ def resolve(pairs: np.ndarray, blocks: list, threshold: float, keep: str) -> dic
 ROW_BLOCK = 4096  # projections per block of band arrays
 
 
-class NearDedup(beam.PTransform):
+class NearDedup(Step, beam.PTransform):
     """A whole-pool filter step (see the module docstring), streamed: `project`, `decide`
     (the state: {rejected (id, origin): (kept (id, origin), estimated Jaccard)}), `route`."""
 
+    kind = "filter"
     type = "near_dedup"
     per_example = False
 
