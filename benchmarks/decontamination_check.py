@@ -8,7 +8,7 @@ questions planted in a training file, and what does it find in the real one?
    turned into " ;"), a third wrapped in a sentence before and after. All must be caught.
 2. Clean: gsm8k_train against gsm8k_test as shipped; the rows caught are real overlap,
    listed with the shared n-gram.
-Both run `jobs/decontaminate.yaml`'s filter through the pipeline (curate.pipeline.build.run_job)
+Both run `jobs/decontaminate.yaml`'s filter through the pipeline (curate.pipeline.run.run_job)
 on the local runner. Writes benchmarks/RESULTS_decontamination.md and
 benchmarks/results/decontamination.json.
 """
@@ -50,7 +50,7 @@ def run(train: str, eval_path: str, out: str, n: int) -> tuple[dict, list[dict],
     import datasets
 
     from curate.config import parse_job
-    from curate.pipeline.build import run_job
+    from curate.pipeline.run import run_job
 
     job = parse_job({"name": "decontamination-check", "inputs": [{"path": train, "source": "gsm8k"}],
                      "output": out, "filters": [{"type": "decontaminate", "n": n,

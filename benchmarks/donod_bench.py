@@ -5,7 +5,7 @@
     python benchmarks/donod_bench.py --model PATH --n 16  # any HF directory (tests: the tiny model)
 
 Speed part: the same GSM8K examples scored three ways on the same model, same thread count:
-  closed_form_batched  curate.transforms.weight_delta.don_nod_batch, batches by token budget
+  closed_form_batched  curate.scorers.weight_delta.don_nod_batch, batches by token budget
   closed_form_single   the same, one example per forward
   autograd_single      per example: forward of the base model, then the head's loss and
                        torch.autograd.grad w.r.t. the head weight only (the strongest
@@ -51,7 +51,7 @@ from benchmarks.machine import machine_info  # noqa: E402
 from curate.formatting import encode  # noqa: E402
 from curate.records import adapt, ADAPTERS  # noqa: E402
 from curate.selectors.donod import topsis_closeness  # noqa: E402
-from curate.transforms.weight_delta import (  # noqa: E402
+from curate.scorers.weight_delta import (  # noqa: E402
     _check_head, _decoder, don_nod, don_nod_batch, weight_norm,
 )
 from curate.models.batching import batches_by_token_budget  # noqa: E402

@@ -29,7 +29,7 @@ The small input (`small_job`), from the job as `curate.config.load_job` reads it
 Any option still naming a path under runs/ after this is an error: a job this script
 does not know how to redirect must not write into the repository.
 
-Jobs run in this process with `curate.pipeline.build.run_job(job, progress=False)`; the
+Jobs run in this process with `curate.pipeline.run.run_job(job, progress=False)`; the
 wall time of each is printed (it is not recorded: the file must not change between runs).
 """
 
@@ -202,7 +202,7 @@ def kept_pairs(output: str) -> list[list[str]]:
 
 
 def run_one(name: str, work: pathlib.Path) -> tuple[dict, float]:
-    from curate.pipeline.build import run_job
+    from curate.pipeline.run import run_job
 
     job_dir = work / name
     if job_dir.exists():

@@ -156,7 +156,7 @@ def bench_beam_assign(x: np.ndarray, k: int, sample: np.ndarray) -> dict:
     embedding scorer and the readers carry today) and as NumPy arrays."""
     import apache_beam as beam
 
-    from curate.pipeline.build import pipeline_options
+    from curate.pipeline.run import pipeline_options
 
     model = km.fit_model(sample[:20_000], k, seed=0, niter=5)
     per_chunk = 1000

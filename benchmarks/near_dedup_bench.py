@@ -70,9 +70,9 @@ def run_curate(path: str, with_step: bool = True) -> set:
     import apache_beam as beam
     from curate.config import InputConfig
     from curate.inputs.files import plan_inputs
-    from curate.pipeline.build import pipeline_options
+    from curate.pipeline.run import pipeline_options
     from curate.pipeline.readers import ReadInputs
-    from curate.transforms.near_dedup import NearDedup
+    from curate.filters.near_dedup import NearDedup
 
     import glob
     import tempfile
@@ -93,7 +93,7 @@ def run_curate(path: str, with_step: bool = True) -> set:
 def run_datasketch(rows: list[dict]) -> set:
     from datasketch import MinHash, MinHashLSH
 
-    from curate.transforms.near_dedup import components, record_text, shingles
+    from curate.filters.near_dedup import components, record_text, shingles
 
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     sigs, edges = {}, []

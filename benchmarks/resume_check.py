@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     from curate.config import load_job
     from curate.pipeline import saved_work
-    from curate.transforms import make_scorer
+    from curate.scorers import make_scorer
 
     job = load_job(str(ROOT / args.job))
     (spec,) = job.scorers

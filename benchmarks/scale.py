@@ -35,7 +35,7 @@ is not started unless --ignore-memory. Each job's output is removed once scored
      >= 0.8 (one edit already takes a short row below), each recorded.
    The rows are shuffled. truth.jsonl.gz has one line per planted copy: its row, its
    source row (the variant), kind (exact / case-space / near), edits and true Jaccard to
-   the source, computed with curate's own definition (curate.transforms.near_dedup:
+   the source, computed with curate's own definition (curate.filters.near_dedup:
    shingles(record_text(record), 5) of the record curate's alpaca adapter makes).
    Rows carry no id: every tool numbers them itself; a row is its position in the pool
    (shard order, then line).
@@ -169,7 +169,7 @@ def exact_key(row: dict) -> str:
 
 def shingle_set(row: dict, n: int = 5) -> set[str]:
     from curate.records import adapt_alpaca
-    from curate.transforms.near_dedup import record_text, shingles
+    from curate.filters.near_dedup import record_text, shingles
 
     return shingles(record_text(next(adapt_alpaca(row, {}, "pool"))), n)
 
@@ -180,7 +180,7 @@ def jaccard(a: set, b: set) -> float:
 
 def load_base(data: pathlib.Path, limit: int | None = None) -> list[dict]:
     """The base rows (module docstring), sorted by shingle count (ties: file order)."""
-    from curate.transforms.near_dedup import permutations, shingle_values, signature
+    from curate.filters.near_dedup import permutations, shingle_values, signature
 
     rows = []
     for name in BASE_FILES:

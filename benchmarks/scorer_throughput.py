@@ -203,7 +203,7 @@ def run_method(spec: dict) -> dict:
 
     from curate.formatting import encode
     from curate.models import load_causal_lm, pick_dtype
-    from curate.transforms.likelihood import LikelihoodScorer
+    from curate.scorers.likelihood import LikelihoodScorer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

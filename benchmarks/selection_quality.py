@@ -447,7 +447,7 @@ def score_into(opts: Options, inputs, scorers, out: pathlib.Path, name: str) -> 
     filters and scorers are unchanged (the pipeline's scores key). Every scoring saves
     its rows in one store (`saved_work`, by example id and scorer config), so the noisy
     pool's uncorrupted rows take their scores from the clean pool's run."""
-    from curate.pipeline.build import score_once
+    from curate.pipeline.run import score_once
 
     job = _job(inputs, out, name, scorers=scorers)
     job.saved_work = str(pathlib.Path(opts.work_dir) / "saved-scores")
@@ -464,7 +464,7 @@ def save_scores_of(scores: pathlib.Path, scorers: list[dict], store: str) -> Non
     import pyarrow as pa
 
     from curate.pipeline import saved_work
-    from curate.transforms import make_scorer
+    from curate.scorers import make_scorer
 
     table = None
     for spec in scorers:
@@ -484,7 +484,7 @@ def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathli
     """`curate select`: run one selector over a scores directory, no model loaded (the
     iterative diversity selector excepted: it trains between its rounds)."""
     from curate.config import JobConfig
-    from curate.pipeline.build import read_manifest, select_from_scores
+    from curate.pipeline.run import read_manifest, select_from_scores
 
     scoring = read_manifest(str(scores)) or {}
     previous = read_manifest(str(out))

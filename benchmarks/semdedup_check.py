@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     import datasets
 
     from curate.config import load_job
-    from curate.pipeline.build import run_job
+    from curate.pipeline.run import run_job
     from curate.selectors.semdedup import dedup_cluster, dedup_order
 
     job = load_job(args.job)

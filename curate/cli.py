@@ -76,7 +76,7 @@ def cmd_run(args) -> int:
         out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
         TrainConfig.from_dict(opts)
         check_run_dir(out, [job.output, *(i.path for i in job.inputs), *([job.scores] if job.scores else [])])
-    from curate.pipeline.build import run_job
+    from curate.pipeline.run import run_job
 
     print(f"curate run: {job.name} -> {job.output}", file=sys.stderr)
     manifest = run_job(job, args.beam_args, overwrite=args.overwrite, progress=not args.quiet, fresh=args.fresh)
@@ -98,7 +98,7 @@ def cmd_score(args) -> int:
     job = load_job(args.job)
     if not job.scorers:
         raise ConfigError(f"{args.job}: no scorers to run")
-    from curate.pipeline.build import score_once
+    from curate.pipeline.run import score_once
 
     out = args.output or job.scores or f"{job.output.rstrip('/')}-scores"
     manifest, reused = score_once(job, out, args.beam_args, overwrite=args.overwrite, progress=not args.quiet,
@@ -120,7 +120,7 @@ def _parse_value(text: str, where: str):
 
 def cmd_select(args) -> int:
     from curate.config import JobConfig
-    from curate.pipeline.build import select_from_scores
+    from curate.pipeline.run import select_from_scores
 
     step = {"type": args.method}
     if args.budget is not None:

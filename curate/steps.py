@@ -5,7 +5,7 @@ A step class says what it is with two class attributes: `kind` ("filter", "score
 Defining the class registers it (`Step.__init_subclass__`): no other file lists the
 step names, and a new method is one new module. A job finds its steps here among:
 
-- curate's own: every module under `curate.transforms` and `curate.selectors` is
+- curate's own: every module under `curate.scorers` and `curate.selectors` is
   imported once, on the first lookup;
 - those of any installed package that declares an entry point in the group
   `curate.steps`, whose value is the module (or an object in it) defining the steps:
@@ -30,7 +30,7 @@ from curate.config import ConfigError, make_step
 
 KINDS = ("filter", "scorer", "selector")
 ENTRY_POINT_GROUP = "curate.steps"
-BUILT_IN_PACKAGES = ("curate.transforms", "curate.selectors")
+BUILT_IN_PACKAGES = ("curate.filters", "curate.scorers", "curate.selectors")
 
 _registry: dict[tuple[str, str], type] = {}
 _built_ins_loaded = False

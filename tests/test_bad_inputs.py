@@ -24,7 +24,7 @@ import pytest
 from curate import cli
 from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs import files as readers
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.inputs.files import iter_rows, plan_inputs, task_records
 
 

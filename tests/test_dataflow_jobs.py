@@ -21,7 +21,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate.config import ConfigError, load_job, parse_job
-from curate.pipeline.build import LOCAL_RUNNER, pipeline_options, run_job
+from curate.pipeline.run import LOCAL_RUNNER, pipeline_options, run_job
 from curate.pipeline.graph import build
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
@@ -389,7 +389,7 @@ def test_gpu_scorers_get_gpu_workers(path, monkeypatch, caplog):
 
     for var, value in VALID_SETTINGS.items():
         monkeypatch.setenv(var, value)
-    from curate.transforms import make_scorer
+    from curate.scorers import make_scorer
 
     job = load_job(str(path))
     scorers = [make_scorer(dict(s)) for s in job.scorers]  # the inputs on gs:// are not planned here
@@ -496,7 +496,7 @@ def test_a_failed_remote_run_leaves_no_staging(store, monkeypatch):
         assert _listing("memgs://bucket/runs/") != []  # the staging directory is full
         raise RuntimeError("counts do not add up")
 
-    monkeypatch.setattr("curate.pipeline.build.check_counts", counts_do_not_add_up)
+    monkeypatch.setattr("curate.pipeline.run.check_counts", counts_do_not_add_up)
     job = parse_job({"inputs": ["memgs://bucket/data/gsm8k_train.jsonl.gz"], "output": "memgs://bucket/runs/x",
                      "selectors": [{"type": "random", "budget": 3}]})
     with pytest.raises(RuntimeError, match="counts do not add up"):
@@ -655,7 +655,7 @@ def test_a_local_interrupt_still_removes_the_staging(tmp_path, monkeypatch, wher
 
 
 def test_the_selection_from_stored_scores_takes_its_own_options(tmp_path, monkeypatch):
-    import curate.pipeline.build as build_module
+    import curate.pipeline.run as build_module
 
     seen = []
     real = build_module.run_pipeline

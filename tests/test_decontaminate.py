@@ -13,9 +13,10 @@ import pytest
 from curate import records
 from curate.cli import main
 from curate.config import ConfigError, parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.pipeline.plan import Plan
-from curate.transforms.decontaminate import first_hit, ngram_hash, words
+from curate.filters.decontaminate import first_hit, ngram_hash
+from curate.filters.text import words
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
             "clips in May. How many clips did Natalia sell altogether in April and May?")
@@ -143,10 +144,10 @@ def test_unreadable_eval_rows_are_counted_and_the_first_named(tmp_path, caplog):
         json.dumps({"question": "Q4", "answer": ["a"]}), json.dumps({"question": "Q5", "answer": {}}), good]) + "\n")
     job = parse_job({"inputs": [str(tmp_path / "test.jsonl")], "output": str(tmp_path / "out"),
                      "filters": [{"type": "decontaminate", "eval": [str(tmp_path / "test.jsonl")]}]})
-    with caplog.at_level(logging.WARNING, logger="curate.transforms.decontaminate"):
+    with caplog.at_level(logging.WARNING, logger="curate.filters.decontaminate"):
         plan = Plan(job)  # the evaluation set is read while planning, before any pipeline
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                  and r.name == "curate.transforms.decontaminate"]
+                  and r.name == "curate.filters.decontaminate"]
     assert warning.startswith("decontaminate: 4 of 6 evaluation rows cannot be read")
     assert warning.endswith("(first: test.jsonl:2: missing field 'answer'; test.jsonl:3: malformed JSON: "
                             "Expecting value at column 30; test.jsonl:4: field 'answer' is list, expected text)")

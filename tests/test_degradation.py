@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that
 from curate.formatting import encode
 from curate.prune import prune_model
 from curate.records import make_record
-from curate.transforms.degradation import (DegradationScorer, degradation_batch, jsd_from_logits,
+from curate.scorers.degradation import (DegradationScorer, degradation_batch, jsd_from_logits,
                                            score_pairs)
 from tests.conftest import make_tiny_lm
 
@@ -103,8 +103,8 @@ def test_token_budget_batches_keep_order_and_values(pair):
 def test_scorer_in_a_pipeline(pair, tmp_path):
     from apache_beam.ml.inference.base import RunInference
 
-    from curate.pipeline.build import pipeline_options
-    from curate.transforms import make_scorer  # noqa: F401  (the registry imports cleanly)
+    from curate.pipeline.run import pipeline_options
+    from curate.scorers import make_scorer  # noqa: F401  (the registry imports cleanly)
 
     original, pruned, tok = pair
     for name, m in (("orig", original), ("pruned", pruned)):

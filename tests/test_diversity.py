@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from scipy.stats import chisquare
 
 from curate.config import ConfigError
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.selectors import diversity as dv
 from curate.selectors import diversity_plan as dp
 from curate.selectors.shared import kmeans as km

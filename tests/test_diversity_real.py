@@ -11,7 +11,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that
 
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.selectors import diversity as dv
 from curate.selectors.shared import kmeans as km
 
@@ -45,7 +45,7 @@ def purity(clusters, sources):
 @pytest.mark.integration
 def test_clusters_separate_sources_on_the_real_pool(shared_data, capsys):
     from curate.models import load_embedder
-    from curate.transforms.embedding import embed_texts, record_text
+    from curate.scorers.embedding import embed_texts, record_text
 
     rows = read_pool(shared_data, per_source=100)
     model, tok = load_embedder("minilm", device="cpu")

@@ -10,7 +10,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that
 
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.pipeline.plan import attach_model_stage
 from curate.selectors import make_selector
 from test_diversity import blob_rows
@@ -69,12 +69,12 @@ def _check_tiny(got):
 
 def test_a_bad_refinement_config_fails_before_any_scoring(tmp_path, monkeypatch):
     from curate.config import ConfigError, parse_job
-    from curate.pipeline.build import run_job
+    from curate.pipeline.run import run_job
 
     def no_work(*a, **k):
         raise AssertionError("a pipeline ran before the configuration was checked")
 
-    monkeypatch.setattr("curate.pipeline.build.run_pipeline", no_work)
+    monkeypatch.setattr("curate.pipeline.run.run_pipeline", no_work)
     path = tmp_path / "in.jsonl"
     path.write_text('{"question": "q", "answer": "a"}\n')
     job = parse_job({"inputs": [str(path)], "output": str(tmp_path / "out"), "scores": str(tmp_path / "s"),

@@ -8,9 +8,9 @@ import torch
 
 from conftest import make_tiny_tokenizer
 from curate.records import make_record
-from curate.transforms import make_scorer
-from curate.transforms.embedding import EmbeddingScorer
-from curate.transforms.embedding import embed_texts, record_text
+from curate.scorers import make_scorer
+from curate.scorers.embedding import EmbeddingScorer
+from curate.scorers.embedding import embed_texts, record_text
 
 TEXTS = [
     "What is two plus two?",

@@ -16,7 +16,7 @@ import pytest
 from curate import export
 from curate.cli import main
 from curate.config import parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 
 
 def _rows():

@@ -15,10 +15,10 @@ import torch
 from curate import records as curate_records
 from curate.cli import print_summary
 from curate.config import TooManyFailures, parse_job
-from curate.pipeline.build import check_counts, run_job
+from curate.pipeline.run import check_counts, run_job
 from curate.report.inspect import inspect_output
-from curate.transforms.base import Scorer
-from curate.transforms.handlers import SCORE_ERROR, RecordModelHandler, is_out_of_memory
+from curate.scorers.base import Scorer
+from curate.scorers.handlers import SCORE_ERROR, RecordModelHandler, is_out_of_memory
 
 
 def records(n):
@@ -58,7 +58,7 @@ def test_oom_batches_are_split_until_they_fit(caplog):
     recs = records(10)
     unsplit = run(FakeRunner(), recs)
     FakeRunner.batch_sizes.clear()
-    with caplog.at_level(logging.WARNING, logger="curate.transforms.handlers"):
+    with caplog.at_level(logging.WARNING, logger="curate.scorers.handlers"):
         split = run(FakeRunner(oom_above=3), recs)
     assert split == unsplit  # every row, same order, same scores, no error marker
     assert max(FakeRunner.batch_sizes[1:]) <= 5 and FakeRunner.batch_sizes[0] == 10
@@ -182,7 +182,7 @@ def test_pipeline_sends_the_failing_row_to_the_dead_letter(tmp_path, monkeypatch
 def test_pipeline_likelihood_oom_split_gives_the_unsplit_scores(tmp_path, tiny_lm_dir, monkeypatch, caplog):
     """The real likelihood scorer on the tiny model: an OOM for batches of more than 3 rows
     is split away, and every row gets the score it gets unsplit."""
-    from curate.transforms.likelihood import LikelihoodScorer
+    from curate.scorers.likelihood import LikelihoodScorer
 
     scorer = {"type": "likelihood", "model": str(tiny_lm_dir), "dtype": "float32"}
     run_job(pipeline_job(tmp_path, scorer, out="unsplit"))
@@ -197,7 +197,7 @@ def test_pipeline_likelihood_oom_split_gives_the_unsplit_scores(tmp_path, tiny_l
         return score(self, lm, recs)
 
     monkeypatch.setattr(LikelihoodScorer, "score_batch", score_or_oom)
-    with caplog.at_level(logging.WARNING, logger="curate.transforms.handlers"):
+    with caplog.at_level(logging.WARNING, logger="curate.scorers.handlers"):
         m = run_job(pipeline_job(tmp_path, scorer, out="split"))
     assert max(seen) > 3 and "ran out of memory" in caplog.text  # a split really happened
     assert m["counts"]["score_failed"] == {"score:likelihood": 0} and m["counts"]["kept"] == 5
@@ -220,7 +220,7 @@ def test_one_batch_at_a_time_per_model_and_memory_released_where_it_lives(monkey
     import threading
     import time
 
-    from curate.transforms import handlers
+    from curate.scorers import handlers
 
     class Slow:
         running = most = 0

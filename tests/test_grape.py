@@ -4,7 +4,7 @@ import random
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.records import make_record
 from curate.selectors.grape import GrapeSelector
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from curate.config import parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.records import adapt_qa
-from curate.transforms import make_scorer
+from curate.scorers import make_scorer
 
 PAIRS = [("What is 2 + 2?", "4, because two and two make four."),
          ("Name a colour of the sky.", "Blue, on a clear day."),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.selectors.shared import kmeans as km
 
 

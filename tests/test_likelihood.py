@@ -15,8 +15,8 @@ import torch
 from conftest import make_tiny_lm
 from curate.formatting import encode
 from curate.records import adapt_qa, make_record
-from curate.transforms import make_scorer
-from curate.transforms.likelihood import LikelihoodScorer
+from curate.scorers import make_scorer
+from curate.scorers.likelihood import LikelihoodScorer
 from curate.models.batching import batches_by_token_budget
 from curate.models.logprobs import response_logprobs, score_encoded
 

@@ -10,7 +10,7 @@ from curate.config import ConfigError
 from curate.formatting import encode
 from curate.records import ADAPTERS, adapt
 from curate.train.data import collate, tokenize
-from curate.transforms import make_scorer
+from curate.scorers import make_scorer
 from curate.models.logprobs import response_logprobs
 
 CONVERSATION = {"messages": [

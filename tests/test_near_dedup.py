@@ -14,8 +14,8 @@ from apache_beam.testing.util import assert_that
 
 from curate.config import ConfigError, InputConfig, parse_job
 from curate.inputs.files import read_records
-from curate.pipeline.build import pipeline_options, run_job
-from curate.transforms.near_dedup import (PRIME, NearDedup, band_hashes, bucket_pairs, estimated_jaccard, permutations,
+from curate.pipeline.run import pipeline_options, run_job
+from curate.filters.near_dedup import (PRIME, NearDedup, band_hashes, bucket_pairs, estimated_jaccard, permutations,
                                           record_text, row_ref, shingle_values, shingles, signature, signature_similarity,
                                           verified_pairs)
 

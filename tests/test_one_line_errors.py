@@ -85,7 +85,7 @@ def test_a_model_that_asks_for_remote_code_is_one_line(tmp_path, tiny_lm_dir, ca
 
 
 def test_an_unwritable_saved_work_location_fails_before_scoring(tmp_path, tiny_lm_dir, capsys, monkeypatch):
-    from curate.transforms.likelihood import LikelihoodScorer
+    from curate.scorers.likelihood import LikelihoodScorer
 
     def never(*a, **k):
         raise AssertionError("scored before the saved-work location was checked")
@@ -102,7 +102,7 @@ def test_sigterm_while_a_model_scores_is_one_line(tmp_path, tiny_lm_dir):
     job = write_job(tmp_path, likelihood_job(tmp_path, tiny_lm_dir, "out", n=60))
     script = textwrap.dedent("""
         import sys, time
-        from curate.transforms.likelihood import LikelihoodScorer
+        from curate.scorers.likelihood import LikelihoodScorer
         score = LikelihoodScorer.score_batch
         def slow(self, loaded, records):
             print("SCORING", flush=True)

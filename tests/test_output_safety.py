@@ -17,7 +17,7 @@ import pytest
 
 from curate import cli
 from curate.config import ConfigError, parse_job, resolve_budget
-from curate.pipeline.build import pipeline_options, run_job, scores_key
+from curate.pipeline.run import pipeline_options, run_job, scores_key
 from curate.inputs.files import plan_inputs
 from curate.pipeline.output import check_output
 
@@ -362,7 +362,7 @@ def test_a_late_system_error_is_one_line_and_publishes_nothing(tmp_path, capsys,
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("curate.pipeline.build.publish", disk_full)
+    monkeypatch.setattr("curate.pipeline.run.publish", disk_full)
     rc, lines, err = cli_run(["run", _job_file(tmp_path)], capsys)
     assert rc == 1 and len(lines) == 1 and "No space left" in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "job.yaml"]

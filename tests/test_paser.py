@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from curate.pipeline.build import pipeline_options
-from curate.selectors.shared.ccg import ConceptGraph, key_phrases, run_ccg
+from curate.pipeline.run import pipeline_options
+from curate.selectors.shared.concept_graph import ConceptGraph, key_phrases, run_ccg
 from curate.selectors.paser import PaserSelector, ies, verdict
 from curate.selectors.shared.quotas import cds_shares
 from curate.selectors.shared.spectral import (SpectralClusters, elbow, fit_spectral_clusters,

@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from curate.config import parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.selectors.shared.keys import hash_unit as random_key
 
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from curate.config import parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.progress import ProgressDisplay, StageProgress, format_stage, read_stages
 
 

@@ -13,7 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from curate.config import parse_job
 from curate.pipeline import output
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.pipeline.output import publish, read_manifest, remove_stale_staging, staging_dir
 from curate.pipeline.sink import (_row_order, commit_jsonl, finalize_shards, shard_count, shard_of, write_jsonl,
                                  write_shard)

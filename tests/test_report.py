@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 
 from curate.config import load_job
-from curate.pipeline.build import select_from_scores
+from curate.pipeline.run import select_from_scores
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs, task_records
 from curate.records import BASE_SCHEMA
@@ -142,7 +142,7 @@ def report_of(tmp_path_factory, shared_data):
 
 @pytest.mark.parametrize("job_path", JOBS, ids=[pathlib.Path(p).stem for p in JOBS])
 def test_report_has_the_selector_section(job_path, report_of, caplog):
-    with caplog.at_level(logging.WARNING, logger="curate.pipeline.build"):
+    with caplog.at_level(logging.WARNING, logger="curate.pipeline.run"):
         manifest, report = report_of(job_path)
     assert not [r for r in caplog.records if "report.html not written" in r.getMessage()]
     page = report.read_text()

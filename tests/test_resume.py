@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 
 from curate import records as curate_records
-from curate import transforms
+from curate.scorers import make_scorer
 from curate.config import TooManyFailures, parse_job
 from curate.pipeline import saved_work
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.report.inspect import inspect_output
-from curate.transforms.likelihood import LikelihoodScorer
+from curate.scorers.likelihood import LikelihoodScorer
 
 from memfs import listing, store  # noqa: F401 (store: a fixture)
 from test_faults import FakeScorer, pool_rows, write_pool
@@ -55,7 +55,7 @@ def files(out: pathlib.Path) -> dict[str, bytes]:
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     from curate.pipeline import saved_work
-    from curate.transforms.likelihood import LikelihoodScorer
+    from curate.scorers.likelihood import LikelihoodScorer
     saved_work.SAVE_EVERY_ROWS = 4
     score = LikelihoodScorer.score_batch
     def slow(self, loaded, records):
@@ -72,7 +72,7 @@ def test_a_run_killed_part_way_resumes_where_it_stopped(tmp_path, tiny_lm_dir, m
     (tmp_path / "job.yaml").write_text(json.dumps(spec))
     (tmp_path / "killed.py").write_text(KILLED_RUN)
     plan_dir = saved_work.default_dir(spec["output"])
-    scorer = transforms.make_scorer(dict(spec["scorers"][0]))
+    scorer = make_scorer(dict(spec["scorers"][0]))
     directory = saved_work.scorer_dir(plan_dir, scorer)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -161,7 +161,7 @@ def test_the_key_follows_what_the_numbers_depend_on(tmp_path, tiny_lm_dir):
     shutil.copytree(tiny_lm_dir, model)
 
     def key(**options):
-        return saved_work.scorer_key(transforms.make_scorer({"type": "likelihood", "model": str(model), **options}))
+        return saved_work.scorer_key(make_scorer({"type": "likelihood", "model": str(model), **options}))
 
     base = key()
     assert key(min_batch_size=2, max_batch_size=8, max_tokens_per_batch=99) == base  # batching only

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from curate.pipeline.build import pipeline_options
+from curate.pipeline.run import pipeline_options
 from curate.records import make_record
 from curate.selectors.s2l import S2LSelector, sample_key
 from curate.selectors.shared.quotas import balanced_quotas, stratified_quotas
@@ -254,7 +254,7 @@ def direct_losses(base_dir, ckpt_dir, records):
 
 
 def test_trajectories_equal_direct_loss_per_checkpoint_in_step_order(proxy_run, tiny_lm_dir, tmp_path):
-    from curate.transforms.trajectory import TrajectoryScorer, discover_checkpoints
+    from curate.scorers.trajectory import TrajectoryScorer, discover_checkpoints
 
     records = text_records()
     found = discover_checkpoints(proxy_run)
@@ -289,7 +289,7 @@ def write_jsonl(path, rows):
 
 def test_job_trains_proxy_scores_once_selects_deterministically(tmp_path, tiny_lm_dir, monkeypatch):
     from curate.config import parse_job
-    from curate.pipeline.build import read_manifest, run_job
+    from curate.pipeline.run import read_manifest, run_job
     # report.html is tested with the pipeline; its plots cost seconds per output here
     monkeypatch.setattr("curate.report.html.render_report", lambda *a, **k: None)
 
@@ -331,7 +331,7 @@ def test_job_trains_proxy_scores_once_selects_deterministically(tmp_path, tiny_l
 def test_full_model_checkpoints_swap_weights(tmp_path, tiny_lm_dir):
     """Full fine-tuning checkpoints: one model, its weights replaced per checkpoint."""
     from curate.train import TrainConfig, train
-    from curate.transforms.trajectory import TrajectoryScorer
+    from curate.scorers.trajectory import TrajectoryScorer
 
     records = text_records(4)
     cfg = TrainConfig(model=str(tiny_lm_dir), method="full", max_steps=4, checkpoint_steps=[2, 4],
@@ -350,8 +350,8 @@ def test_proxy_model_stage_trains_on_the_pool_after_the_jobs_filters(tmp_path, t
     readers and passed through its filters (here: a length filter drops 8 of 24 rows and
     a duplicate), in read order; the manifest records the model stage."""
     from curate.config import parse_job
-    from curate.pipeline.build import run_job
-    from curate.pipeline.stages import read_order
+    from curate.pipeline.run import run_job
+    from curate.pipeline.model_stages import read_order
     monkeypatch.setattr("curate.report.html.render_report", lambda *a, **k: None)
     rows = [{"question": f"Question number {i}" + (" padded" * 40 if i % 3 == 0 else ""), "answer": f"Answer {i}."}
             for i in range(24)]

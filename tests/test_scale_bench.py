@@ -53,8 +53,8 @@ def curate_records(pool_path: pathlib.Path) -> dict[int, dict]:
 
 
 def test_pool_fractions_truth_and_copies(pool, tmp_path):
-    from curate.transforms.filters import dedup_key
-    from curate.transforms.near_dedup import record_text, shingles
+    from curate.filters.dedup import dedup_key
+    from curate.filters.near_dedup import record_text, shingles
 
     path, base = pool
     meta = scale.read_meta(path)

@@ -7,7 +7,7 @@ import datasets
 
 from curate.config import parse_job
 from curate.pipeline import build
-from curate.pipeline.build import run_job, select_from_scores
+from curate.pipeline.run import run_job, select_from_scores
 from curate.config import JobConfig
 
 

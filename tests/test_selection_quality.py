@@ -139,7 +139,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
 
     # scores computed before the store existed go into it once, as they are
     from curate.pipeline import saved_work
-    from curate.transforms import make_scorer
+    from curate.scorers import make_scorer
 
     scores = work / "clean" / "scores-ifd"
     specs = json.loads((scores / "manifest.json").read_text())["job"]["scorers"]

@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from curate.config import ConfigError, parse_job
-from curate.pipeline.build import pipeline_options, run_job
+from curate.pipeline.run import pipeline_options, run_job
 from curate import steps
 from curate.selectors.semdedup import SemDedupSelector, dedup_cluster, dedup_order
 

@@ -9,12 +9,12 @@ import time
 
 import datasets
 
-from curate import transforms
+from curate.scorers import make_scorer
 from curate.cli import main
 from curate.config import parse_job
 from curate.models import loading
 from curate.pipeline import saved_work
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 
 from test_faults import FakeScorer, write_pool
 from test_resume import likelihood_job
@@ -27,7 +27,7 @@ def touch(model_dir):
 
 
 def likelihood_key(model: str) -> str:
-    return saved_work.scorer_key(transforms.make_scorer({"type": "likelihood", "model": model}))
+    return saved_work.scorer_key(make_scorer({"type": "likelihood", "model": model}))
 
 
 def test_the_key_follows_the_files_behind_a_home_path_and_an_embedded_alias(tmp_path, tiny_lm_dir, monkeypatch):

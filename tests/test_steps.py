@@ -10,7 +10,7 @@ import pytest
 
 from curate import steps
 from curate.config import ConfigError, parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.records import ADAPTERS, adapt
 
 ROWS = [{"question": f"Question {i}?", "answer": " ".join(["word"] * (1 + (i * 7) % 11)) + f" {i}"}
@@ -57,7 +57,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 
 @dataclasses.dataclass

@@ -15,11 +15,11 @@ import pytest
 
 from curate.config import parse_job
 from curate.pipeline import graph, sink
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.pipeline.plan import Plan, output_schema
 from curate.records import ADAPTERS, adapt
 from curate.selectors.shared.keys import hash_unit
-from curate.transforms.filters import normalise
+from curate.filters.dedup import normalise
 
 
 def pool(n=300, seed=0):

@@ -14,7 +14,7 @@ import yaml
 
 from curate.cli import main, make_parser
 from curate.config import ConfigError, parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 from curate.train import TrainConfig, train
 from curate.train import trainer as trainer_module
 

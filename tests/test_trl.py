@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from curate.config import parse_job
-from curate.pipeline.build import run_job
+from curate.pipeline.run import run_job
 
 trl = pytest.importorskip("trl")
 

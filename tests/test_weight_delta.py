@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_lm
 from curate.formatting import encode, truncate
-from curate.transforms.weight_delta import (
+from curate.scorers.weight_delta import (
     WeightDeltaScorer, don_nod, don_nod_batch, weight_norm,
 )
 

@@ -47,9 +47,9 @@ from curate.pipeline.plan import Plan
 from curate.pipeline.readers import DEAD, ReadInputs, Spread, Validate, in_batches
 from curate.pipeline.sink import WriteJsonl, WriteShards
 from curate.progress import note_total
-from curate.transforms.base import REJECTED
-from curate.transforms.filters import ApplyFilters
-from curate.transforms.handlers import SCORE_ERROR
+from curate.filters.base import REJECTED
+from curate.filters.base import ApplyFilters
+from curate.scorers.handlers import SCORE_ERROR
 
 SCORE_FAILED = "score_failed"
 READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
@@ -274,7 +274,7 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
     # selectors in the streamed prefix (scorers never stream: none when the job scores)
     streamed_selectors = len(streamed.steps) - len(plan.filters) - len(plan.scorers)
 
-    # a row a scorer failed on (alone: see curate.transforms.handlers) leaves for the
+    # a row a scorer failed on (alone: see curate.scorers.handlers) leaves for the
     # dead letter right after that scorer, so later steps only see complete rows
     # each scorer's results are saved as they come (curate.pipeline.saved_work); rows whose
     # scores a killed run saved skip the model

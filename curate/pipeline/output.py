@@ -49,7 +49,7 @@ _STAGING_SUFFIX = re.compile(r"\.(tmp|old)-\d{8}-\d{6}-(?P<host>[0-9a-f]{8})-(?P
 _FINAL_FILE = re.compile(r"(rejected/)?(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)"
                          r"|manifest\.json|report\.html|dead_letter\.jsonl")
 _DRIVER_FILES = ("manifest.json", "report.html")  # written by the driver after the pipeline, not by it
-# the manifest counts (curate.pipeline.build) that say what each commit record's writer wrote
+# the manifest counts (curate.pipeline.run) that say what each commit record's writer wrote
 _COUNTED = {f"{COMMITTED}shards.json": {"rows": "kept", "shards": "shards"},
             f"rejected/{COMMITTED}shards.json": {"rows": "rejected_rows_written"},
             f"{COMMITTED}dead_letter.jsonl.json": {"rows": "dead_letter_rows_written"}}

@@ -47,7 +47,7 @@ class Plan:
         self.filters = [steps.build("filter", spec, f"filters[{i}]") for i, spec in enumerate(job.filters)]
         self.scorers = []
         if job.scorers:
-            from curate.transforms import make_scorer
+            from curate.scorers import make_scorer
 
             self.scorers = [make_scorer(dict(s)) for s in job.scorers]
         self.selectors = [steps.build("selector", spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]

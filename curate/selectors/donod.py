@@ -6,7 +6,7 @@ official code. Defaults from the paper (METHODS.md "DONOD"): criteria DON (benef
 ||W'|| - ||W||, new minus old, as the `weight_delta` scorer computes it) and NOD (cost),
 equal weights, vector-normalised columns, keep the top 30% (the paper keeps 20-30%;
 "filtering out 70%" is its headline setting). The scores come from the
-`weight_delta` scorer (curate/transforms/weight_delta.py); this module never loads a model.
+`weight_delta` scorer (curate/scorers/weight_delta.py); this module never loads a model.
 
 TOPSIS (Hwang & Yoon, 1981) for an N x C matrix x:
     r_ij = x_ij / sqrt(sum_i x_ij^2)        (a column of zeros stays zero)

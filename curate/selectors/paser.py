@@ -22,7 +22,7 @@ admitting examples whose concepts contradict what was already selected.
    response characters, and squares the sum, which only halves every IES and keeps the
    order). Guard: cost is clamped to at least 2 tokens, so log(cost) >= ln 2 > 0 and
    IES is finite with the sign of jsd. Ties: id, then origin.
-5. Concept Consistency Graph (`curate.selectors.shared.ccg`): in priority order, accept an
+5. Concept Consistency Graph (`curate.selectors.shared.concept_graph`): in priority order, accept an
    example unless two of its key-phrase concepts are known but were never accepted
    together; on acceptance link all its concepts. Each cluster stops when its budget is
    met.
@@ -61,7 +61,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
-from curate.selectors.shared.ccg import record_concepts, run_ccg
+from curate.selectors.shared.concept_graph import record_concepts, run_ccg
 from curate.selectors.shared.quotas import cds_shares
 from curate.selectors.shared.spectral import DEFAULT_K_GRID, NONNEG, SpectralClusters
 

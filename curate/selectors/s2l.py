@@ -4,7 +4,7 @@ code BigML-CS-UCLA/S2L.
 
 A small proxy model is fine-tuned on the whole pool and saved T times; the loss of every
 example at each checkpoint is its *trajectory* (the `trajectory` column, written by the
-`trajectory` scorer, `curate.transforms.trajectory`). Examples with similar trajectories
+`trajectory` scorer, `curate.scorers.trajectory`). Examples with similar trajectories
 affect training alike, so the selection clusters the trajectories and samples the
 clusters evenly, favouring the small (rare-behaviour) clusters over the large ones:
 

@@ -2,7 +2,7 @@
 
 `train_proxy(records, output_dir, **options)` runs the trainer stage
 (`curate.train.train`) with S2L's schedule on the pool's records. The trajectory
-scorer's model stage (`curate.pipeline.stages`) reads them the way the pipeline reads
+scorer's model stage (`curate.pipeline.model_stages`) reads them the way the pipeline reads
 them (the same readers, adapters, validation and the job's filters, in read order), so
 a proxy example is byte for byte the record the scorer later sees. The trainer resumes an interrupted run
 and returns at once when the same run (config + data fingerprint) is already complete,

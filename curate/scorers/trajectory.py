@@ -7,7 +7,7 @@ at each of a proxy run's T checkpoints, in training-step order.
 The loss is the one the trainer minimises and the authors' `get_trajectories.py` records
 (HF `model(input_ids, labels).loss` per example, prompt tokens masked): the mean over the
 response tokens of -log p(token | everything before it), on the example as
-`curate.formatting.encode` formats it, computed by `curate.transforms.likelihood`
+`curate.formatting.encode` formats it, computed by `curate.scorers.likelihood`
 (`score_encoded`: token-budget batches, LM head only on response positions), so it is
 -`logprob_mean` of the likelihood scorer at that checkpoint.
 
@@ -30,7 +30,7 @@ the checkpoint's safetensors before each pass (T weight loads per batch, so rais
 a row costs T forwards.
 
 Proxy training from the job (`proxy: {<trainer options>, data: optional inputs}`): a
-model stage before the pipeline (`curate.pipeline.stages`) reads the pool (the job's
+model stage before the pipeline (`curate.pipeline.model_stages`) reads the pool (the job's
 inputs, or `data`) through the pipeline's readers, validation and filters, and trains the
 proxy into `checkpoints` unless that run is already complete there
 (`curate.train.proxy.train_proxy`; the trainer resumes a partial run).
@@ -54,7 +54,7 @@ from curate.config import ConfigError
 from curate.formatting import TEMPLATES
 from curate.models.batching import pad_id
 from curate.models.logprobs import score_encoded
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class TrajectoryScorer(ModelScorer):
         return ("checkpoints",) if self.proxy is not None else ()
 
     def before_pipeline(self, read_pool) -> dict | None:
-        """Model stage (curate.pipeline.stages): train the proxy on the pool, `proxy.data`
+        """Model stage (curate.pipeline.model_stages): train the proxy on the pool, `proxy.data`
         or else the job's inputs, after the job's validation and filters; the trainer
         returns at once when the same run is already complete in `checkpoints`."""
         if self.proxy is None:

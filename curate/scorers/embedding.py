@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.models.batching import batches_by_token_budget
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 FIELDS = ("prompt", "response", "prompt_response")
 

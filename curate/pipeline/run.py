@@ -1,5 +1,5 @@
 """Running a job: plan (curate.pipeline.plan), model stages before the pipeline
-(curate.pipeline.stages), the graph (curate.pipeline.graph), then publish the output
+(curate.pipeline.model_stages), the graph (curate.pipeline.graph), then publish the output
 directory with a manifest; and score once / select many (`run_job`, `score_once`).
 
 Output directory:
@@ -37,10 +37,10 @@ from curate.pipeline.output import (check_output, list_tree, publish, read_manif
                                     remove_tree, staging_dir)
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
-from curate.pipeline.stages import run_model_stages
+from curate.pipeline.model_stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
 from curate.published import check_unchanged, manifest_token
-from curate.transforms import make_scorer
+from curate.scorers import make_scorer
 
 log = logging.getLogger(__name__)
 

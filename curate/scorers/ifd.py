@@ -26,7 +26,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from curate.formatting import Encoded
-from curate.transforms.likelihood import LikelihoodScorer, LoadedLM
+from curate.scorers.likelihood import LikelihoodScorer, LoadedLM
 
 
 def encode_alone(record: dict, tokenizer, max_length: int, include_eos: bool) -> Encoded:

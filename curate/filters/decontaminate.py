@@ -36,24 +36,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from curate.config import ConfigError, InputConfig, expand_vars
 from curate.inputs.files import plan_inputs, task_records
+from curate.filters.base import REJECTED
+from curate.filters.text import words
 from curate.steps import Step
-from curate.transforms.base import REJECTED
 
 log = logging.getLogger(__name__)
-_NOT_WORD = re.compile(r"[^0-9a-z]+")
 SHOWN = 3  # unreadable evaluation rows named in the warning
-
-
-def words(text: str) -> list[str]:
-    """Normalised words: lower case, anything but letters and digits is a separator."""
-    return [w for w in _NOT_WORD.split(text.lower()) if w] if text else []
 
 
 def ngram_hash(gram: list[str] | tuple[str, ...]) -> int:

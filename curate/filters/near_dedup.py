@@ -48,8 +48,8 @@ import numpy as np
 
 from curate.config import ConfigError
 from curate.steps import Step
-from curate.transforms.decontaminate import words
-from curate.transforms.base import ApplyDecisions
+from curate.filters.text import words
+from curate.filters.base import ApplyDecisions
 
 PRIME = (1 << 31) - 1
 

@@ -109,7 +109,7 @@ class RecordModelHandler(ModelHandler):
                       ) -> Iterable[dict]:
         # a batch whose every row fails goes to the dead letter like any other: whether
         # that is too many is the run's `max_failed_fraction` to say, over all rows
-        # (curate.pipeline.build.check_failures), not one batch's
+        # (curate.pipeline.run.check_failures), not one batch's
         return self._score_or_split(list(batch), model)
 
     def _score_or_split(self, records: list[dict], model) -> list[dict]:

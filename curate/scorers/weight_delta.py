@@ -72,7 +72,7 @@ import pyarrow as pa
 
 from curate.formatting import TEMPLATES, Encoded
 from curate.models.batching import map_token_batches, pad_batch, pad_id
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 DEFAULT_ETA = 1e-4
 DEFAULT_VOCAB_CHUNK = 8192

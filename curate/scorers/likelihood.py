@@ -18,7 +18,7 @@ from curate.formatting import TEMPLATES
 from curate.models.batching import pad_id
 from curate.models.lm_head import DEFAULT_MAX_LOGIT_ELEMENTS
 from curate.models.logprobs import score_encoded
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from curate.formatting import TEMPLATES, Encoded
 from curate.models.batching import map_token_batches, pad_batch, pad_id, predicting_positions
-from curate.transforms.base import ModelScorer
+from curate.scorers.base import ModelScorer
 
 LN2 = math.log(2.0)
 MAX_LOGITS_PER_CHUNK = 1 << 22

@@ -1,4 +1,4 @@
-"""Contracts for per-example steps.
+"""The scorers' contract.
 
 A `Scorer` is a step used through Beam's `RunInference`: it says which columns it adds
 and gives a `ModelHandler`; the pipeline composes scorers and knows nothing about torch.
@@ -22,45 +22,14 @@ columns, tokens processed)` and `output_columns()`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Optional
 
-import apache_beam as beam
 import pyarrow as pa
 
 from curate.formatting import encode
-from curate.steps import Step
 from curate.progress import StageProgress
-from curate.transforms.handlers import RecordModelHandler
-
-# the tag of a filter step's rejected output (per-example filters and whole-pool steps)
-REJECTED = "rejected"
-
-
-class ApplyDecisions(beam.PTransform):
-    """A streamed step (`project` a row to a few fields, `decide` one state from the
-    projections, `route` a row by it: curate.pipeline.graph) applied to rows held
-    in a PCollection: {"kept", REJECTED}, each rejected row with `stage` and the step's
-    reason, each row with the columns the step gave it."""
-
-    def __init__(self, step, stage: str):
-        super().__init__()
-        self.step, self.stage = step, stage
-
-    def expand(self, rows):
-        step, stage = self.step, self.stage
-        state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide(lambda: rows)
-
-        def split(record, state) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
-            reason, columns = step.route(record, state)
-            record = {**record, **columns}
-            if reason is None:
-                yield record
-            else:
-                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": stage, "reject_reason": reason})
-
-        out = rows | "Apply" >> beam.FlatMap(split, beam.pvalue.AsSingleton(state)).with_outputs(
-            REJECTED, main="kept")
-        return {"kept": out.kept, REJECTED: out[REJECTED]}
+from curate.scorers.handlers import RecordModelHandler
+from curate.steps import Step
 
 
 class Scorer(Step):

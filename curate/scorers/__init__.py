@@ -1,11 +1,11 @@
-"""Per-example steps: the model scorers and the filters. Each scorer registers itself by
-its config `type` (curate.steps)."""
+"""Model scorers, one module each; each registers itself by its config `type`
+(curate.steps). `make_scorer` builds one from a job's spec."""
 
 from __future__ import annotations
 
 from curate import steps
 from curate.models.loading import check_device_dtype
-from curate.transforms.base import Scorer
+from curate.scorers.base import Scorer
 
 
 def make_scorer(cfg: dict) -> Scorer:
