@@ -29,7 +29,10 @@ import sys
 
 import yaml
 
-from curate.config import ConfigError, InputConfig, TooManyFailures, load_job
+from curate.config import ConfigError, InputConfig, JobConfig, TooManyFailures, load_job
+from curate.models import prepare_default_models
+
+# the commands' own modules load Beam and torch (seconds): each is imported by its command
 
 EPILOG = """examples:
   curate run jobs/random.yaml                       select 1,000 gsm8k rows at random
@@ -69,8 +72,7 @@ def cmd_run(args) -> int:
     if args.output:
         job.output = args.output
     if job.train:  # a mistake in `train:` is found now, not after the selection has run
-        from curate.train import TrainConfig
-        from curate.train.checkpoints import check_run_dir
+        from curate.train import TrainConfig, check_run_dir, run_train  # torch: loaded only to train
 
         opts = dict(job.train)
         out = opts.pop("output", f"{job.output.rstrip('/')}-sft")
@@ -82,8 +84,6 @@ def cmd_run(args) -> int:
     manifest = run_job(job, args.beam_args, overwrite=args.overwrite, progress=not args.quiet, fresh=args.fresh)
     print_summary(manifest)
     if job.train:
-        from curate.train import run_train
-
         print(f"curate run: training on {job.output} -> {out}", file=sys.stderr)
         metrics = run_train(job.output, output_dir=out, **opts)
         _print_train(metrics)
@@ -119,7 +119,6 @@ def _parse_value(text: str, where: str):
 
 
 def cmd_select(args) -> int:
-    from curate.config import JobConfig
     from curate.pipeline.run import select_from_scores
 
     step = {"type": args.method}
@@ -186,8 +185,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from curate.models import prepare_default_models
-
     for name, path in prepare_default_models().items():
         print(f"{name}: {path}")
     return 0

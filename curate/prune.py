@@ -1,4 +1,4 @@
-"""Make a pruned copy of a causal LM: the "pruned model" PASER recovers (METHODS.md, PASER).
+"""Make a pruned copy of a causal LM: the "pruned model" PASER recovers (docs/methods.md, PASER).
 
 Three methods, all over the decoder blocks only (embeddings, final norm and LM head are
 never touched; with tied embeddings the head is the embedding matrix, so it stays whole):
@@ -36,6 +36,11 @@ import random
 import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
+
+from curate.config import ConfigError, InputConfig
+from curate.formatting import encode
+from curate.inputs.files import read_records
+from curate.models import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +307,6 @@ def load_calibration(paths: Iterable[str], n_rows: int = 64, seed: int = 0) -> l
     detected), read by the pipeline's readers (`curate.inputs`); unreadable rows are
     skipped here (the pipeline's dead letter reports them).
     """
-    from curate.config import InputConfig
-    from curate.inputs.files import read_records
 
     rng = random.Random(seed)
     sample: list[dict] = []
@@ -321,14 +324,12 @@ def load_calibration(paths: Iterable[str], n_rows: int = 64, seed: int = 0) -> l
 def calibration_ids(recs: Sequence[dict], tokenizer, template: str = "plain",
                     max_length: int = 512) -> list[list[int]]:
     """Token ids of calibration records, formatted exactly as scorers and the trainer see them."""
-    from curate.formatting import encode
 
     return [encode(r, tokenizer, template, max_length).input_ids for r in recs]
 
 
 def check_prune_output(output_dir: str) -> None:
     """Only an empty directory or an earlier pruned copy (prune.json) may be replaced."""
-    from curate.config import ConfigError
 
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(
             os.path.join(output_dir, "prune.json")):
@@ -379,7 +380,6 @@ def make_pruned_copy(model: str, method: str, output: str, sparsity: float = 0.5
     Pruning runs in `dtype` (float32 by default, so the activation norms and the |W|
     ranking are exact) and the copy is saved in that dtype.
     """
-    from curate.config import ConfigError
 
     if method not in METHODS:
         raise ConfigError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
@@ -388,7 +388,6 @@ def make_pruned_copy(model: str, method: str, output: str, sparsity: float = 0.5
         raise ConfigError("wanda needs calibration data from the pool: --calibration FILE (jsonl, globs ok)")
     if method == "layer_drop" and layers is None:
         raise ConfigError("layer_drop needs --layers N (drop the last N) or --layers i,j,... (those indices)")
-    from curate.models import load_causal_lm
 
     lm, tokenizer = load_causal_lm(model, device=device, dtype=dtype)
     calib_ids = None

@@ -34,7 +34,7 @@ def one_torch_thread():
 
 
 def reference_quotas(sizes: dict, budget: int) -> dict:
-    """A plain loop, written from METHODS.md: smallest cluster first; each gets
+    """A plain loop, written from docs/methods.md: smallest cluster first; each gets
     remaining // clusters left; smaller than that: all of it, the rest rolls on."""
     clusters = list(sizes)
     # selection sort by (size, id): no sorted() with a key, to be independent of the code

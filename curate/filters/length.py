@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from curate.config import ConfigError
 from curate.filters.base import Filter
+from curate.models import load_tokenizer
 
 
 class LengthFilter(Filter):
@@ -26,8 +27,6 @@ class LengthFilter(Filter):
 
     def setup(self):
         if self.unit == "tokens" and self._tokenizer is None:
-            from curate.models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.tokenizer_name)
 
     def _text(self, record: dict) -> str:

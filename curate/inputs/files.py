@@ -29,7 +29,7 @@ from typing import Iterator
 from apache_beam.io.filesystems import FileSystems
 
 from curate import records
-from curate.config import ConfigError, InputConfig
+from curate.config import ConfigError, InputConfig, ValidateConfig
 from curate.inputs.formats import HF_PREFIX, FileDamaged, basename, describe_error, format_rows
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,6 @@ def task_records(task: FileTask, outside_limit=None, validate: bool = True, leni
 def read_records(specs: list[InputConfig], max_chars: int | None = None) -> tuple[list[dict], list[dict]]:
     """(records, dead-letter rows) of `specs` in read order, in this process: the
     pipeline's readers, adapters and validation for small reads that need no Beam."""
-    from curate.config import ValidateConfig
 
     good, dead = [], []
     for task in plan_inputs(specs, max_chars or ValidateConfig().max_chars):

@@ -11,6 +11,8 @@ from curate.config import ConfigError, JobConfig
 from curate.inputs.formats import arrow_dir_schema
 from curate.inputs.files import plan_inputs
 from curate.pipeline import saved_work
+from curate.scorers import make_scorer
+from curate.train.refine import RefineConfig, TrainGenerateScore
 
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
 
@@ -30,8 +32,6 @@ def attach_model_stage(selector) -> None:
     spec = selector.model_stage()
     if spec is None:
         return
-    from curate.train.refine import RefineConfig, TrainGenerateScore
-
     try:
         selector.use_model_stage(TrainGenerateScore(RefineConfig.from_dict(spec)))
     except (TypeError, ValueError) as exc:
@@ -47,8 +47,6 @@ class Plan:
         self.filters = [steps.build("filter", spec, f"filters[{i}]") for i, spec in enumerate(job.filters)]
         self.scorers = []
         if job.scorers:
-            from curate.scorers import make_scorer
-
             self.scorers = [make_scorer(dict(s)) for s in job.scorers]
         self.selectors = [steps.build("selector", spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]
         for step in self.selectors:

@@ -40,6 +40,7 @@ from curate.inputs.files import plan_inputs
 from curate.pipeline.model_stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
 from curate.published import check_unchanged, manifest_token
+from curate.report.html import render_report
 from curate.scorers import make_scorer
 
 log = logging.getLogger(__name__)
@@ -301,8 +302,6 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
         }
         if "://" not in staging:
             try:
-                from curate.report.html import render_report
-
                 render_report(staging, manifest)
             except Exception as exc:  # a report problem must not lose a finished run
                 log.warning("report.html not written: %s", exc)

@@ -23,6 +23,7 @@ from curate import steps
 from curate.report.plots import DROPPED_COLOR, KEPT_COLOR, POOL_COLOR, figure, png
 from curate.report.selector_run import (SelectorRun, _budget_text, _cluster_bars, _cluster_table, _code, _counts,
                                        _floats, _n, _padded, _pct)
+from curate.selectors.donod import closeness_from_stats, column_stats
 
 MAX_SCATTER_POINTS = 20_000  # a bigger pool is drawn from a seeded sample of its rows
 
@@ -99,8 +100,6 @@ def grape_section(run: SelectorRun) -> str | None:
 
 # ------------------------------------------------------------------ DONOD
 def donod_section(run: SelectorRun) -> str | None:
-    from curate.selectors.donod import closeness_from_stats, column_stats
-
     criteria = run.spec.get("criteria") or [["don", "benefit"], ["nod", "cost"]]
     columns = [c for c, _ in criteria]
     directions = [1 if d == "benefit" else -1 for _, d in criteria]

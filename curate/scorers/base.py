@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Optional
 import pyarrow as pa
 
 from curate.formatting import encode
+from curate.models import load_causal_lm, load_embedder
 from curate.progress import StageProgress
 from curate.scorers.handlers import RecordModelHandler
 from curate.steps import Step
@@ -84,13 +85,10 @@ class ModelScorer(Scorer):
     # ---- shared mechanics
     def load_lm(self, name: str):
         """(causal LM in eval mode, tokenizer) with this scorer's device, dtype and trust."""
-        from curate.models import load_causal_lm
 
         return load_causal_lm(name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
 
     def load_encoder(self, name: str):
-        from curate.models import load_embedder
-
         return load_embedder(name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
 
     def token_budget(self, device_type: str) -> int:

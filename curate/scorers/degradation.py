@@ -1,7 +1,7 @@
 """Capability degradation: how far pruning moved a model's predictions on an example.
 
 PASER (He et al., 2025, "PASER: Post-training Data Selection for Efficient Pruned
-Large Language Model Recovery", code BokwaiHo/PASER; METHODS.md "PASER"): the degradation of an example is the
+Large Language Model Recovery", code BokwaiHo/PASER; docs/methods.md "PASER"): the degradation of an example is the
 Jensen-Shannon divergence between the original model's and the pruned model's
 next-token distributions,
 
@@ -9,7 +9,7 @@ next-token distributions,
 
 taken at every position that predicts a response token and *averaged* over those
 positions (`jsd`). Units: nats (natural log), so 0 <= jsd <= ln 2 ~ 0.693.
-Departures from the authors' code, both following METHODS.md:
+Departures from the authors' code, both following docs/methods.md:
 - the code sums over positions, which makes long examples look more degraded; we
   average (the sum is jsd * jsd_tokens if wanted);
 - the code feeds the instruction only; we score the response tokens given the prompt,
@@ -45,8 +45,10 @@ from typing import ClassVar, Literal, Sequence
 
 import pyarrow as pa
 
+from curate.config import ConfigError
 from curate.formatting import TEMPLATES, Encoded
 from curate.models.batching import map_token_batches, pad_batch, pad_id, predicting_positions
+from curate.models.lm_head import body_and_head, post_head
 from curate.scorers.base import ModelScorer
 
 LN2 = math.log(2.0)
@@ -78,8 +80,6 @@ class LogitHead:
 
     def __init__(self, model):
         import torch
-
-        from curate.models.lm_head import body_and_head, post_head
 
         self.body, head = body_and_head(model)
         w = head.weight.detach()
@@ -161,7 +161,7 @@ class LoadedPair:
 
 @dataclasses.dataclass
 class DegradationScorer(ModelScorer):
-    """Per-example JSD between the original and a pruned model (METHODS.md "PASER").
+    """Per-example JSD between the original and a pruned model (docs/methods.md "PASER").
 
     Options: pruned_model (required: a path or id, e.g. made by `curate prune`), model
     ("default" = the embedded SmolLM2-135M-Instruct, or an HF id/path), template
@@ -181,8 +181,6 @@ class DegradationScorer(ModelScorer):
     max_logit_elements: int = MAX_LOGITS_PER_CHUNK
 
     def __post_init__(self):
-        from curate.config import ConfigError
-
         if not self.pruned_model:
             raise ConfigError("degradation: 'pruned_model' is required (a path or id; make one with "
                               "`curate prune --method wanda --calibration POOL --output DIR`)")

@@ -55,6 +55,8 @@ from curate.formatting import TEMPLATES
 from curate.models.batching import pad_id
 from curate.models.logprobs import score_encoded
 from curate.scorers.base import ModelScorer
+from curate.train.checkpoints import list_checkpoints
+from curate.train.proxy import train_proxy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,6 @@ def _weights_dir(path: Path) -> tuple[Path, str] | None:
 
 def discover_checkpoints(root: str | Path, steps: Optional[list[int]] = None) -> list[Checkpoint]:
     """The checkpoints under `root`, sorted by step (numerically)."""
-    from curate.train import list_checkpoints
 
     root = Path(root)
     found = list_checkpoints(root)
@@ -198,7 +199,6 @@ class TrajectoryScorer(ModelScorer):
         returns at once when the same run is already complete in `checkpoints`."""
         if self.proxy is None:
             return None
-        from curate.train.proxy import train_proxy
 
         records = read_pool(self.proxy.get("data"))
         options = {k: v for k, v in self.proxy.items() if k != "data"}

@@ -2,7 +2,7 @@
 
 Paper: Hu, Yang, Zhou, Wu (2025), "DONOD: Robust and Generalizable Instruction
 Fine-Tuning for LLMs via Model-Intrinsic Dataset Pruning" (arXiv 2504.14810). No
-official code. METHODS.md ("DONOD") is the specification followed here.
+official code. docs/methods.md ("DONOD") is the specification followed here.
 
 For an example with response tokens y_1..y_n, let h_t be the hidden state that predicts
 y_t (the last hidden state after the final norm: exactly what feeds the LM head W, V x d),
@@ -13,7 +13,7 @@ over the response tokens. One SGD step of size eta on W alone gives W' = W - eta
     DON = ||W'||_F - ||W||_F   (the change of the norm, new minus old; ranked a benefit)
     NOD = ||W - W'||_F = eta ||G||_F   (cost: how far one example moves the layer)
 
-Why DON's sign matters (METHODS.md, corrected): <W, G> = mean over response tokens of
+Why DON's sign matters (docs/methods.md, corrected): <W, G> = mean over response tokens of
 (CE - H), the token's cross-entropy minus the model's entropy there, so to first order
 DON ~ -eta mean(CE - H) / ||W||. A target the model finds more surprising than its own
 uncertainty (a wrong or mismatched answer) has a large CE - H and so a low DON: ranked
@@ -50,7 +50,7 @@ How it is computed (`don_nod`)
 
 Tied embedding / LM head (SmolLM2 ties them): W is treated as the head only. The
 gradient that would reach the same matrix through the embedding lookup of the input
-tokens is ignored, as METHODS.md asks: DON/NOD measure the output layer's step.
+tokens is ignored, as docs/methods.md asks: DON/NOD measure the output layer's step.
 
 Assumes logits = W h: a head with a bias, logit soft-capping or logit scaling is
 refused rather than scored wrongly.
@@ -267,7 +267,7 @@ class LoadedHead:
 
 @dataclasses.dataclass
 class WeightDeltaScorer(ModelScorer):
-    """DON and NOD of each example (METHODS.md "DONOD"); the `donod` selector ranks them.
+    """DON and NOD of each example (docs/methods.md "DONOD"); the `donod` selector ranks them.
 
     Adds `don` (float64), `nod` (float64) and `n_response_tokens` (int64).
     Options: model ("default" = the embedded SmolLM2-135M-Instruct, or an HF id/path),

@@ -2,7 +2,7 @@
 
 Paper: Hu, Yang, Zhou, Wu (2025), "DONOD: Robust and Generalizable Instruction
 Fine-Tuning for LLMs via Model-Intrinsic Dataset Pruning" (arXiv 2504.14810). No
-official code. Defaults from the paper (METHODS.md "DONOD"): criteria DON (benefit; DON =
+official code. Defaults from the paper (docs/methods.md "DONOD"): criteria DON (benefit; DON =
 ||W'|| - ||W||, new minus old, as the `weight_delta` scorer computes it) and NOD (cost),
 equal weights, vector-normalised columns, keep the top 30% (the paper keeps 20-30%;
 "filtering out 70%" is its headline setting). The scores come from the

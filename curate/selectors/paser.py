@@ -1,5 +1,5 @@
 """PASER: "PASER: Post-training Data Selection for Efficient Pruned Large Language Model
-Recovery" (He et al., 2025), code BokwaiHo/PASER. METHODS.md ("PASER") is the spec.
+Recovery" (He et al., 2025), code BokwaiHo/PASER. docs/methods.md ("PASER") is the spec.
 
 Recovery data for a pruned model: spend the budget on the capabilities pruning hurt most,
 and inside each on the examples it hurt most per unit of training cost, without

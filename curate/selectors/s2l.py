@@ -58,6 +58,7 @@ import pyarrow as pa
 from curate.config import ConfigError, parse_budget, resolve_budget
 from curate.selectors.base import Selector
 from curate.selectors.shared.keys import hash_unit
+from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors, fit_model
 from curate.selectors.shared.quotas import balanced_plan
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,6 @@ def cluster_cutoff(keys: list[tuple], take: int) -> tuple | None:
 
 
 def _fit(sample: np.ndarray, k: int, seed: int, niter: int, init: str, nredo: int):
-    from curate.selectors.shared.kmeans import fit_model
-
     if sample.size == 0:
         return None
     if k > len(sample):
@@ -151,8 +150,6 @@ class S2LSelector(Selector):
                 "nredo": self.nredo}
 
     def expand(self, pcoll):
-        from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors
-
         k, seed, niter, budget = self.k, self.seed, self.niter, self.budget
         strat, stratified = self.stratify_by, bool(self.stratify_by)
         columns = self.output_columns()

@@ -29,6 +29,7 @@ import torch
 
 from curate.config import ConfigError
 from curate.paths import canonical_path, guarded_inside, overlap
+from curate.train.loading import load_model
 
 log = logging.getLogger("curate.train")
 
@@ -169,7 +170,6 @@ def load_checkpoint_model(base_model_name: str | None, ckpt_path: str | Path, *,
     LoRA: the base model is loaded by name (`curate.models.load_causal_lm`) and the
     adapter put on it with peft. Full fine-tuning: the saved model is loaded as it is
     (`base_model_name` is only used for the tokenizer when the directory has none)."""
-    from curate.train.loading import load_model
 
     path = Path(ckpt_path)
     if (path / "adapter").is_dir():

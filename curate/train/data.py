@@ -24,8 +24,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from curate.config import ConfigError
+from curate.config import ConfigError, InputConfig
 from curate.formatting import encode
+from curate.inputs.files import read_records
 from curate.published import reading
 from curate.records import prompt_text
 
@@ -71,8 +72,6 @@ def read_jsonl_records(path: str | os.PathLike, limit: int | None = None,
     example is the record a scorer sees. A row that cannot become a record is skipped
     with a warning naming file, line and reason (the pipeline's dead-letter output keeps
     such rows; the trainer only reads)."""
-    from curate.config import InputConfig
-    from curate.inputs.files import read_records
 
     records, dead = read_records([InputConfig(path=str(path), source=source, limit=limit)])
     for row in dead[:5]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.config import ConfigError
+from curate.train.trainer import TrainConfig, train
 
 log = logging.getLogger("curate.train")
 
@@ -48,7 +49,6 @@ PROXY_DEFAULTS: dict[str, Any] = {
 def proxy_config(options: dict, model: str, template: str, max_length: int | None = None):
     """TrainConfig for the proxy run: PROXY_DEFAULTS < the scorer's model/template/length
     < the user's options."""
-    from curate.train import TrainConfig
 
     options = dict(options)
     if "model" in options and options["model"] != model:
@@ -71,7 +71,6 @@ def train_proxy(records: list[dict], output_dir: str | Path, *, model: str = "de
                 progress: bool = True, **options) -> dict:
     """Train (or resume, or find complete) the proxy run; returns the trainer's metrics
     plus `proxy_wall_s` (this call's time)."""
-    from curate.train import train
 
     t0 = time.perf_counter()
     cfg = proxy_config(options, model, template, max_length)

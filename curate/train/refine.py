@@ -33,6 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from curate.formatting import encode
+from curate.models.batching import pad_id
+from curate.train.data import collate, tokenize
+from curate.train.loading import load_model, resolve_device_dtype
+from curate.train.loss import autocast_for, model_device
+from curate.train.trainer import TrainConfig, train
+
 log = logging.getLogger(__name__)
 
 # the trainer's defaults, except: no periodic checkpoints (one short run per round)
@@ -73,8 +80,6 @@ class RefineConfig:
         return cls(**d)
 
     def train_config(self, seed: int):
-        from curate.train import TrainConfig
-
         opts = {**_TRAIN_DEFAULTS, "template": self.template, "max_length": self.max_length,
                 "device": self.device, "dtype": self.dtype, "seed": seed, **self.train,
                 "model": self.model}
@@ -88,10 +93,6 @@ def mean_response_logprobs(model, tokenizer, records: Sequence[dict], template: 
                            max_length: int = 512, batch_size: int = 8) -> list[float]:
     """Mean log-probability of each record's response tokens given its prompt."""
     import torch
-
-    from curate.train.data import collate, tokenize
-    from curate.models.batching import pad_id
-    from curate.train.loss import autocast_for, model_device
 
     tok = tokenize(records, tokenizer, template, max_length)
     out = [float("nan")] * len(tok)
@@ -125,10 +126,6 @@ def generate_responses(model, tokenizer, records: Sequence[dict], template: str 
     """Greedy responses to each record's prompt (the exact prompt tokens training uses),
     batched with left padding, shortest prompts together."""
     import torch
-
-    from curate.formatting import encode
-    from curate.models.batching import pad_id
-    from curate.train.loss import autocast_for, model_device
 
     prompts = []
     for r in records:
@@ -200,9 +197,6 @@ class TrainGenerateScore:
 
     def _load(self):
         if self._base is None:
-            from curate.train import load_model
-            from curate.train.loading import resolve_device_dtype
-
             device, dtype = resolve_device_dtype(self.cfg.device, self.cfg.dtype)
             method = self.cfg.train.get("method", "lora")
             # LoRA trains over a frozen base in the compute dtype; full fine-tuning in fp32
@@ -226,7 +220,6 @@ class TrainGenerateScore:
 
     def __call__(self, rows: Sequence[dict], round_index: int, seed: int,
                  work_dir: str | None = None) -> tuple[list[float], dict]:
-        from curate.train import train
 
         base, tokenizer = self._load()
         model = copy.deepcopy(base)  # every round fine-tunes the base afresh

@@ -43,7 +43,8 @@ from typing import Any, Callable
 
 import torch
 
-from curate.config import ConfigError
+from curate import __version__
+from curate.config import ConfigError, make_step
 from curate.formatting import TEMPLATES, TURNS
 from curate.models.batching import pad_id as tokenizer_pad_id
 from curate.train import checkpoints as ckpts
@@ -163,8 +164,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
-        from curate.config import make_step
-
         return make_step(cls, dict(d or {}), "train")
 
 
@@ -453,12 +452,14 @@ def train(data: Any, cfg: TrainConfig, output_dir: str | os.PathLike, eval_data:
     _write_json(metrics_path, metrics)
     return metrics
 
+
 def _versions() -> dict:
     import peft
     import transformers
-    import curate
-    return {"curate": curate.__version__, "torch": torch.__version__,
+
+    return {"curate": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
+
 
 def run_train(data_path: str | os.PathLike, model: str = "default",
               output_dir: str | os.PathLike = "train_out", eval_path: str | os.PathLike | None = None,

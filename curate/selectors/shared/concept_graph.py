@@ -1,6 +1,6 @@
 """PASER's Concept Consistency Graph (CCG): key-phrase concepts and the conflict rule.
 
-Rule (METHODS.md "PASER", the paper's CCG): vertices are concepts of accepted examples,
+Rule (docs/methods.md "PASER", the paper's CCG): vertices are concepts of accepted examples,
 edges join concepts that appeared together in an accepted example. A candidate is
 *rejected* when two of its concepts are both already known (vertices) but were never
 accepted together (no edge); otherwise it is accepted and all its concepts are added

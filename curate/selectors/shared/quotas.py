@@ -1,6 +1,6 @@
 """Budgets per cluster: the three rules the methods' papers give, side by side.
 
-They differ on purpose, each as its method specifies (METHODS.md); one place so a reader
+They differ on purpose, each as its method specifies (docs/methods.md); one place so a reader
 compares them, and each exists once:
 
     water_filling    diversity (kMQ, Yu et al. 2024): shares proportional to cluster

@@ -1,6 +1,6 @@
 """Capability clusters for PASER: diffusion-kernel spectral embedding + NMF clustering.
 
-PASER (He et al., 2025; METHODS.md "PASER") clusters the pool into capabilities:
+PASER (He et al., 2025; docs/methods.md "PASER") clusters the pool into capabilities:
 sentence embeddings (all-MiniLM-L6-v2 in the paper) -> a diffusion-kernel manifold
 embedding (Gaussian kernel, sigma = median distance, random-walk Laplacian, its
 smallest eigenvectors) -> NMF-based spectral clustering, K by NMF reconstruction error
