@@ -95,22 +95,23 @@ def is_dataflow(options: dict) -> bool:
     return str(options.get("runner") or "").lower() in ("dataflowrunner", "dataflow")
 
 
-def check_worker_resources(scorers, options: dict) -> None:
-    """A ConfigError when a scorer's declared device cannot exist on the job's workers:
-    `device: cuda` needs GPU workers (`worker_accelerator` in --dataflow_service_options).
-    Without one every worker would fail at model load, after the job had started and was
-    billed; with one and no GPU scorer, the GPUs would be paid for and idle (a warning)."""
+def check_worker_resources(steps, options: dict) -> None:
+    """A ConfigError when a step's declared device (`resources()`) cannot exist on the
+    job's workers: `device: cuda` needs GPU workers (`worker_accelerator` in
+    --dataflow_service_options). Without one every worker would fail at model load, after
+    the job had started and was billed; with one and no GPU step, the GPUs would be paid
+    for and idle (a warning)."""
     service = options.get("dataflow_service_options") or []
     service = [service] if isinstance(service, str) else list(service)
     has_gpu = any(GPU_SERVICE_OPTION in str(o) for o in service)
-    gpu_steps = [s.type for s in scorers if getattr(s, "device", None) == "cuda"]
+    gpu_steps = [s.type for s in steps if s.resources()["device"] == "cuda"]
     if gpu_steps and not has_gpu:
         raise ConfigError(
-            f"scorer(s) {', '.join(gpu_steps)} declare device: cuda, but the Dataflow workers have no GPU: "
+            f"step(s) {', '.join(gpu_steps)} declare device: cuda, but the Dataflow workers have no GPU: "
             f"add --dataflow_service_options={GPU_SERVICE_OPTION}type:nvidia-l4;count:1;install-nvidia-driver "
-            f"(and a GPU machine type, e.g. --machine_type=g2-standard-8), or set the scorer's device to cpu")
+            f"(and a GPU machine type, e.g. --machine_type=g2-standard-8), or set the step's device to cpu")
     if has_gpu and not gpu_steps:
-        log.warning("the Dataflow workers have GPUs (%s) but no scorer declares device: cuda: they would idle; "
+        log.warning("the Dataflow workers have GPUs (%s) but no step declares device: cuda: they would idle; "
                     "a selection from stored scores runs on CPU workers (select_beam_args)", GPU_SERVICE_OPTION)
 
 

@@ -21,10 +21,13 @@ clusters, so the page's generic cluster plot is left out).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from importlib import metadata
 from typing import Any, ClassVar
+
+import pyarrow as pa
 
 from curate.config import ConfigError, make_step
 
@@ -37,14 +40,66 @@ _built_ins_loaded = False
 _entry_points_loaded: set[str] = set()
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelStage:
+    """Model work a step needs besides its rows, declared by `Step.model_stage()` and run
+    by the plan (curate.pipeline.model_stages), never by the step itself:
+
+    "proxy"   before the pipeline, on this machine: train a proxy model on the job's pool
+              after its validation and filters (`settings`: curate.train.proxy.train_proxy's
+              options, with `output_dir` and optional `data`, other inputs to read); the
+              step gets the training report.
+    "refine"  a train / generate / score function (curate.train.refine) built from
+              `settings` when the plan is made; the step gets it and calls it on a worker
+              between its rounds.
+    """
+
+    kind: str
+    settings: dict
+
+
 class Step:
-    """What every filter, scorer and selector class declares (see the module docstring)."""
+    """What every filter, scorer and selector declares (see the module docstring)."""
 
     kind: ClassVar[str] = ""
     type: ClassVar[str] = ""
+    # True: sees one row at a time (a filter's `reason_to_drop`); False: the whole pool
+    per_example: ClassVar[bool] = False
+    # columns it reads that an earlier step writes (the plan checks an earlier step does)
+    requires: ClassVar[tuple[str, ...]] = ()
+    # A streamed step (curate.pipeline.graph) decides from a small projection of each
+    # row, so the pipeline streams the rows instead of holding them: `project(record)` ->
+    # the few fields read (id and origin included), `decide(rows_again)` -> a PTransform
+    # from the projections to one state element (a set of duplicates, a cut-off; a call
+    # to `rows_again()` reads the rows once more), `route(row, state)` -> (reject reason
+    # or None, the step's columns), reading only the fields both the record and its
+    # projection carry. None: whole rows needed.
+    project: ClassVar[Any] = None
     title: ClassVar[str] = ""
     report_section: ClassVar[str | None] = None
     draws_clusters: ClassVar[bool] = False
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """The columns this step adds to every row it passes on (and rejects), typed."""
+        return {}
+
+    def resources(self) -> dict:
+        """What a worker needs to run it: `device` ("cpu", "auto", "cuda", ...) and
+        `model` (a name or path, or None). Dataflow jobs are checked against it."""
+        return {"device": "cpu", "model": None}
+
+    def describe(self) -> dict:
+        """What the manifest records of it."""
+        return {"type": self.type}
+
+    def model_stage(self) -> ModelStage | None:
+        """The model work this step needs besides its rows (None: none)."""
+        return None
+
+    def use_model_stage(self, result) -> None:
+        """Receive what its model stage gave: the proxy's training report, or the refine
+        function."""
+        raise NotImplementedError(f"{self.kind} {self.type!r} declares no model stage")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

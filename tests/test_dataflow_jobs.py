@@ -110,13 +110,15 @@ def no_model_loading(monkeypatch):
     import transformers
 
     import curate.models
+    import curate.scorers.base
     import curate.train  # noqa: F401  imported first, so it binds the real loaders, not `refuse`
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded while building the pipeline graph")
 
-    for name in ("load_causal_lm", "load_embedder"):
-        monkeypatch.setattr(curate.models, name, refuse)
+    for module in (curate.models, curate.scorers.base):  # the scorers load through their base's names
+        for name in ("load_causal_lm", "load_embedder"):
+            monkeypatch.setattr(module, name, refuse)
     for cls in (transformers.PreTrainedModel, transformers.AutoModel, transformers.AutoModelForCausalLM,
                 transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
@@ -395,7 +397,7 @@ def test_gpu_scorers_get_gpu_workers(path, monkeypatch, caplog):
     scorers = [make_scorer(dict(s)) for s in job.scorers]  # the inputs on gs:// are not planned here
     options = pipeline_options(job.beam_args).get_all_options()
     dataflow.check_worker_resources(scorers, options)
-    gpu = [s.type for s in scorers if s.device == "cuda"]
+    gpu = [s.type for s in scorers if s.resources()["device"] == "cuda"]
     no_gpu = {**options, "dataflow_service_options": [o for o in options.get("dataflow_service_options") or []
                                                       if "worker_accelerator" not in o]}
     if gpu:

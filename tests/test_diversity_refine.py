@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that
 
 from curate.pipeline.run import pipeline_options
 from curate.pipeline.plan import attach_model_stage
-from curate.selectors import make_selector
+from curate import steps
 from test_diversity import blob_rows
 
 
@@ -48,9 +48,9 @@ def test_iterative_selector_with_the_tiny_lm(tiny_lm_dir, tmp_path):
         r.update(prompt=f"Add {n} and {n}.", response=f"The sum is {2 * n}.",
                  messages=[{"role": "user", "content": f"Add {n} and {n}."},
                            {"role": "assistant", "content": f"The sum is {2 * n}."}])
-    sel = make_selector({"type": "diversity", "budget": 12, "k": 3, "rounds": 2, "model": str(tiny_lm_dir),
-                         "max_length": 64, "max_new_tokens": 4, "device": "cpu", "dtype": "fp32",
-                         "train": {"max_steps": 1, "batch_size": 8}, "work_dir": str(tmp_path)})
+    sel = steps.build("selector", {"type": "diversity", "budget": 12, "k": 3, "rounds": 2, "model": str(tiny_lm_dir),
+                                   "max_length": 64, "max_new_tokens": 4, "device": "cpu", "dtype": "fp32",
+                                   "train": {"max_steps": 1, "batch_size": 8}, "work_dir": str(tmp_path)}, "selector")
     assert sel.model_stage() is not None and sel.gap_fn is None  # the selector holds no model code
     attach_model_stage(sel)  # what the pipeline's plan does: the train/generate/score stage
     with beam.Pipeline(options=pipeline_options([])) as p:

@@ -241,7 +241,7 @@ def _expected_grape(rows, k):
 
 def test_every_selector_keeps_exactly_its_budget_on_pools_with_duplicates(tmp_path):
     """Property test: random pools, budgets and duplicate shares; one pipeline."""
-    from curate.selectors import make_selector
+    from curate import steps
 
     rng = random.Random(7)
     cases = []
@@ -260,7 +260,7 @@ def test_every_selector_keeps_exactly_its_budget_on_pools_with_duplicates(tmp_pa
 
     with beam.Pipeline(options=pipeline_options([])) as p:
         for name, rows, spec, _ in cases:
-            out = p | f"Create{name}" >> beam.Create(rows) | f"Select{name}" >> make_selector(spec)
+            out = p | f"Create{name}" >> beam.Create(rows) | f"Select{name}" >> steps.build("selector", spec, name)
             for part in ("kept", "rejected"):
                 (out[part] | f"Count{name}{part}" >> beam.combiners.Count.Globally()
                  | f"Write{name}{part}" >> beam.Map(
@@ -419,11 +419,11 @@ def test_a_killed_runs_leftovers_are_removed_by_the_rerun_and_inspect_refuses_th
 # a run killed (SIGKILL) at one point of staging or publishing: argv[1] the job, argv[2] the point
 KILL_AT = """
 import os, shutil, signal, sys
-from curate.pipeline import build, output
+from curate.pipeline import output, run
 point = sys.argv[2]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-real_mkdir, real_rename, real_publish, real_remove = os.mkdir, os.rename, build.publish, output._remove_local
+real_mkdir, real_rename, real_publish, real_remove = os.mkdir, os.rename, run.publish, output._remove_local
 def mkdir(path, *a, **k):
     real_mkdir(path, *a, **k)
     if point == "mkdir" and ".tmp-" in str(path):
@@ -442,7 +442,7 @@ def remove(path):
     if point == "remove_old":
         die()  # the new output in place, the old one still aside
     real_remove(path)
-os.mkdir, os.rename, build.publish, output._remove_local = mkdir, rename, publish, remove
+os.mkdir, os.rename, run.publish, output._remove_local = mkdir, rename, publish, remove
 from curate.cli import main
 sys.exit(main(["run", sys.argv[1], "-q"]))
 """

@@ -357,15 +357,15 @@ def test_proxy_model_stage_trains_on_the_pool_after_the_jobs_filters(tmp_path, t
             for i in range(24)]
     pool = write_jsonl(tmp_path / "pool.jsonl", rows + [rows[1]])  # line 25 repeats line 2
     trained = []
-    import curate.train
+    from curate.train import proxy
 
-    real_train = curate.train.train
+    real_train = proxy.train
 
     def spy_train(records, cfg, out, **kw):
         trained.append([r["origin"] for r in records])
         return real_train(records, cfg, out, **kw)
 
-    monkeypatch.setattr("curate.train.train", spy_train)
+    monkeypatch.setattr(proxy, "train", spy_train)
     spec = {
         "inputs": [{"path": pool, "source": "toy"}],
         "filters": [{"type": "length", "unit": "chars", "max": 100}, {"type": "dedup"}],

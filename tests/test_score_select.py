@@ -6,7 +6,6 @@ import json
 import datasets
 
 from curate.config import parse_job
-from curate.pipeline import build
 from curate.pipeline.run import run_job, select_from_scores
 from curate.config import JobConfig
 
@@ -33,7 +32,7 @@ def test_score_once_then_select_many(tmp_path, tiny_lm_dir, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a model was loaded although scores exist")
 
-    monkeypatch.setattr("curate.models.load_causal_lm", no_model)
+    monkeypatch.setattr("curate.scorers.base.load_causal_lm", no_model)  # what every scorer loads with
     second = run_job(parse_job({**spec, "output": str(tmp_path / "grape2"), "selectors": [{"type": "grape", "k": 2}]}))
     assert second["scores_key"] == first["scores_key"]
     assert second["counts"]["kept"] == 12

@@ -25,15 +25,15 @@ REJECTED = "rejected"
 class ApplyDecisions(beam.PTransform):
     """A streamed step (`project` a row to a few fields, `decide` one state from the
     projections, `route` a row by it: curate.pipeline.graph) applied to rows held
-    in a PCollection: {"kept", REJECTED}, each rejected row with `stage` and the step's
-    reason, each row with the columns the step gave it."""
+    in a PCollection: {"kept", REJECTED}, each rejected row with the step's reason
+    (the pipeline adds its reject_stage), each row with the columns the step gave it."""
 
-    def __init__(self, step, stage: str):
+    def __init__(self, step):
         super().__init__()
-        self.step, self.stage = step, stage
+        self.step = step
 
     def expand(self, rows):
-        step, stage = self.step, self.stage
+        step = self.step
         state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide(lambda: rows)
 
         def split(record, state) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
@@ -42,7 +42,7 @@ class ApplyDecisions(beam.PTransform):
             if reason is None:
                 yield record
             else:
-                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": stage, "reject_reason": reason})
+                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_reason": reason})
 
         out = rows | "Apply" >> beam.FlatMap(split, beam.pvalue.AsSingleton(state)).with_outputs(
             REJECTED, main="kept")

@@ -129,11 +129,10 @@ def _table_size(table: dict, n: int) -> dict:
 
 class Decontaminate(Step, beam.PTransform):
     """A whole-pool filter step (see the module docstring): kept rows, and `rejected` rows
-    with reject_stage `filter:decontaminate` and the reason."""
+    with the reason (the pipeline adds their reject_stage)."""
 
     kind = "filter"
     type = "decontaminate"
-    per_example = False
 
     def __init__(self, eval: list | dict | str, n: int = 13):
         super().__init__()
@@ -174,8 +173,7 @@ class Decontaminate(Step, beam.PTransform):
                 yield record
             else:
                 Metrics.counter("filters", "dropped_decontaminate").inc()
-                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_stage": "filter:decontaminate",
-                                                          "reject_reason": reason})
+                yield beam.pvalue.TaggedOutput(REJECTED, {**record, "reject_reason": reason})
 
         return pcoll | "Check" >> beam.FlatMap(check, beam.pvalue.AsSingleton(table)).with_outputs(
             REJECTED, main="kept")

@@ -36,7 +36,6 @@ class ExactDedup(Step, beam.PTransform):
 
     kind = "filter"
     type = "dedup"
-    per_example = False  # a whole-pool step: a PTransform returning `kept` and `rejected` outputs
 
     def __init__(self, key: str = "prompt_response"):
         super().__init__()
@@ -67,4 +66,4 @@ class ExactDedup(Step, beam.PTransform):
         return rejected.get((row["id"], row["origin"])), {}
 
     def expand(self, pcoll):
-        return pcoll | ApplyDecisions(self, "filter:dedup")
+        return pcoll | ApplyDecisions(self)

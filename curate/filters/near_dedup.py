@@ -217,7 +217,6 @@ class NearDedup(Step, beam.PTransform):
 
     kind = "filter"
     type = "near_dedup"
-    per_example = False
 
     def __init__(self, threshold: float = 0.8, shingle: int = 5, unit: str = "word", num_perm: int = 128,
                  bands: int = 16, keep: str = "longest", seed: int = 0, verify: str = "estimate"):
@@ -319,4 +318,4 @@ class NearDedup(Step, beam.PTransform):
         return f"near-duplicate of {kept_id} ({kept_origin}), {measure} {sim:.3f}", {}
 
     def expand(self, pcoll):
-        return pcoll | ApplyDecisions(self, "filter:near_dedup")
+        return pcoll | ApplyDecisions(self)

@@ -67,7 +67,7 @@ class Streamed:
                   for i, (s, stage) in enumerate(zip(plan.selectors, plan.selector_stages))]
         self.steps, self.labels = [], []  # (step, reject stage); the step's Beam label
         for step, stage, label in steps:
-            if not (_per_example(step) or getattr(step, "project", None) is not None):
+            if not (step.per_example or step.project is not None):
                 break
             self.steps.append((step, stage))
             self.labels.append(label)
@@ -75,14 +75,10 @@ class Streamed:
         self.states: dict[int, beam.PCollection] = {}  # deciding step's index -> its state
 
     def deciding(self) -> list[int]:
-        return [i for i, (s, _) in enumerate(self.steps) if not _per_example(s)]
+        return [i for i, (s, _) in enumerate(self.steps) if not s.per_example]
 
     def side_inputs(self, before: int | None = None) -> list:
         return [beam.pvalue.AsSingleton(self.states[i]) for i in self.deciding() if before is None or i < before]
-
-
-def _per_example(step) -> bool:
-    return getattr(step, "per_example", False)
 
 
 class _Keys(beam.DoFn):
@@ -94,13 +90,13 @@ class _Keys(beam.DoFn):
 
     def setup(self):
         for step, _ in self.steps:
-            if _per_example(step):
+            if step.per_example:
                 step.setup()
 
     def process(self, record):
         rejected = _first_rejection(self.steps, record)
         projections = {i: _bare(step.project(record)) for i, (step, _) in enumerate(self.steps)
-                       if not _per_example(step) and (rejected is None or i < rejected[0])}
+                       if not step.per_example and (rejected is None or i < rejected[0])}
         yield (record["id"], record["origin"]), rejected, projections
 
 
@@ -117,7 +113,7 @@ def _dressed(key: tuple[str, str], bare: dict) -> dict:
 def _first_rejection(steps, record) -> tuple[int, str] | None:
     """(index, reason) of the first per-example filter that rejects the row, or None."""
     for i, (step, _) in enumerate(steps):
-        if _per_example(step) and (reason := step.reason_to_drop(record)) is not None:
+        if step.per_example and (reason := step.reason_to_drop(record)) is not None:
             return i, reason
     return None
 
@@ -128,7 +124,7 @@ def _fate(steps, rejected, rows: dict, states: dict, until: int | None = None):
     the row's projection or the record itself."""
     columns = {}
     for i, (step, _) in enumerate(steps[:until]):
-        if _per_example(step):
+        if step.per_example:
             if rejected is not None and rejected[0] == i:
                 return i, rejected[1], columns
             continue
@@ -148,7 +144,7 @@ class _Route(beam.DoFn):
 
     def setup(self):
         for step, _ in self.steps:
-            if _per_example(step):
+            if step.per_example:
                 step.setup()
 
     def process(self, record, *states) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
@@ -257,14 +253,20 @@ def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None):
         return recs
 
     for i, step in enumerate(plan.filters[len(streamed.steps):], start=len(streamed.steps)):
-        if _per_example(step):
+        if step.per_example:
             pending.append(step)
             continue
-        recs = flush(recs, i)
-        out = recs | f"Filter{i}:{step.type}" >> step
-        rejected.append(out[REJECTED])
-        recs = out["kept"]
+        recs = apply_whole_pool(flush(recs, i), step, f"Filter{i}:{step.type}", f"filter:{step.type}", rejected)
     return examples, invalid, flush(recs, len(plan.filters)), rejected, streamed, counts
+
+
+def apply_whole_pool(recs, step, label: str, stage: str, rejected: list):
+    """A whole-pool step (a filter or selector PTransform returning kept and REJECTED rows
+    with their reasons) on held rows: its kept rows; its rejected rows, tagged with their
+    reject_stage here as every step's are, go to `rejected`."""
+    out = recs | label >> step
+    rejected.append(out[REJECTED] | f"{label}:stage" >> beam.Map(lambda r: {**r, "reject_stage": stage}))
+    return out["kept"]
 
 
 def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None, fresh: bool = False) -> None:
@@ -309,10 +311,7 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
     for i, selector in enumerate(plan.selectors):
         if i < streamed_selectors:
             continue  # streamed: routed by the write pass
-        out = recs | f"Select{i}:{selector.type}" >> selector
-        stage = plan.selector_stages[i]
-        rejected.append(out["rejected"] | f"Stage{i}" >> beam.Map(lambda r, s=stage: {**r, "reject_stage": s}))
-        recs = out["kept"]
+        recs = apply_whole_pool(recs, selector, f"Select{i}:{selector.type}", plan.selector_stages[i], rejected)
 
     # when every step streamed, the keys pass counted the kept and rejected rows: the
     # sinks need not hold the rows to count them

@@ -1,14 +1,16 @@
-"""Model stages: model work a step needs before the pipeline scores anything, run as a
-stage of its own rather than hidden in graph construction. Today: the S2L proxy run of
-the `trajectory` scorer.
+"""Model stages: model work a step needs besides its rows, declared by the step
+(`model_stage()` -> curate.steps.ModelStage) and run here, as a stage of the plan of its
+own rather than hidden in the step or in graph construction.
 
-A scorer declares one with `before_pipeline(read_pool) -> dict | None`. `read_pool(inputs)`
-gives it the pool to train on: the job's inputs (or the inputs the step names), read by
-the pipeline's own readers with the job's validation and filters, in a Beam pipeline of
-its own (on Dataflow, on its workers), and returned in read order (file, then line), so
-reruns see the same rows in the same order. The model work itself then runs on this
-machine, before the main pipeline; the log says so, and what it returns (artifacts,
-metrics) goes to the manifest under `model_stages`.
+A "proxy" stage (the S2L proxy of the `trajectory` scorer) runs before the pipeline: the
+pool to train on (the job's inputs, or the `data` the step names) is read by the
+pipeline's own readers with the job's validation and filters, in a Beam pipeline of its
+own (on Dataflow, on its workers), in read order (file, then line), so reruns see the
+same rows in the same order; the proxy then trains on this machine (the log says so) and
+its report goes to the step and to the manifest under `model_stages`. A "refine" stage
+(the iterative diversity selector's train / generate / score rounds) is built when the
+plan is made (`curate.pipeline.plan.attach_model_stage`) and runs on a worker, called by
+its step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from curate.pipeline.graph import read_and_filter
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
 from curate.pipeline.sink import WriteJsonl
+from curate.train.proxy import train_proxy
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +67,23 @@ def read_filtered_pool(plan: Plan, inputs, options, work_dir: str) -> list[dict]
     return sorted(rows, key=read_order(pool_plan))
 
 
+PROXY_REPORT = ("n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
+                "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")
+
+
 def run_model_stages(plan: Plan, options, staging: str) -> dict:
-    """Every step's model work before the pipeline; {stage name: what it reported}."""
+    """Every step's "proxy" model stage, before the pipeline; {stage name: its report}."""
     out = {}
-    for i, (scorer, stage) in enumerate(zip(plan.scorers, plan.scorer_stages)):
-        hook = getattr(scorer, "before_pipeline", None)
-        if hook is None:
-            continue
-        work_dir = FileSystems.join(staging, "_model_stages", str(i))
-
-        def read_pool(inputs=None, _dir=work_dir):
-            rows = read_filtered_pool(plan, inputs, options, _dir)
-            log.info("%s: model stage on %d examples (read and filtered as the job reads them), "
-                     "running on this machine before the pipeline", stage, len(rows))
-            return rows
-
-        report = hook(read_pool)
-        if report is not None:
-            out[stage] = report
+    for i, (step, stage) in enumerate(plan.named_steps()):
+        declared = step.model_stage()
+        if declared is None or declared.kind != "proxy":
+            continue  # a "refine" stage was built with the plan
+        settings = dict(declared.settings)
+        data, output_dir = settings.pop("data", None), settings.pop("output_dir")
+        rows = read_filtered_pool(plan, data, options, FileSystems.join(staging, "_model_stages", str(i)))
+        log.info("%s: proxy run in %s on %d examples (read and filtered as the job reads them), running on "
+                 "this machine before the pipeline", stage, output_dir, len(rows))
+        metrics = train_proxy(rows, output_dir, **settings)
+        out[stage] = {"proxy_run": output_dir, **{k: metrics.get(k) for k in PROXY_REPORT}}
+        step.use_model_stage(out[stage])
     return out

@@ -26,16 +26,17 @@ def output_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
     return schema
 
 
-def attach_model_stage(selector) -> None:
-    """Build the model work a selector asks for (`model_stage()`) and hand it over: the
-    selector calls it, but the model code lives in curate.train, never in selectors/."""
-    spec = selector.model_stage()
-    if spec is None:
+def attach_model_stage(step) -> None:
+    """Build the "refine" model stage a step declares (curate.steps.ModelStage) and hand it
+    over: the step calls it, but the model code lives in curate.train, never in the step.
+    A "proxy" stage runs before the pipeline (curate.pipeline.model_stages)."""
+    declared = step.model_stage()
+    if declared is None or declared.kind != "refine":
         return
     try:
-        selector.use_model_stage(TrainGenerateScore(RefineConfig.from_dict(spec)))
+        step.use_model_stage(TrainGenerateScore(RefineConfig.from_dict(declared.settings)))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"selector {selector.type!r}: {exc}") from None
+        raise ConfigError(f"{step.kind} {step.type!r}: {exc}") from None
 
 
 class Plan:
@@ -45,19 +46,18 @@ class Plan:
         self.job = job
         self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
         self.filters = [steps.build("filter", spec, f"filters[{i}]") for i, spec in enumerate(job.filters)]
-        self.scorers = []
-        if job.scorers:
-            self.scorers = [make_scorer(dict(s)) for s in job.scorers]
+        self.scorers = [make_scorer(dict(s)) for s in job.scorers]
         self.selectors = [steps.build("selector", spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]
-        for step in self.selectors:
+        steps_in_order = self.filters + self.scorers + self.selectors
+        for step in steps_in_order:
             attach_model_stage(step)
         columns = self.input_columns()
-        written = {n for step in self.scorers + self.selectors for n in step.output_columns()}
+        written = {n for step in steps_in_order for n in step.output_columns()}
         columns = {n: t for n, t in columns.items() if n not in written}  # a step re-writes them
-        for step in self.scorers + self.selectors:
-            for need in getattr(step, "requires", ()):  # written by an earlier step, not by itself
+        for step in steps_in_order:
+            for need in step.requires:  # written by an earlier step, not by itself
                 if need not in columns:
-                    raise ConfigError(f"selector {step.type!r} needs the column {need!r}; add the scorer "
+                    raise ConfigError(f"{step.kind} {step.type!r} needs the column {need!r}; add the scorer "
                                       f"that writes it before it (known so far: {', '.join(columns) or 'none'})")
             for name, dtype in step.output_columns().items():
                 if name in columns or name in records.BASE_COLUMNS:
@@ -83,6 +83,11 @@ class Plan:
                     if f.name not in records.BASE_COLUMNS and f.name not in REJECT_COLUMNS:
                         columns.setdefault(f.name, f.type)
         return columns
+
+    def named_steps(self) -> list[tuple]:
+        """(step, its stage name) of every step, in job order."""
+        return ([(f, f"filter:{f.type}") for f in self.filters] + list(zip(self.scorers, self.scorer_stages))
+                + list(zip(self.selectors, self.selector_stages)))
 
     def describe(self) -> dict:
         return {

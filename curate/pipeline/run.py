@@ -240,7 +240,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     on_dataflow = dataflow.is_dataflow(all_options)
     if on_dataflow:
         dataflow.check_launcher(all_options)
-        dataflow.check_worker_resources(plan.scorers, all_options)
+        dataflow.check_worker_resources(plan.filters + plan.scorers + plan.selectors, all_options)
         all_options = dataflow.name_job(options, job.name)
     log.info("planned %d input file(s); staging in %s", len(plan.tasks), staging)
     progress_dir = None if "://" in staging else FileSystems.join(staging, PROGRESS_DIR)

@@ -52,9 +52,6 @@ class Scorer(Step):
         """An `apache_beam.ml.inference.base.ModelHandler` over record dicts."""
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        """What to record in the manifest (model, template, dtype, ...)."""
-        return {"type": self.type}
 
 
 @dataclasses.dataclass
@@ -115,6 +112,9 @@ class ModelScorer(Scorer):
 
     def describe(self) -> dict:
         return {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def resources(self) -> dict:
+        return {"device": self.device, "model": getattr(self, "model", None)}
 
 
 class ModelRunner:

@@ -56,7 +56,7 @@ from curate.models.batching import pad_id
 from curate.models.logprobs import score_encoded
 from curate.scorers.base import ModelScorer
 from curate.train.checkpoints import list_checkpoints
-from curate.train.proxy import train_proxy
+from curate.steps import ModelStage
 
 log = logging.getLogger(__name__)
 
@@ -193,22 +193,18 @@ class TrajectoryScorer(ModelScorer):
         """Path options this scorer's model stage writes (`curate.pipeline.saved_work`)."""
         return ("checkpoints",) if self.proxy is not None else ()
 
-    def before_pipeline(self, read_pool) -> dict | None:
-        """Model stage (curate.pipeline.model_stages): train the proxy on the pool, `proxy.data`
-        or else the job's inputs, after the job's validation and filters; the trainer
-        returns at once when the same run is already complete in `checkpoints`."""
+    def model_stage(self) -> ModelStage | None:
+        """With `proxy:`, the proxy run before the pipeline (curate.pipeline.model_stages):
+        trained on the pool (`proxy.data`, or else the job's inputs) after the job's
+        validation and filters; the trainer returns at once when the same run is already
+        complete in `checkpoints`."""
         if self.proxy is None:
             return None
+        return ModelStage("proxy", {**self.proxy, "output_dir": self.checkpoints, "model": self.model,
+                                    "template": self.template, "turns": self.turns, "max_length": self.max_length})
 
-        records = read_pool(self.proxy.get("data"))
-        options = {k: v for k, v in self.proxy.items() if k != "data"}
-        log.info("trajectory: proxy run in %s", self.checkpoints)
-        m = train_proxy(records, self.checkpoints, model=self.model, template=self.template, turns=self.turns,
-                        max_length=self.max_length, **options)
-        self._proxy_metrics = {k: m.get(k) for k in (
-            "n_train", "steps", "checkpoints", "train_time_s", "proxy_wall_s", "tokens_per_s",
-            "train_loss_first", "train_loss_last", "device", "compute_dtype", "fingerprint")}
-        return {"proxy_run": self.checkpoints, **self._proxy_metrics}
+    def use_model_stage(self, report: dict) -> None:
+        self._proxy_metrics = {k: v for k, v in report.items() if k != "proxy_run"}
 
     def prepare(self) -> list[Checkpoint]:
         """Driver side, after the model stage: the checkpoints to score with."""

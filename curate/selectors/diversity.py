@@ -87,7 +87,8 @@ from curate.config import ConfigError, parse_budget
 from curate.selectors.base import Selector
 from curate.selectors.diversity_plan import (ALLOCATIONS, jsonable, cut_offs, first_plan, next_plan, normalised,
                                              round_of, row_key, sampling_key)
-from curate.selectors.shared.kmeans import METRICS, UNASSIGNED, AssignClusters, TrainKMeans
+from curate.selectors.shared.kmeans import METRICS, UNASSIGNED, AssignClusters, TrainKMeans, faiss_device
+from curate.steps import ModelStage
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,15 @@ class DiversitySelector(Selector):
         self.gap_fn = gap_fn  # the refinement's model stage: given here (tests) or by the plan
         self.requires = (embedding_column,) + ((quality_column,) if quality_column else ())
 
-    def model_stage(self) -> dict | None:
+    def resources(self) -> dict:
+        if self.rounds > 1:  # the refinement trains, generates and scores with its model
+            return {"device": self.refine["device"], "model": self.refine["model"]}
+        return {"device": faiss_device(self.gpu), "model": None}
+
+    def model_stage(self) -> ModelStage | None:
         """Iterative refinement trains, generates and scores between rounds: the plan builds
         that from `refine` (curate.train.refine) unless a gap function was given."""
-        return self.refine if self.rounds > 1 and self.gap_fn is None else None
+        return ModelStage("refine", self.refine) if self.rounds > 1 and self.gap_fn is None else None
 
     def use_model_stage(self, stage) -> None:
         self.gap_fn = stage

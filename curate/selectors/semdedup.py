@@ -43,7 +43,8 @@ import pyarrow as pa
 
 from curate.config import ConfigError
 from curate.selectors.base import Selector, reject
-from curate.selectors.shared.kmeans import UNASSIGNED, AssignClusters, SampleVectors, as_matrix, fit_model
+from curate.selectors.shared.kmeans import (UNASSIGNED, AssignClusters, SampleVectors, as_matrix, faiss_device,
+                                           fit_model)
 
 KEEP = ("farthest", "nearest")
 
@@ -109,6 +110,9 @@ class SemDedupSelector(Selector):
         self.sample_size, self.niter, self.seed = sample_size, niter, int(seed)
         self.block_rows, self.gpu = block_rows, gpu
         self.requires = (embedding_column,)
+
+    def resources(self) -> dict:
+        return {"device": faiss_device(self.gpu), "model": None}
 
     def output_columns(self):
         return {"semdedup_cluster": pa.int64(), "semdedup_distance": pa.float64(),

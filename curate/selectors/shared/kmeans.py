@@ -69,6 +69,11 @@ def faiss_module():
     return faiss
 
 
+def faiss_device(gpu: bool | str) -> str:
+    """A faiss step's `gpu` option as a step's declared device (curate.steps.Step.resources)."""
+    return "auto" if gpu == "auto" else "cuda" if gpu else "cpu"
+
+
 def use_gpu(gpu: bool | str = "auto") -> bool:
     """Whether faiss should use the GPU: `auto` means when faiss sees one."""
     if gpu == "auto":
