@@ -1,3 +1,3 @@
 """curate: data selection and curation for instruction tuning."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

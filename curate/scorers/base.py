@@ -10,23 +10,25 @@ and gives a `ModelHandler`; the pipeline composes scorers and knows nothing abou
                  (`curate.dataflow.check_worker_resources`)
     loading      `load()` runs on the worker, once per model copy; `load_lm` /
                  `load_encoder` apply the resource fields
-    batching     `encode_all` (with the failing record named), `token_budget` by device
+    batching     `token_budget` by device
     Beam         `model_handler()`: `RecordModelHandler` (OOM halving, bisection to the
                  failing row, one batch at a time per model, see handlers.py)
     progress     rows and tokens of every batch, counted by `ModelRunner`
     describe     every config field, for the manifest
 A scorer implements `load()`, `score_batch(loaded, records) -> (records with its
-columns, tokens processed)` and `output_columns()`.
+columns, tokens processed)` and `output_columns()`. `CausalLMScorer` adds what a scorer
+over a causal LM reads rows with (model, template, turns, max_length) and `encode_all`
+(every row of a batch as tokens, the failing record named).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import pyarrow as pa
 
-from curate.formatting import encode
+from curate.formatting import TEMPLATES, encode
 from curate.models import load_causal_lm, load_embedder
 from curate.progress import StageProgress
 from curate.scorers.handlers import RecordModelHandler
@@ -91,18 +93,6 @@ class ModelScorer(Scorer):
     def token_budget(self, device_type: str) -> int:
         return self.max_tokens_per_batch or self.TOKENS_PER_BATCH.get(device_type, self.TOKENS_PER_BATCH["cpu"])
 
-    def encode_all(self, records: list[dict], tokenizer, **options) -> list:
-        """`curate.formatting.encode` of every record with this scorer's template, length and
-        turns; a record that cannot be encoded fails the batch naming it (the handler then
-        bisects to it and sends it to the dead letter)."""
-        out = []
-        for record in records:
-            try:
-                out.append(encode(record, tokenizer, self.template, self.max_length, turns=self.turns, **options))
-            except Exception as err:
-                raise ValueError(f"{self.type}: cannot encode record {record.get('id')!r}: {err}") from err
-        return out
-
     def load_runner(self) -> "ModelRunner":
         return ModelRunner(self)
 
@@ -115,6 +105,36 @@ class ModelScorer(Scorer):
 
     def resources(self) -> dict:
         return {"device": self.device, "model": getattr(self, "model", None)}
+
+
+@dataclasses.dataclass
+class CausalLMScorer(ModelScorer):
+    """A scorer over a causal LM that reads each row as tokens (curate.formatting.encode):
+    `model`, the prompt `template`, the assistant `turns` a chat template scores, and
+    `max_length` (tokens kept; each scorer sets its own default)."""
+
+    model: str = "default"
+    template: str = "plain"
+    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
+    max_length: int = 1024
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"{self.type}: unknown template {self.template!r}; expected one of {', '.join(TEMPLATES)}")
+        if self.max_length < 2:
+            raise ValueError(f"{self.type}: max_length must be at least 2")
+
+    def encode_all(self, records: list[dict], tokenizer, **options) -> list:
+        """`curate.formatting.encode` of every record with this scorer's template, length and
+        turns; a record that cannot be encoded fails the batch naming it (the handler then
+        bisects to it and sends it to the dead letter)."""
+        out = []
+        for record in records:
+            try:
+                out.append(encode(record, tokenizer, self.template, self.max_length, turns=self.turns, **options))
+            except Exception as err:
+                raise ValueError(f"{self.type}: cannot encode record {record.get('id')!r}: {err}") from err
+        return out
 
 
 class ModelRunner:

@@ -41,15 +41,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Sequence
 
 import pyarrow as pa
 
 from curate.config import ConfigError
-from curate.formatting import TEMPLATES, Encoded
+from curate.formatting import Encoded
 from curate.models.batching import map_token_batches, pad_batch, pad_id, predicting_positions
 from curate.models.lm_head import body_and_head, post_head
-from curate.scorers.base import ModelScorer
+from curate.scorers.base import CausalLMScorer
 
 LN2 = math.log(2.0)
 MAX_LOGITS_PER_CHUNK = 1 << 22
@@ -160,7 +160,7 @@ class LoadedPair:
 
 
 @dataclasses.dataclass
-class DegradationScorer(ModelScorer):
+class DegradationScorer(CausalLMScorer):
     """Per-example JSD between the original and a pruned model (docs/methods.md "PASER").
 
     Options: pruned_model (required: a path or id, e.g. made by `curate prune`), model
@@ -174,20 +174,13 @@ class DegradationScorer(ModelScorer):
     type: ClassVar[str] = "degradation"
 
     pruned_model: str = ""
-    model: str = "default"
-    template: str = "plain"
-    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
-    max_length: int = 1024
     max_logit_elements: int = MAX_LOGITS_PER_CHUNK
 
     def __post_init__(self):
         if not self.pruned_model:
             raise ConfigError("degradation: 'pruned_model' is required (a path or id; make one with "
                               "`curate prune --method wanda --calibration POOL --output DIR`)")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"degradation: template must be one of {TEMPLATES}, got {self.template!r}")
-        if self.max_length < 2:
-            raise ConfigError("degradation: max_length must be at least 2")
+        super().__post_init__()
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {"jsd": pa.float64(), "jsd_tokens": pa.int64(), "jsd_total_tokens": pa.int64()}

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import pyarrow as pa
 
-from curate.formatting import TEMPLATES
 from curate.models.batching import pad_id
 from curate.models.lm_head import DEFAULT_MAX_LOGIT_ELEMENTS
 from curate.models.logprobs import score_encoded
-from curate.scorers.base import ModelScorer
+from curate.scorers.base import CausalLMScorer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ class LoadedLM:
 
 
 @dataclasses.dataclass
-class LikelihoodScorer(ModelScorer):
+class LikelihoodScorer(CausalLMScorer):
     """Log-probability of the response given the prompt under a causal LM.
 
     Adds `logprob_sum` (float64), `logprob_mean` (float64: GRAPE's score),
@@ -52,20 +51,10 @@ class LikelihoodScorer(ModelScorer):
 
     type: ClassVar[str] = "likelihood"
 
-    model: str = "default"
-    template: str = "plain"
-    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 2048
     include_eos: bool = True
     prefix: str = ""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
-
-    def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"{self.type}: unknown template {self.template!r}; "
-                             f"expected one of {', '.join(TEMPLATES)}")
-        if self.max_length < 2:
-            raise ValueError(f"{self.type}: max_length must be at least 2")
 
     def column_names(self) -> tuple[str, str, str, str]:
         p = self.prefix

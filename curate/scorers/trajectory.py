@@ -45,16 +45,15 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from curate.config import ConfigError
-from curate.formatting import TEMPLATES
 from curate.models.batching import pad_id
 from curate.models.logprobs import score_encoded
-from curate.scorers.base import ModelScorer
+from curate.scorers.base import CausalLMScorer
 from curate.train.checkpoints import list_checkpoints
 from curate.steps import ModelStage
 
@@ -152,7 +151,7 @@ def _load_full(model, path: Path) -> None:
 
 
 @dataclasses.dataclass
-class TrajectoryScorer(ModelScorer):
+class TrajectoryScorer(CausalLMScorer):
     """S2L loss trajectories: adds `trajectory` (list<float64>, one loss per checkpoint).
 
     Options: `checkpoints` (the proxy run directory), `model` (the base the LoRA
@@ -168,19 +167,14 @@ class TrajectoryScorer(ModelScorer):
     type: ClassVar[str] = "trajectory"
 
     checkpoints: str = "runs/s2l-proxy"
-    model: str = "default"
     proxy: Optional[dict] = None
     steps: Optional[list] = None
-    template: str = "plain"
-    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
     max_length: int = 512
     column: str = "trajectory"
     max_logit_elements: int = 1 << 24
 
     def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"trajectory: unknown template {self.template!r}; expected one of "
-                             f"{', '.join(TEMPLATES)}")
+        super().__post_init__()
         if self.proxy is not None and not isinstance(self.proxy, dict):
             raise ValueError("trajectory: proxy must be a mapping of trainer options (and optional 'data')")
         self._proxy_metrics: dict | None = None

@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Sequence
 
 import pyarrow as pa
 
-from curate.formatting import TEMPLATES, Encoded
+from curate.formatting import Encoded
 from curate.models.batching import map_token_batches, pad_batch, pad_id
-from curate.scorers.base import ModelScorer
+from curate.scorers.base import CausalLMScorer
 
 DEFAULT_ETA = 1e-4
 DEFAULT_VOCAB_CHUNK = 8192
@@ -266,7 +266,7 @@ class LoadedHead:
 
 
 @dataclasses.dataclass
-class WeightDeltaScorer(ModelScorer):
+class WeightDeltaScorer(CausalLMScorer):
     """DON and NOD of each example (docs/methods.md "DONOD"); the `donod` selector ranks them.
 
     Adds `don` (float64), `nod` (float64) and `n_response_tokens` (int64).
@@ -282,20 +282,12 @@ class WeightDeltaScorer(ModelScorer):
 
     type: ClassVar[str] = "weight_delta"
 
-    model: str = "default"
-    template: str = "plain"
-    turns: Literal["all", "last"] = "all"  # chat template: loss on every assistant turn, or the last
-    max_length: int = 1024
     eta: float = DEFAULT_ETA
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK
     time_chunk: int = DEFAULT_TIME_CHUNK
 
     def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"weight_delta: unknown template {self.template!r}; "
-                             f"expected one of {', '.join(TEMPLATES)}")
-        if self.max_length < 2:
-            raise ValueError("weight_delta: max_length must be at least 2")
+        super().__post_init__()
         if not self.eta > 0:
             raise ValueError(f"weight_delta: eta must be > 0, got {self.eta}")
         if self.vocab_chunk < 1 or self.time_chunk < 1:
