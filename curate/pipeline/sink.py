@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import uuid
@@ -60,13 +61,19 @@ SHARD_BATCH = 1000  # rows per record batch of a shard
 def write_rows(path: str, rows: Iterable[dict], schema: pa.Schema) -> tuple[int, str]:
     """Write `rows` (in their order) as an Arrow IPC stream, SHARD_BATCH rows a record
     batch, holding one batch at a time; returns (rows written, sha256 of the bytes)."""
+    return write_batches(path, (_to_batch(chunk, schema) for chunk in _chunks(rows, SHARD_BATCH)), schema)
+
+
+def write_batches(path: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> tuple[int, str]:
+    """Write record batches (of SHARD_BATCH rows, the last one fewer) as an Arrow IPC
+    stream; returns (rows written, sha256 of the bytes)."""
     count = 0
     with creating(path) as fh:
         out = _HashingWriter(fh)
         with pa.ipc.new_stream(pa.PythonFile(out, mode="w"), schema) as writer:
-            for chunk in _chunks(rows, SHARD_BATCH):
-                writer.write_batch(_to_batch(chunk, schema))
-                count += len(chunk)
+            for batch in batches:
+                writer.write_batch(batch)
+                count += batch.num_rows
     return count, out.digest.hexdigest()
 
 
@@ -171,8 +178,12 @@ def commit_files(directory: str, files: dict[str, str], what: str, info: dict) -
 def write_shard(staging: str, i: int, n: int, rows: Iterable[dict], schema: pa.Schema) -> dict:
     """Shard i of n from `rows` in (origin, id) order, under this attempt's own name (a
     retried or duplicate attempt writes another file); what the finalize step commits."""
+    return _shard_attempt(staging, i, n, lambda path: write_rows(path, rows, schema))
+
+
+def _shard_attempt(staging: str, i: int, n: int, write) -> dict:
     name = attempt_name(shard_name(i, n))
-    count, digest = write_rows(FileSystems.join(staging, name), rows, schema)
+    count, digest = write(FileSystems.join(staging, name))
     return {"index": i, "rows": count, "sha256": digest, "file": name}
 
 
@@ -217,12 +228,24 @@ class _WriteRuns(beam.DoFn):
         self._held, self._count = {}, 0
 
 
-def _run_rows(path: str):
-    """The rows of a run, in its order, one record batch in memory at a time."""
+def _read_run(path: str) -> pa.Table:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        reader = pa.ipc.open_file(pa.BufferReader(fh.read()))
-    for b in range(reader.num_record_batches):
-        yield from reader.get_batch(b).to_pylist()
+        return pa.ipc.open_file(pa.BufferReader(fh.read())).read_all()
+
+
+def merged_batches(runs: list[pa.Table], schema: pa.Schema):
+    """The rows of sorted runs merged in (origin, id) order, as record batches of
+    SHARD_BATCH rows: only the keys become Python objects, the rows are gathered by Arrow
+    (`take`), never converted to dicts and back."""
+    keyed = [zip(t.column("origin").to_pylist(), t.column("id").to_pylist(), range(start, start + t.num_rows))
+             for t, start in zip(runs, itertools.accumulate([0] + [t.num_rows for t in runs]))]
+    order = [position for *_, position in heapq.merge(*keyed)]
+    if not order:
+        return
+    rows = pa.concat_tables(runs)
+    for start in range(0, len(order), SHARD_BATCH):
+        (batch,) = rows.take(pa.array(order[start:start + SHARD_BATCH], pa.int64())).combine_chunks().to_batches()
+        yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
 
 
 class _MergeRuns(beam.DoFn):
@@ -236,8 +259,8 @@ class _MergeRuns(beam.DoFn):
 
     def process(self, item, n):
         i, runs = item
-        yield write_shard(self.staging, i, n, heapq.merge(*(_run_rows(r) for r in sorted(runs)), key=_row_order),
-                          self._schema)
+        batches = merged_batches([_read_run(r) for r in sorted(runs)], self._schema)
+        yield _shard_attempt(self.staging, i, n, lambda path: write_batches(path, batches, self._schema))
 
 
 def finalize_shards(written: list[dict], n: int, staging: str, schema: pa.Schema) -> dict:
