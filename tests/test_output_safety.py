@@ -382,8 +382,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _start_hanging_run(tmp_path, job):
+    # SIGINT as a terminal delivers it, even when these tests run in a background job
+    # (which starts with SIGINT ignored, and a child would inherit that)
     proc = subprocess.Popen([sys.executable, "-c", HANG, "run", job], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()
     assert "PIPELINE STARTED" in line, proc.stderr.read()
     return proc
