@@ -54,7 +54,7 @@ from curate.config import ConfigError
 from curate.models.batching import pad_id
 from curate.models.logprobs import score_encoded
 from curate.scorers.base import CausalLMScorer
-from curate.train.checkpoints import list_checkpoints
+from curate.train.checkpoints import list_checkpoints, load_model_weights
 from curate.steps import ModelStage
 
 log = logging.getLogger(__name__)
@@ -126,28 +126,11 @@ class LoadedProxy:
         if self.peft is not None:
             self.peft.set_adapter(adapter_name(c))
         else:
-            _load_full(self.model, c.path)
+            load_model_weights(self.model, c.path)
 
 
 def adapter_name(c: Checkpoint) -> str:
     return f"step-{c.step}"
-
-
-def _load_full(model, path: Path) -> None:
-    """Weights of a saved model directory (`*.safetensors`) into `model`, in place."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and "lm_head" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: weights do not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
 
 
 @dataclasses.dataclass

@@ -119,17 +119,24 @@ def load_trainable_weights(model, ckpt: Path, method: str) -> None:
         if unexpected:
             raise RuntimeError(f"{ckpt}: adapter weights do not fit the model: {unexpected[:5]}")
         return
-    files = sorted((ckpt / "model").glob("*.safetensors"))
-    if not files:
+    if not list((ckpt / "model").glob("*.safetensors")):
         raise FileNotFoundError(f"{ckpt / 'model'}: no safetensors weights")
+    load_model_weights(model, ckpt / "model")
+
+
+def load_model_weights(model, path: Path) -> None:
+    """The weights of a saved model directory (`*.safetensors`) into `model`, in place; a
+    RuntimeError naming the directory when they do not fit (a tied LM head may be absent)."""
+    from safetensors.torch import load_file
+
     state = {}
-    for f in files:
+    for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: model weights do not fit: missing {missing[:5]}, "
+        raise RuntimeError(f"{path}: weights do not fit the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
