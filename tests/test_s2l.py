@@ -10,12 +10,11 @@ import shutil
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.util import assert_that, equal_to
 
 from curate.pipeline.run import pipeline_options
 from curate.records import make_record
 from curate.selectors.s2l import S2LSelector, sample_key
-from curate.selectors.shared.quotas import balanced_quotas, stratified_quotas
+from curate.selectors.shared.quotas import balanced_quotas
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,24 +80,6 @@ def test_balanced_quotas_match_brute_force(seed):
     assert all(0 <= got[c] <= sizes[c] for c in sizes)
 
 
-def test_stratified_quotas_match_brute_force():
-    rng = random.Random(7)
-    for _ in range(20):
-        sizes = {(s, c): rng.randint(1, 60) for s in ("code", "gsm8k", "tiny")
-                 for c in range(rng.randint(1, 6))}
-        sizes[("tiny", 0)] = 2  # a source far below its share
-        budget = rng.randint(0, sum(sizes.values()))
-        per_source = {}
-        for (s, _), n in sizes.items():
-            per_source[s] = per_source.get(s, 0) + n
-        source_budget = reference_quotas(per_source, budget)
-        expected = {}
-        for s, b in source_budget.items():
-            inner = reference_quotas({c: n for (t, c), n in sizes.items() if t == s}, b)
-            expected.update({(s, c): v for c, v in inner.items()})
-        assert stratified_quotas(sizes, budget) == expected
-
-
 # ---------------------------------------------------------------- the Beam selector
 
 CENTRES = {0: [0, 0, 0, 0], 1: [10, 0, 0, 0], 2: [0, 10, 0, 0], 3: [0, 0, 10, 0], 4: [0, 0, 0, 10]}
@@ -137,23 +118,13 @@ def run_selector(rows, tmp_path, **opts):
             json.loads((tmp_path / "rejected.json").read_text()))
 
 
-def reference_selection(rows, budget, seed, stratify=False):
+def reference_selection(rows, budget, seed):
     """Brute force from the pipeline's cluster ids: quotas by the loop above, then the
     `take` smallest sample keys of each cluster."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["source"] if stratify else "", r["cluster"]), []).append(r)
-    sizes = {k: len(v) for k, v in groups.items()}
-    if stratify:
-        per_source = {}
-        for (s, _), n in sizes.items():
-            per_source[s] = per_source.get(s, 0) + n
-        takes = {}
-        for s, b in reference_quotas(per_source, budget).items():
-            inner = reference_quotas({c: n for (t, c), n in sizes.items() if t == s}, b)
-            takes.update({(s, c): v for c, v in inner.items()})
-    else:
-        takes = reference_quotas(sizes, budget)
+        groups.setdefault(r["cluster"], []).append(r)
+    takes = reference_quotas({k: len(v) for k, v in groups.items()}, budget)
     kept = set()
     for key, members in groups.items():
         members = sorted(members, key=lambda r: (sample_key(seed, r), r["origin"], r["id"]))
@@ -177,25 +148,21 @@ def test_selector_recovers_blobs_and_matches_brute_force(tmp_path):
     # blob sizes 2, 5, 9, 30, 54: 20//5=4 -> 2 whole (2 roll on), 18//4=4, 14//3=4, 10//2=5, 5
     assert sorted(takes.values()) == [2, 4, 4, 5, 5]
     for r in kept:
-        assert r["cluster_quota"] == takes[("", r["cluster"])]
+        assert r["cluster_quota"] == takes[r["cluster"]]
         assert r["cluster_size"] == len([x for x in everything if x["cluster"] == r["cluster"]])
         assert len(r["trajectory"]) == 4 and r["cluster_distance"] >= 0
     assert all(r["reject_reason"].startswith("cluster ") for r in rejected)
 
 
-def test_selector_stratified_by_source_matches_brute_force(tmp_path):
-    rows = trajectory_pool(sources=("a", "a", "b", "c"))
+def test_selector_rejects_rows_without_a_trajectory(tmp_path):
+    rows = trajectory_pool()
     rows[0] = {**rows[0], "trajectory": None}
     rows[1] = {**rows[1], "trajectory": [float("nan")] * 4}
-    kept, rejected = run_selector(rows, tmp_path, budget=0.25, k=5, seed=1, stratify_by="source")
+    kept, rejected = run_selector(rows, tmp_path, budget=0.25, k=5, seed=1)
     assigned = [r for r in kept + rejected if r["cluster"] is not None]
     budget = int(0.25 * len(assigned) + 0.5)  # of the rows with a trajectory, half up: 24.5 -> 25
-    expected, takes = reference_selection(assigned, budget, seed=1, stratify=True)
+    expected, _ = reference_selection(assigned, budget, seed=1)
     assert {r["id"] for r in kept} == expected and len(kept) == budget == 25
-    per_source = {}
-    for (s, _), v in takes.items():
-        per_source[s] = per_source.get(s, 0) + v
-    assert {r["stratum_quota"] for r in kept if r["source"] == "c"} == {per_source["c"]}
     no_traj = sorted(r["reject_reason"] for r in rejected if r["cluster"] is None)
     assert no_traj == ["no usable trajectory: 'trajectory' has NaN or infinite values",
                        "no usable trajectory: no 'trajectory' value"]

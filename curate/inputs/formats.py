@@ -193,6 +193,18 @@ def arrow_dir_schema(path: str):
         raise ConfigError(f"{info_path}: no readable features ({describe_error(exc)})") from None
 
 
+def arrow_batches(path: str, columns: list[str]):
+    """The record batches of an Arrow input (one shard, or a save_to_disk directory's
+    shards in order), with only the named columns it has: what the driver reads of a
+    written pool (a stratified selector's stratum sizes) without reading rows as dicts."""
+    import pyarrow as pa
+
+    for shard in [path] if path.endswith(".arrow") else arrow_dir_files(path):
+        with _open(shard) as fh:
+            for batch in pa.ipc.open_stream(fh):
+                yield batch.select([c for c in dict.fromkeys(columns) if c in batch.schema.names])
+
+
 def _arrow_dir_rows_expected(path: str) -> int | None:
     """The row count a save_to_disk directory's dataset_info.json records, if any."""
     try:

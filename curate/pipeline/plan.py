@@ -12,6 +12,7 @@ from curate.inputs.formats import arrow_dir_schema
 from curate.inputs.files import plan_inputs
 from curate.pipeline import saved_work
 from curate.scorers import make_scorer
+from curate.selectors.shared.strata import Stratified, build_selector
 from curate.train.refine import RefineConfig, TrainGenerateScore
 
 REJECT_COLUMNS = {"reject_stage": pa.string(), "reject_reason": pa.string()}
@@ -47,7 +48,14 @@ class Plan:
         self.tasks = plan_inputs(job.inputs, job.validate.max_chars)
         self.filters = [steps.build("filter", spec, f"filters[{i}]") for i, spec in enumerate(job.filters)]
         self.scorers = [make_scorer(dict(s)) for s in job.scorers]
-        self.selectors = [steps.build("selector", spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]
+        self.selectors = [build_selector(spec, f"selectors[{i}]") for i, spec in enumerate(job.selectors)]
+        for i, selector in enumerate(self.selectors):
+            if isinstance(selector, Stratified):
+                if i > 0:  # the rows an earlier selector keeps are counted only when it has run
+                    raise ConfigError(f"selectors[{i}]: stratify_by works on a job's first selector; select "
+                                      f"with the ones before it first, then `curate select` from that output")
+                # the pool it shares among strata: the inputs, when no step comes before it
+                selector.pool_tasks = None if self.filters or self.scorers else self.tasks
         steps_in_order = self.filters + self.scorers + self.selectors
         for step in steps_in_order:
             attach_model_stage(step)

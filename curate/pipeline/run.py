@@ -153,10 +153,17 @@ def run_job(job: JobConfig, beam_args: list[str] | None = None, overwrite: bool 
 
     With `scores:` set and scorers in the job, the scored rows are written there once
     and re-used by later runs whose inputs, filters and scorers are unchanged; the
-    selection then runs from them without loading a model. Both outputs are checked
-    before any work (`check_output`).
+    selection then runs from them without loading a model. A stratified selector
+    (`stratify_by`) needs that written pool too (default `<output>-scores`). Both outputs
+    are checked before any work (`check_output`).
     """
-    if not (job.scores and job.scorers):
+    if any(isinstance(s, dict) and s.get("stratify_by") for s in job.selectors):
+        # the strata's shares need their sizes before selecting: the pool is written first
+        if not job.scores:
+            job = dataclasses.replace(job, scores=f"{job.output.rstrip('/')}-scores")
+            log.info("stratify_by: the job's filtered and scored pool goes to %s first (set scores: "
+                     "to choose where); later runs of the same pool re-use it", job.scores)
+    elif not (job.scores and job.scorers):
         return run_pipeline(job, beam_args, overwrite=overwrite, progress=progress, fresh=fresh)
     plan = Plan(job)  # every step built and checked (selectors' model stages too) before the scoring
     inputs = [t.path for t in plan.tasks]

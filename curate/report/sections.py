@@ -258,13 +258,12 @@ def s2l_section(run: SelectorRun) -> str | None:
     half = ids[:len(ids) // 2]
     small_pool = sum(size[c] for c in half)
     small_kept = sum(kept_by.get(c, 0) for c in half)
-    strat = run.spec.get("stratify_by")
     text = [f"S2L trained a small proxy model on the pool and recorded each example's loss at every saved "
             f"checkpoint (its loss trajectory, {_code(column)}); examples with similar trajectories affect "
             f"training alike. It grouped the {n_clustered:,} trajectories into {len(size)} clusters with "
             f"k-means and sampled the clusters evenly, smallest first: each cluster is offered what is left "
             f"of the budget ({_budget_text(run.spec.get('budget'))}) divided by the clusters still to visit"
-            + (f", after sharing it among the values of {_code(strat)} by the same rule" if strat else "")
+            + ("" if not run.spec.get("strata") else ", inside each stratum (above)")
             + f". Kept {run.n_kept:,} of {run.n:,} ({_pct(run.n_kept, run.n)})."]
     if whole:
         text.append(f"{_n(len(whole), 'cluster')} smaller than {'its' if len(whole) == 1 else 'their'} offer "
@@ -432,6 +431,27 @@ def generic_section(run: SelectorRun) -> str:
             f"method reads; the score histograms below show the columns it has.</p>")
 
 
+def strata_section(run: SelectorRun) -> str:
+    """A stratified selector (`stratify_by`): each stratum's rows, share and kept rows."""
+    strata, column = run.spec.get("strata"), run.spec.get("stratify_by")
+    if not strata or not run.has(column):
+        return ""
+    pool = run.pool([column])
+    kept_by = _counts(v if v is None else str(v) for v, k in
+                      zip(pool.column(column).to_pylist(), pool.column("kept").to_pylist()) if k)
+    has_share = strata[0].get("share") is not None
+    rows = [[t["value"], t["rows"], t["can_keep"], *([t["share"]] if has_share else []), kept_by.get(t["value"], 0)]
+            for t in strata]
+    header = [column, "pool rows", "the method can keep", *(["share"] if has_share else []), "kept"]
+    rule = ("in the pool's proportions" if run.spec.get("stratify_shares") == "proportional"
+            else "smallest first, equal offers")
+    text = (f"Stratified by {_code(column)}: the budget was shared among its {len(strata)} values {rule}, "
+            f"and the method ran inside each value as if it were the whole pool."
+            if has_share else f"Stratified by {_code(column)}: the method ran inside each of its "
+            f"{len(strata)} values as if it were the whole pool.")
+    return f"<p>{text}</p>" + _cluster_table(rows, header)
+
+
 def selector_stages(manifest: dict) -> list[str]:
     """The reject_stage of each selector, in order (as curate.pipeline.plan.Plan names them)."""
     specs = manifest.get("plan", {}).get("selectors", [])
@@ -461,5 +481,5 @@ def selector_sections(kept: pa.Table, rejected: pa.Table | None, manifest: dict)
         anchor = f"selector-{run.type}" if len(specs) == 1 else f"selector{i}-{run.type}"
         out.append(f"<section id='{html.escape(anchor)}'><h2>Selection: "
                    f"{html.escape(step.title if step is not None and step.title else run.type)}</h2>"
-                   f"{body or generic_section(run)}</section>")
+                   f"{strata_section(run)}{body or generic_section(run)}</section>")
     return "".join(out), clusters_drawn

@@ -24,6 +24,15 @@ class Selector(Step, beam.PTransform):
 
     kind = "selector"
 
+    # `stratify_by` (curate.selectors.shared.strata) caps a stratum's share at the rows the
+    # method can keep there: a selector that rejects some rows whatever the budget (no
+    # value, outside a range) says which, from the columns `can_keep_reads` names
+    def can_keep(self, row: dict) -> bool:
+        return True
+
+    def can_keep_reads(self) -> tuple[str, ...]:
+        return ()
+
 
 def reject(record: dict, reason: str) -> dict:
     return {**record, "reject_reason": reason}

@@ -14,9 +14,9 @@ clusters evenly, favouring the small (rare-behaviour) clusters over the large on
    smallest to the largest; each gets quota = remaining budget // clusters remaining;
    a cluster smaller than its quota is taken whole and what it leaves rolls forward to
    the larger ones; a larger one gives a uniform random sample of its quota.
-3. Optional `stratify_by: source`: the same rule first shares B among the sources, then
-   shares each source's part among that source's clusters (one k-means over all rows;
-   a cluster is counted per source).
+3. `stratify_by: source` is every selector's (curate.selectors.shared.strata): the budget
+   is shared among the sources first (proportionally; `stratify_shares: equal` is the
+   balanced rule above) and S2L runs in each source alone, its own k-means included.
 
 Defaults: k=100, niter=20, seed=0, faiss' random initialisation (the authors' code;
 `init: kmeans++` and `nredo` are offered: random init can merge small clusters). Ties between equally sized clusters are visited in
@@ -24,8 +24,8 @@ cluster-id order (the authors' code leaves this to numpy's sort).
 
 As Beam transforms with small global state only: k-means trains on a bounded hash
 sample (`curate.selectors.shared.kmeans.SampleVectors`), every row is assigned in parallel
-(`AssignClusters`, centroids as a side input); rows per (stratum, cluster) are counted
-(a combiner) and turned into quotas in one place (a dict of at most strata x K numbers,
+(`AssignClusters`, centroids as a side input); rows per cluster are counted
+(a combiner) and turned into quotas in one place (a dict of at most K numbers,
 a side input); then each cluster's sample is its `quota` rows with the smallest
 hash(seed, id, origin): a uniform sample without replacement, the same on every rerun
 and runner. Only those (key, origin, id) tuples are grouped per cluster, never records.
@@ -41,8 +41,8 @@ Departures from the authors' code, and why:
 A budget is a count, or a fraction of the rows that have a trajectory (rows without a
 usable one, missing or non-finite, are rejected with that reason before sampling).
 
-Kept rows carry `cluster`, `cluster_size`, `cluster_quota` (rows the cluster gives),
-`cluster_distance` (to its centroid) and, stratified, `stratum_quota`; a rejected row
+Kept rows carry `cluster`, `cluster_size`, `cluster_quota` (rows the cluster gives) and
+`cluster_distance` (to its centroid); a rejected row
 says which cluster it was in, its quota and its sample key against the cut-off.
 """
 
@@ -75,22 +75,10 @@ def sample_key(seed: int, record: dict) -> float:
     return hash_unit(seed, record, "s2l")
 
 
-def quota_table(sizes: Mapping[tuple, int], budget: int | float, stratified: bool) -> dict:
-    """The side input: {(stratum, cluster): {size, take, offered, stratum_quota}}."""
-    total = sum(sizes.values())
-    b = resolve_budget(budget, total)
-    if stratified:
-        per_stratum: dict = {}
-        for (s, _), n in sizes.items():
-            per_stratum[s] = per_stratum.get(s, 0) + n
-        table = {}
-        for s, _, _, s_take in balanced_plan(per_stratum, b):
-            inner = {c: n for (t, c), n in sizes.items() if t == s}
-            for c, n, offered, take in balanced_plan(inner, s_take):
-                table[(s, c)] = {"size": n, "offered": offered, "take": take, "stratum_quota": s_take}
-        return table
-    return {key: {"size": n, "offered": offered, "take": take, "stratum_quota": b}
-            for key, n, offered, take in balanced_plan(sizes, b)}
+def quota_table(sizes: Mapping[int, int], budget: int | float) -> dict:
+    """The side input: {cluster: {size, take, offered}}."""
+    b = resolve_budget(budget, sum(sizes.values()))
+    return {c: {"size": n, "offered": offered, "take": take} for c, n, offered, take in balanced_plan(sizes, b)}
 
 
 def cluster_cutoff(keys: list[tuple], take: int) -> tuple | None:
@@ -120,8 +108,8 @@ class S2LSelector(Selector):
     draws_clusters = True
 
     def __init__(self, budget: int | float, k: int = 100, seed: int = 0, niter: int = 20,
-                 sample_size: int = 100_000, stratify_by: str | None = None,
-                 column: str = "trajectory", init: str = "random", nredo: int = 1):
+                 sample_size: int = 100_000, column: str = "trajectory", init: str = "random",
+                 nredo: int = 1):
         super().__init__()
         self.budget = parse_budget(budget, "s2l selector")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -129,33 +117,29 @@ class S2LSelector(Selector):
         if int(niter) < 1 or int(sample_size) < 1:
             raise ConfigError("s2l: niter and sample_size must be >= 1")
         self.k, self.seed, self.niter, self.sample_size = k, int(seed), int(niter), int(sample_size)
-        self.stratify_by, self.column = stratify_by, column
+        self.column = column
         if init not in ("random", "kmeans++"):
             raise ConfigError(f"s2l: init must be 'random' (faiss' default, the authors' code) "
                               f"or 'kmeans++', got {init!r}")
         self.init, self.nredo = init, int(nredo)
-        self.requires = (column,) + ((stratify_by,) if stratify_by and stratify_by != "source" else ())
+        self.requires = (column,)
 
     def output_columns(self):
-        cols = {"cluster": pa.int64(), "cluster_distance": pa.float64(),
+        return {"cluster": pa.int64(), "cluster_distance": pa.float64(),
                 "cluster_size": pa.int64(), "cluster_quota": pa.int64()}
-        if self.stratify_by:
-            cols["stratum_quota"] = pa.int64()
-        return cols
 
     def describe(self):
         return {"type": self.type, "budget": self.budget, "k": self.k, "seed": self.seed,
                 "niter": self.niter, "sample_size": self.sample_size,
-                "stratify_by": self.stratify_by, "column": self.column, "init": self.init,
+                "column": self.column, "init": self.init,
                 "nredo": self.nredo}
 
     def expand(self, pcoll):
         k, seed, niter, budget = self.k, self.seed, self.niter, self.budget
-        strat, stratified = self.stratify_by, bool(self.stratify_by)
         columns = self.output_columns()
 
-        def stratum(r):
-            return (str(r.get(strat)) if stratified else "", int(r["cluster"]))
+        def cluster(r):
+            return int(r["cluster"])
 
         model = (pcoll
                  | "Sample" >> SampleVectors(self.column, self.sample_size, seed)
@@ -163,13 +147,13 @@ class S2LSelector(Selector):
         assigned = pcoll | "Assign" >> AssignClusters(model, self.column, "cluster_distance")
 
         table = (assigned["assigned"]
-                 | "One" >> beam.Map(lambda r: (stratum(r), 1))
+                 | "One" >> beam.Map(lambda r: (cluster(r), 1))
                  | "Sizes" >> beam.CombinePerKey(sum)
                  | "SizeDict" >> beam.combiners.ToDict()
-                 | "Quotas" >> beam.Map(quota_table, budget, stratified))
+                 | "Quotas" >> beam.Map(quota_table, budget))
 
         def keyed(r):
-            return stratum(r), (sample_key(seed, r), r["origin"], r["id"])
+            return cluster(r), (sample_key(seed, r), r["origin"], r["id"])
 
         def cutoff(group, table):
             key, keys = group
@@ -182,14 +166,12 @@ class S2LSelector(Selector):
                    | "CutoffDict" >> beam.combiners.ToDict())
 
         def split(r, table, cutoffs):
-            key = stratum(r)
+            key = cluster(r)
             q = table[key]
             r = {**r, "cluster_size": q["size"], "cluster_quota": q["take"]}
-            if stratified:
-                r["stratum_quota"] = q["stratum_quota"]
             skey = (sample_key(seed, r), r["origin"], r["id"])
             cut = cutoffs[key]
-            where = (f"{strat} {key[0]!r}, " if stratified else "") + f"cluster {key[1]}"
+            where = f"cluster {key}"
             if cut is not None and skey <= cut:
                 yield r
             elif q["take"] == 0:

@@ -26,6 +26,23 @@ from curate.selectors.shared.cutoff import KeepTop
 COMPUTED = {"response_chars": lambda r: float(len(r["response"]))}
 
 
+def value_of(record: dict, column: str) -> float | None:
+    """The value ranked by; None when missing or NaN."""
+    v = COMPUTED[column](record) if column in COMPUTED else record.get(column)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def out_of_range(v: float | None, column: str, at_least: float | None, below: float | None) -> str | None:
+    """Why a row with this value is rejected before the ranking, or None."""
+    if v is None:
+        return f"no value of {column}"
+    if at_least is not None and v < at_least:
+        return f"{column} {v:.6g} < at_least {at_least}"
+    if below is not None and v >= below:
+        return f"{column} {v:.6g} >= below {below}"
+    return None
+
+
 class TopSelector(Selector):
     type = "top"
     title = "top by one column"
@@ -47,23 +64,28 @@ class TopSelector(Selector):
         return {"type": self.type, "column": self.column, "budget": self.budget, "order": self.order,
                 "at_least": self.at_least, "below": self.below}
 
+    def can_keep(self, row: dict) -> bool:
+        if not self.can_keep_reads():  # a computed value with no range: every row
+            return True
+        return out_of_range(value_of(row, self.column), self.column, self.at_least, self.below) is None
+
+    def can_keep_reads(self) -> tuple[str, ...]:
+        if self.column not in COMPUTED:
+            return (self.column,)
+        return ("response",) if self.at_least is not None or self.below is not None else ()
+
     def expand(self, pcoll):
         column, sign = self.column, (1.0 if self.order == "highest" else -1.0)
         at_least, below, order, budget = self.at_least, self.below, self.order, self.budget
-        value_of = COMPUTED.get(column, lambda r: r.get(column))
 
         def screen(record):
-            v = value_of(record)
-            v = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+            v = value_of(record, column)
             record = {**record, "top_value": v}
-            if v is None:
-                yield beam.pvalue.TaggedOutput("rejected", reject(record, f"no value of {column}"))
-            elif at_least is not None and v < at_least:
-                yield beam.pvalue.TaggedOutput("rejected", reject(record, f"{column} {v:.6g} < at_least {at_least}"))
-            elif below is not None and v >= below:
-                yield beam.pvalue.TaggedOutput("rejected", reject(record, f"{column} {v:.6g} >= below {below}"))
-            else:
+            why = out_of_range(v, column, at_least, below)
+            if why is None:
                 yield record
+            else:
+                yield beam.pvalue.TaggedOutput("rejected", reject(record, why))
 
         def explain(record, key, cutoff, kept):
             if kept:

@@ -5,13 +5,15 @@ compares them, and each exists once:
 
     water_filling    diversity (kMQ, Yu et al. 2024): shares proportional to cluster
                      weights, capped at capacity (a full cluster taken whole, the rest
-                     shared again), largest-remainder rounding
+                     shared again), largest-remainder rounding; also `stratify_by`'s
+                     proportional shares among strata
     cds_shares       PASER (He et al. 2025): floor(B * CDS_k / sum CDS) per cluster, capped,
                      the leftover shared again by the same rule, single units by largest
                      fraction when every floor is 0
     balanced_plan    S2L (Yang et al. 2024): smallest cluster first, each offered
                      remaining // clusters left, a smaller cluster taken whole and its
-                     leftover rolled forward (`balanced_quotas`, `stratified_quotas`)
+                     leftover rolled forward (`balanced_quotas`; also `stratify_by`'s
+                     "equal" shares among strata: curate.selectors.shared.strata)
 Each sums to exactly min(budget, total capacity).
 """
 
@@ -110,17 +112,3 @@ def balanced_quotas(cluster_sizes: Mapping[Hashable, int], budget: int) -> dict:
     remaining // clusters left, a smaller cluster taken whole and its leftover rolled
     forward. Sums to min(budget, total rows)."""
     return {c: take for c, _, _, take in balanced_plan(cluster_sizes, budget)}
-
-
-def stratified_quotas(sizes: Mapping[tuple[Hashable, Hashable], int], budget: int) -> dict:
-    """{(stratum, cluster): rows to take}: the budget shared among strata by the balanced
-    rule, then each stratum's part among its clusters by the same rule."""
-    per_stratum: dict = {}
-    for (s, _), n in sizes.items():
-        per_stratum[s] = per_stratum.get(s, 0) + n
-    stratum_budget = balanced_quotas(per_stratum, budget)
-    out = {}
-    for s, b in stratum_budget.items():
-        inner = balanced_quotas({c: n for (t, c), n in sizes.items() if t == s}, b)
-        out.update({(s, c): take for c, take in inner.items()})
-    return out
