@@ -3,6 +3,7 @@
     curate run JOB.yaml [--input PATH ...] [--output DIR] [--overwrite] [-q] [-- BEAM OPTIONS]
     curate score JOB.yaml [--output DIR]
     curate select --scores DIR --method M [--budget B] [--set KEY=VALUE] [--output DIR]
+    curate compare SPEC.yaml [-q] [-- BEAM OPTIONS]
     curate inspect OUT_DIR
     curate report OUT_DIR
     curate export OUT_DIR --format jsonl|parquet [--to DIR] [--columns a,b,c] [--rejected] [--overwrite]
@@ -40,6 +41,7 @@ EPILOG = """examples:
   curate run jobs/random.yaml -- --direct_running_mode=multi_processing --direct_num_workers=2
   curate score jobs/grape.yaml --output runs/pool-scores      score once (loads the model)
   curate select --scores runs/pool-scores --method grape     select many (no model)
+  curate compare jobs/compare.yaml                  do the methods beat random on this pool?
   curate inspect runs/random                        counts, columns, scores, examples
   curate export runs/random --format parquet        kept rows as runs/random-export/data.parquet
 Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
@@ -134,6 +136,16 @@ def cmd_select(args) -> int:
     manifest = select_from_scores(job, args.scores, args.beam_args, overwrite=args.overwrite,
                                   progress=not args.quiet)
     print_summary(manifest)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from curate.compare import load_compare, run_compare
+
+    spec = load_compare(args.spec)
+    run_compare(spec, args.beam_args, progress=not args.quiet)
+    print(open(f"{spec.output}/compare.md").read(), end="")
+    print(f"report: {spec.output}/report.html")
     return 0
 
 
@@ -261,6 +273,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (default: SCORES-METHOD)")
     _output_options(p)
     p.set_defaults(fn=cmd_select)
+
+    p = sub.add_parser("compare", help="do selections beat random on a pool? score once, select with each "
+                                       "method and random seeds, train and evaluate each subset")
+    p.add_argument("spec", help="compare spec YAML (see jobs/compare.yaml)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(fn=cmd_compare, beam_args=[])
 
     p = sub.add_parser("inspect", help="counts, columns, score summaries and examples of an output")
     p.add_argument("out_dir")

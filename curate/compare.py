@@ -1,0 +1,579 @@
+"""`curate compare SPEC.yaml`: does a selection beat random on my pool, for my model?
+
+The pool is read, filtered and scored once (`curate score`); every method and random
+with several seeds select from it at the same row count (`curate select`); one model is
+fine-tuned per subset with the same settings (curate's trainer) and evaluated on held-out
+sets (mean response-token loss). A method is better or worse than random on a set only
+when its loss is outside random's seed spread (|method - random's mean| > random's
+sample sd over the seeds); inside it, a tie. The settings (epochs, learning rate) are
+given, or chosen on validation sets from a grid, training a random subset of the budget's
+size: never on the evaluation sets.
+
+Every stage is cached under `output:` (scores by content, selections by the selector and
+the scores they came from, training runs by their config and rows, evaluations by the
+model and the evaluation rows), so a rerun after a crash or an added method computes only
+what is missing; each stage prints the elapsed time and an ETA. The scoring and the
+selections take Beam options (`-- --runner=DataflowRunner ...`); training and
+evaluation run on this machine.
+
+Writes OUTPUT/compare.{md,json,csv}, OUTPUT/compare.png and OUTPUT/report.html.
+
+    name: compare-mixed
+    output: runs/compare-mixed
+    pool:                         # a job's inputs, validate, filters and scorers
+      inputs: [{path: a.jsonl, source: a}, {path: b.jsonl, source: b}]
+      filters: [{type: dedup}]
+      scorers: [{type: ifd, model: default, max_length: 256}]
+    budgets: [0.1]                # counts, or fractions of the pool (the same count for all)
+    methods:                      # name -> selector (its budget is set per budget)
+      ifd: {type: top, column: ifd, below: 1.0}
+      ifd_by_source: {type: top, column: ifd, below: 1.0, stratify_by: source}
+    random_seeds: [0, 1, 2]       # at least 3
+    eval:                         # name -> an input; `skip` drops its first rows
+      a: {path: a_test.jsonl, limit: 100}
+      b: {path: b.jsonl, skip: 1000, limit: 100}
+    validation:                   # optional: choose epochs and lr on these sets
+      sets: {a: {path: a.jsonl, skip: 1100, limit: 25}}
+      grid: [[1, 1.0e-3], [2, 1.0e-3]]
+    train: {model: default, template: plain, max_length: 256, epochs: 1, lr: 1.0e-3}
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import datetime
+import hashlib
+import html
+import inspect
+import json
+import logging
+import os
+import pathlib
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from curate import steps
+from curate.config import (ConfigError, InputConfig, JobConfig, expand_vars, parse_budget, parse_job,
+                           resolve_budget)
+
+log = logging.getLogger(__name__)
+
+MIN_SEEDS = 3
+RANDOM = "random"
+
+
+@dataclass
+class CompareSpec:
+    name: str
+    output: str
+    pool: JobConfig
+    methods: dict[str, dict]
+    budgets: list
+    eval_sets: dict[str, dict]
+    train: dict
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    validation_sets: dict[str, dict] = field(default_factory=dict)
+    grid: list[tuple[int, float]] = field(default_factory=list)
+    source_file: str | None = None
+
+
+# ---------------------------------------------------------------------------- the spec
+def _input(raw, where: str) -> dict:
+    """An evaluation input: a path, or {path, source, format, fields, limit, skip}."""
+    item = {"path": raw} if isinstance(raw, str) else raw
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        raise ConfigError(f"{where}: an input needs a path (text), got {raw!r}")
+    known = {f.name for f in dataclasses.fields(InputConfig)} | {"skip"}
+    unknown = sorted(set(item) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("limit", "skip"):
+        if item.get(key) is not None and (not isinstance(item[key], int) or item[key] < 0):
+            raise ConfigError(f"{where}.{key}: a number of rows >= 0, got {item[key]!r}")
+    return {**item, "path": expand_vars(item["path"])}
+
+
+def _sets(raw, where: str) -> dict[str, dict]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: a mapping of set name -> input (path or {{path, limit, skip, ...}})")
+    return {str(name): _input(item, f"{where}.{name}") for name, item in raw.items()}
+
+
+def parse_compare(data, source_file: str | None = None) -> CompareSpec:
+    where = source_file or "compare spec"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the spec must be a mapping")
+    known = {"name", "output", "pool", "budgets", "methods", "random_seeds", "eval", "validation", "train"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("pool", "budgets", "methods", "eval", "train"):
+        if not data.get(key):
+            raise ConfigError(f"{where}: '{key}' is required")
+    name = str(data.get("name") or pathlib.Path(source_file or "compare").stem)
+    output = expand_vars(str(data.get("output") or f"runs/compare-{name}"))
+    if not isinstance(data["pool"], dict):
+        raise ConfigError(f"{where}: pool: a job's inputs, filters and scorers")
+    extra = sorted(set(data["pool"]) - {"inputs", "validate", "filters", "scorers", "beam_args"})
+    if extra:
+        raise ConfigError(f"{where}: pool: {', '.join(extra)} not allowed (the pool is inputs, validate, "
+                          f"filters, scorers and beam_args; the methods go under 'methods')")
+    pool = parse_job({**data["pool"], "output": os.path.join(output, "scores"), "name": f"{name}-pool"},
+                     f"{where}: pool")
+    budgets = data["budgets"] if isinstance(data["budgets"], list) else [data["budgets"]]
+    for b in budgets:
+        parse_budget(b, f"{where}: budgets")
+    methods = data["methods"]
+    if not isinstance(methods, dict):
+        raise ConfigError(f"{where}: methods: a mapping of name -> selector ({{type: ..., options}})")
+    if RANDOM in methods:
+        raise ConfigError(f"{where}: methods: 'random' is the baseline every compare runs (random_seeds); "
+                          f"name your method otherwise")
+    for mname, spec in methods.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(f"{where}: methods.{mname}: a selector ({{type: ..., options}}), got {spec!r}")
+        if "budget" in spec:
+            raise ConfigError(f"{where}: methods.{mname}: the budget comes from 'budgets' (the same for every "
+                              f"method); remove it here")
+    seeds = data.get("random_seeds", [0, 1, 2])
+    if (not isinstance(seeds, list) or len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) for s in seeds)):
+        raise ConfigError(f"{where}: random_seeds: at least {MIN_SEEDS} different integers (random's spread "
+                          f"is what a method must leave to win), got {seeds!r}")
+    validation = data.get("validation") or {}
+    if validation and (not isinstance(validation, dict) or set(validation) - {"sets", "grid"}):
+        raise ConfigError(f"{where}: validation: {{sets: {{name: input}}, grid: [[epochs, lr], ...]}}")
+    grid = []
+    if validation:
+        for g in validation.get("grid") or []:
+            if not (isinstance(g, list) and len(g) == 2 and isinstance(g[0], int) and g[0] >= 1
+                    and isinstance(g[1], (int, float)) and g[1] > 0):
+                raise ConfigError(f"{where}: validation.grid: [epochs, lr] pairs, got {g!r}")
+            grid.append((g[0], float(g[1])))
+        if not grid:
+            raise ConfigError(f"{where}: validation.grid: at least one [epochs, lr] to try")
+    if not isinstance(data["train"], dict):
+        raise ConfigError(f"{where}: train: the trainer's options (model, max_length, epochs, lr, ...)")
+    from curate.train import TrainConfig  # torch: only once the spec's shape is right
+
+    TrainConfig.from_dict(data["train"])
+    return CompareSpec(name=name, output=output, pool=pool, methods=dict(methods), budgets=budgets,
+                       eval_sets=_sets(data["eval"], f"{where}: eval"), train=dict(data["train"]),
+                       random_seeds=list(seeds),
+                       validation_sets=_sets(validation["sets"], f"{where}: validation.sets") if validation else {},
+                       grid=grid, source_file=source_file)
+
+
+def load_compare(path: str) -> CompareSpec:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"compare spec not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_compare(data, path)
+
+
+# ---------------------------------------------------------------------------- stages
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Clock:
+    """Prints each stage with the elapsed time of the whole run and an ETA, and records
+    its duration.
+
+    A stage found in the cache takes ~0 s in this run; the seconds it took when it was
+    computed are kept in `times_file`, so a report shows both. The ETA is the stages
+    still expected (`expect`) times the mean computed duration of their kind: this run's
+    first, then the times file's, then a rough default."""
+
+    DEFAULT_S = {"data": 30, "prune": 60, "eval": 60, "score": 400, "select": 20, "train": 180}
+
+    def __init__(self, times_file: pathlib.Path | None = None, quiet: bool = False):
+        self.start = time.perf_counter()
+        self.stages: list[dict] = []
+        self.times_file = times_file
+        self.quiet = quiet
+        self.computed: dict = (read_json(times_file) or {}) if times_file else {}
+        self.expected: collections.Counter = collections.Counter()
+        self.done: collections.Counter = collections.Counter()
+        self.durations: dict[str, list[float]] = collections.defaultdict(list)
+
+    def expect(self, kind: str, n: int = 1) -> None:
+        self.expected[kind] += n
+
+    def mean_seconds(self, kind: str) -> float:
+        if self.durations[kind]:
+            return statistics.fmean(self.durations[kind])
+        past = [v["seconds"] for v in self.computed.values() if v.get("kind") == kind]
+        return statistics.fmean(past) if past else self.DEFAULT_S.get(kind, 60)
+
+    def eta(self) -> float:
+        return sum(max(n - self.done[k], 0) * self.mean_seconds(k) for k, n in self.expected.items())
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{_hms(time.perf_counter() - self.start)}] {msg}", flush=True)
+
+    def stage(self, name: str, kind: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                self.note = ""
+                self.cached = False
+                total, done = sum(clock.expected.values()), sum(clock.done.values())
+                where = f" (stage {done + 1} of ~{total}, ETA {_hms(clock.eta())})" if total else ""
+                clock.say(f"{name} ...{where}")
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                dt = time.perf_counter() - self.t0
+                if exc_type is None:
+                    clock.done[kind] += 1
+                    if not self.cached:
+                        clock.durations[kind].append(dt)
+                        clock.computed[name] = {"seconds": round(dt, 1), "note": self.note, "kind": kind,
+                                                "at": datetime.datetime.now().isoformat(timespec="seconds")}
+                        if clock.times_file:
+                            write_json(clock.times_file, clock.computed)
+                    first = clock.computed.get(name, {})
+                    clock.stages.append({"stage": name, "kind": kind, "seconds": round(dt, 1),
+                                         "cached": self.cached, "computed_seconds": first.get("seconds"),
+                                         "note": self.note if not self.cached else first.get("note", self.note)})
+                    clock.say(f"{name}: done in {dt:.1f} s{' (' + self.note + ')' if self.note else ''}")
+                return False
+
+        return _Stage()
+
+
+# ---------------------------------------------------------------------------- the work
+def read_set(item: dict) -> list[dict]:
+    """An evaluation or validation set's records, through the pipeline's readers."""
+    from curate.train.data import read_jsonl_records
+
+    skip, limit = item.get("skip") or 0, item.get("limit")
+    records = read_jsonl_records(item["path"], limit=None if limit is None else skip + limit,
+                                 source=item.get("source"))
+    records = list(records)[skip:]
+    if not records:
+        raise ConfigError(f"{item['path']}: no rows left for evaluation (skip {skip}, limit {limit})")
+    return records
+
+
+def select_into(scores: pathlib.Path, selector: dict, out: pathlib.Path, beam_args, progress: bool) -> tuple[dict, bool]:
+    """`curate select` from the scored pool into `out`, unless `out` already holds this
+    selector's pick from these scores."""
+    from curate.pipeline.output import read_manifest
+    from curate.pipeline.run import select_from_scores
+
+    scoring = read_manifest(str(scores)) or {}
+    previous = read_manifest(str(out))
+    if (previous and previous.get("scores_key") == scoring.get("scores_key")
+            and previous.get("job", {}).get("selectors") == [selector]):
+        return previous, True
+    job = JobConfig(inputs=[], output=str(out), name=f"select-{selector['type']}", selectors=[selector])
+    return select_from_scores(job, str(scores), beam_args, scoring=scoring, overwrite=True, progress=progress), False
+
+
+def evaluate(cfg, eval_sets: dict[str, list[dict]], weights: str | None) -> dict:
+    """Mean response-token loss per set of `cfg.model`, with the trained `weights` (a LoRA
+    adapter, or a fully fine-tuned model's directory) when given."""
+    import torch
+
+    from curate.train import evaluate_loss, load_model
+    from curate.train.loading import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    full = weights is not None and cfg.method == "full"
+    lm, tokenizer = load_model(weights if full else cfg.model, device=device, dtype=dtype)
+    if weights is not None and not full:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, weights)
+    lm.eval()
+    autocast = dtype if dtype == torch.bfloat16 else None
+    out = {}
+    for name, rows in eval_sets.items():
+        r = evaluate_loss(lm, tokenizer, rows, cfg.template, cfg.max_length,
+                          batch_tokens=cfg.eval_batch_tokens, autocast_dtype=autocast)
+        out[name] = {k: r[k] for k in ("loss", "n_tokens", "n_examples", "n_truncated")}
+    return out
+
+
+def _eval_key(cfg, eval_sets) -> str:
+    return digest([cfg.model, cfg.dtype, cfg.template, cfg.max_length,
+                   {k: [r["id"] for r in v] for k, v in eval_sets.items()}])
+
+
+def train_and_evaluate(cfg, selection: pathlib.Path, run_dir: pathlib.Path, eval_sets: dict) -> dict:
+    """Fine-tune on a selection's kept rows (cached by config + rows), then evaluate."""
+    import datasets
+
+    from curate.train import train
+
+    ids = sorted(datasets.load_from_disk(str(selection))["id"])
+    cfg_key = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "log_every")}
+    key = digest([cfg_key, ids, _eval_key(cfg, eval_sets)])
+    cached = read_json(run_dir / "compare.json")
+    if cached and cached.get("key") == key:
+        return {**cached, "cached": True}
+    m = train(str(selection), cfg, run_dir, resume=True, progress=False)
+    result = {"key": key, "train": {k: m.get(k) for k in (
+        "n_train", "steps", "train_tokens", "train_time_s", "tokens_per_s", "device", "compute_dtype")},
+        "eval": evaluate(cfg, eval_sets, m["weights"])}
+    write_json(run_dir / "compare.json", result)
+    return {**result, "cached": False}
+
+
+def verdict(value: float, random_values: list[float]) -> tuple[float, str]:
+    """(value - random's mean, "better" | "worse" | "tie"): lower loss is better, and only
+    a difference larger than random's sample sd over its seeds counts."""
+    mean, sd = statistics.fmean(random_values), statistics.stdev(random_values)
+    diff = value - mean
+    return diff, ("tie" if abs(diff) <= sd else "better" if diff < 0 else "worse")
+
+
+def has_budget(selector: dict) -> bool:
+    cls = steps.find("selector", selector["type"])
+    return cls is not None and "budget" in inspect.signature(cls).parameters
+
+
+# ---------------------------------------------------------------------------- the run
+def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress: bool = True) -> dict:
+    """Score, select, train and evaluate (module docstring); returns the results."""
+    from curate.pipeline.plan import Plan
+    from curate.pipeline.run import score_once
+    from curate.train import TrainConfig
+
+    work = pathlib.Path(spec.output)
+    work.mkdir(parents=True, exist_ok=True)
+    clock = Clock(work / "stage_times.json", quiet=not progress)
+    for mname, method in spec.methods.items():  # every method checked against the pool's columns first
+        try:
+            Plan(dataclasses.replace(spec.pool, selectors=[{**method, **({"budget": 1} if has_budget(method) else {})}]))
+        except ConfigError as exc:
+            raise ConfigError(f"methods.{mname}: {exc}") from None
+    n_subsets = len(spec.budgets) * (len(spec.random_seeds) + len(spec.methods))
+    clock.expect("score")
+    clock.expect("select", n_subsets + (1 if spec.grid else 0))
+    clock.expect("train", n_subsets + len(spec.grid))
+    clock.expect("eval")
+
+    scores = work / "scores"
+    with clock.stage("pool: read, filter, score", "score") as st:
+        scoring, st.cached = score_once(spec.pool, str(scores), beam_args, overwrite=True, progress=progress)
+        n_pool = scoring["counts"]["kept"]
+        st.note = f"{n_pool} rows"
+    eval_sets = {name: read_set(item) for name, item in spec.eval_sets.items()}
+    overlap = _overlap(scores, eval_sets)
+    if overlap:
+        log.warning("%d evaluation rows have a prompt that is also in the pool: a method that picks them "
+                    "is scored on its training rows (%s)", sum(overlap.values()),
+                    ", ".join(f"{k} {v}" for k, v in overlap.items()))
+    base = TrainConfig.from_dict(spec.train)
+    tried = []
+    if spec.grid:
+        b = resolve_budget(spec.budgets[0], n_pool)
+        val_sets = {name: read_set(item) for name, item in spec.validation_sets.items()}
+        subset = {"type": RANDOM, "budget": b, "seed": 1000}
+        with clock.stage(f"settings: random subset of {b} rows", "select") as st:
+            _, st.cached = select_into(scores, subset, work / "settings" / "subset", beam_args, progress)
+        for epochs, lr in spec.grid:
+            cfg = dataclasses.replace(base, epochs=epochs, lr=lr)
+            with clock.stage(f"settings: train {epochs} epoch(s) at lr {lr:g} + validate", "train") as st:
+                run = train_and_evaluate(cfg, work / "settings" / "subset", work / "settings" / f"e{epochs}-lr{lr:g}",
+                                         val_sets)
+                loss = statistics.fmean(v["loss"] for v in run["eval"].values())
+                st.cached, st.note = run["cached"], f"validation mean loss {loss:.4f}"
+            tried.append({"epochs": epochs, "lr": lr, "val_loss": loss})
+        best = min(tried, key=lambda t: (t["val_loss"], t["epochs"]))
+        base = dataclasses.replace(base, epochs=best["epochs"], lr=best["lr"])
+        clock.say(f"settings: {best['epochs']} epoch(s) at lr {best['lr']:g} (validation mean loss "
+                  f"{best['val_loss']:.4f})")
+
+    with clock.stage("evaluate the model before fine-tuning", "eval") as st:
+        path = work / "base-eval.json"
+        cached = read_json(path)
+        if cached and cached.get("key") == _eval_key(base, eval_sets):
+            base_eval, st.cached = cached["eval"], True
+        else:
+            base_eval = evaluate(base, eval_sets, None)
+            write_json(path, {"key": _eval_key(base, eval_sets), "eval": base_eval})
+
+    rows = []
+    for budget in spec.budgets:
+        b = resolve_budget(budget, n_pool)
+        subsets = [(RANDOM, seed, {"type": RANDOM, "budget": b, "seed": seed}) for seed in spec.random_seeds]
+        subsets += [(mname, None, {**m, **({"budget": b} if has_budget(m) else {})})
+                    for mname, m in spec.methods.items()]
+        for mname, seed, selector in subsets:
+            label = mname if seed is None else f"{mname}-s{seed}"
+            out = work / f"b{b}" / label
+            with clock.stage(f"budget {b}: select [{label}]", "select") as st:
+                sel, st.cached = select_into(scores, selector, out / "selection", beam_args, progress)
+                st.note = f"{sel['counts']['kept']} rows"
+            with clock.stage(f"budget {b}: train + evaluate [{label}] on {sel['counts']['kept']} rows", "train") as st:
+                run = train_and_evaluate(base, out / "selection", out / "train", eval_sets)
+                st.cached = run["cached"]
+                st.note = f"mean loss {statistics.fmean(v['loss'] for v in run['eval'].values()):.4f}"
+            rows.append(_row(b, mname, seed, out / "selection", run))
+    results = {"name": spec.name, "spec": spec.source_file, "pool_rows": n_pool,
+               "scores_key": scoring.get("scores_key"), "eval_sets": list(eval_sets),
+               "eval_overlap": overlap, "settings": {"epochs": base.epochs, "lr": base.learning_rate},
+               "settings_tried": tried, "train": base.to_dict(), "base_eval": base_eval,
+               "rows": rows, "verdicts": verdicts(rows, list(eval_sets)), "stages": clock.stages}
+    write_outputs(work, results)
+    clock.say(f"wrote {work / 'compare.md'} and {work / 'report.html'}")
+    return results
+
+
+def _overlap(scores: pathlib.Path, eval_sets: dict) -> dict:
+    import datasets
+
+    pool = set(datasets.load_from_disk(str(scores))["prompt_id"])
+    return {k: n for k, v in eval_sets.items() if (n := sum(r["prompt_id"] in pool for r in v))}
+
+
+def _row(budget: int, method: str, seed, selection: pathlib.Path, run: dict) -> dict:
+    import datasets
+
+    ds = datasets.load_from_disk(str(selection))
+    losses = {k: v["loss"] for k, v in run["eval"].items()}
+    return {"budget": budget, "method": method, "seed": seed, "rows": len(ds),
+            "source_mix": dict(sorted(collections.Counter(ds["source"]).items())),
+            "train_s": run["train"]["train_time_s"], "eval": losses, "mean": statistics.fmean(losses.values())}
+
+
+def verdicts(rows: list[dict], sets: list[str]) -> list[dict]:
+    """Per budget and method: each set's loss (and the mean's) against random's seeds."""
+    out = []
+    for b in sorted({r["budget"] for r in rows}):
+        rand = [r for r in rows if r["budget"] == b and r["method"] == RANDOM]
+        for r in rows:
+            if r["budget"] != b or r["method"] == RANDOM:
+                continue
+            v = {"budget": b, "method": r["method"], "rows": r["rows"]}
+            for s in sets + ["mean"]:
+                value = r["mean"] if s == "mean" else r["eval"][s]
+                ref = [x["mean"] if s == "mean" else x["eval"][s] for x in rand]
+                v[s] = {"loss": value, "vs_random": verdict(value, ref)[0], "verdict": verdict(value, ref)[1],
+                        "random_mean": statistics.fmean(ref), "random_sd": statistics.stdev(ref)}
+            out.append(v)
+    return out
+
+
+# ---------------------------------------------------------------------------- outputs
+def _table(results: dict) -> tuple[list[str], list[list[str]]]:
+    sets = results["eval_sets"]
+    header = ["budget", "method", "rows", "source mix", *sets, "mean", "vs random (mean)"]
+    lines = [["-", "base (no fine-tuning)", "-", "-", *(f"{results['base_eval'][s]['loss']:.4f}" for s in sets),
+              f"{statistics.fmean(results['base_eval'][s]['loss'] for s in sets):.4f}", ""]]
+    mix = {(r["budget"], r["method"], r["seed"]): r for r in results["rows"]}
+    for b in sorted({r["budget"] for r in results["rows"]}):
+        rand = [r for r in results["rows"] if r["budget"] == b and r["method"] == RANDOM]
+        for r in rand:
+            lines.append([str(b), f"random (seed {r['seed']})", str(r["rows"]), _mix(r["source_mix"]),
+                          *(f"{r['eval'][s]:.4f}" for s in sets), f"{r['mean']:.4f}", ""])
+        cells = []
+        for s in sets + ["mean"]:
+            ref = [x["mean"] if s == "mean" else x["eval"][s] for x in rand]
+            cells.append(f"{statistics.fmean(ref):.4f} ± {statistics.stdev(ref):.4f}")
+        lines.append([str(b), f"**random, mean ± sd ({len(rand)} seeds)**", "", "", *cells, ""])
+        for v in results["verdicts"]:
+            if v["budget"] != b:
+                continue
+            r = mix[(b, v["method"], None)]
+            lines.append([str(b), v["method"], str(v["rows"]), _mix(r["source_mix"]),
+                          *(f"{v[s]['loss']:.4f} ({v[s]['verdict']})" for s in sets + ["mean"]),
+                          f"{v['mean']['vs_random']:+.4f}"])
+    return header, lines
+
+
+def _mix(mix: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in mix.items())
+
+
+def write_outputs(work: pathlib.Path, results: dict) -> None:
+    write_json(work / "compare.json", results)
+    header, lines = _table(results)
+    md = [f"# {results['name']}: selection against random", "",
+          f"Pool: {results['pool_rows']} rows after filters; settings: {results['settings']['epochs']} epoch(s), "
+          f"lr {results['settings']['lr']:g}; held-out loss (mean response-token NLL), lower is better. A "
+          f"method is better or worse than random only outside random's seed spread (|method - random's "
+          f"mean| > sd over the seeds); inside it, a tie.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(line) + " |" for line in lines]
+    if results["eval_overlap"]:
+        md += ["", "Warning: evaluation rows whose prompt is also in the pool: "
+               + ", ".join(f"{k} {v}" for k, v in results["eval_overlap"].items())]
+    (work / "compare.md").write_text("\n".join(md) + "\n")
+    with open(work / "compare.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["budget", "method", "seed", "rows", *results["eval_sets"], "mean"])
+        for r in results["rows"]:
+            w.writerow([r["budget"], r["method"], r["seed"], r["rows"],
+                        *(r["eval"][s] for s in results["eval_sets"]), r["mean"]])
+    plot = _plot(results, work / "compare.png")
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in line) + "</tr>"
+                   for line in lines)
+    from curate.report.html import CSS
+
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(results['name'])}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(results['name'])}: selection against random</h1>"
+            f"<section id='compare'><p>{html.escape(md[2])}</p><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + f"</tr>{body}</table>{plot}</section>"
+            "</body></html>")
+    (work / "report.html").write_text(page)
+
+
+def _plot(results: dict, path: pathlib.Path) -> str:
+    """Each method's mean loss beside random's seed band, one panel per budget."""
+    from curate.report.plots import KEPT_COLOR, POOL_COLOR, figure, png
+
+    budgets = sorted({r["budget"] for r in results["rows"]})
+    fig, axes = figure(6.5 * len(budgets), 3.5, ncols=len(budgets))
+    axes = list(axes) if len(budgets) > 1 else [axes]
+    for ax, b in zip(axes, budgets):
+        vs = [v for v in results["verdicts"] if v["budget"] == b]
+        rand = [r["mean"] for r in results["rows"] if r["budget"] == b and r["method"] == RANDOM]
+        mean, sd = statistics.fmean(rand), statistics.stdev(rand)
+        ax.axhspan(mean - sd, mean + sd, color=POOL_COLOR, alpha=0.4, label="random, mean ± sd")
+        ax.axhline(mean, color=POOL_COLOR)
+        ax.bar(range(len(vs)), [v["mean"]["loss"] for v in vs], color=KEPT_COLOR)
+        ax.set_xticks(range(len(vs)), [v["method"] for v in vs], rotation=30, ha="right")
+        lo = min([v["mean"]["loss"] for v in vs] + [mean - sd])
+        hi = max([v["mean"]["loss"] for v in vs] + [mean + sd])
+        pad = max((hi - lo) * 0.2, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(f"budget {b}: mean held-out loss (lower is better)")
+        ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    return png(fig, "methods against random")

@@ -1,0 +1,110 @@
+"""`curate compare`: score once, select with each method and random seeds, train and
+evaluate each subset, and judge each method against random's seed spread."""
+
+import json
+import statistics
+
+import datasets
+import pytest
+import yaml
+
+from curate.cli import main
+from curate.compare import load_compare, parse_compare, run_compare, verdict
+from curate.config import ConfigError
+
+
+def test_verdict_is_outside_randoms_seed_spread_or_a_tie():
+    # random 1.1, 1.2, 1.3: mean 1.2, sample sd 0.1
+    diff, word = verdict(1.0, [1.1, 1.2, 1.3])
+    assert diff == pytest.approx(-0.2) and word == "better"
+    assert verdict(1.35, [1.1, 1.2, 1.3])[1] == "worse"
+    assert verdict(1.15, [1.1, 1.2, 1.3])[1] == "tie"  # 0.05 inside the 0.1 spread
+    assert verdict(1.29, [1.1, 1.2, 1.3])[1] == "tie"
+
+
+def write_rows(path, source, n, offset=0):
+    path.write_text("".join(json.dumps({"instruction": f"{source} question {i}: what is {i} plus {i}?",
+                                        "output": f"It is {2 * i}." + " Because" * ((i * 5) % 7)}) + "\n"
+                            for i in range(offset, offset + n)))
+    return str(path)
+
+
+def spec_dict(tmp_path, model_dir):
+    return {
+        "name": "tiny-compare",
+        "output": str(tmp_path / "compare"),
+        "pool": {"inputs": [{"path": write_rows(tmp_path / "a.jsonl", "a", 12), "source": "a"},
+                            {"path": write_rows(tmp_path / "b.jsonl", "b", 12), "source": "b"}],
+                 "filters": [{"type": "dedup"}]},
+        "budgets": [6],
+        "methods": {"longest": {"type": "top", "column": "response_chars"},
+                    "longest_by_source": {"type": "top", "column": "response_chars", "stratify_by": "source"}},
+        "random_seeds": [0, 1, 2],
+        "eval": {"a": {"path": write_rows(tmp_path / "a_test.jsonl", "a", 8, offset=100), "skip": 2, "limit": 4},
+                 "b": str(write_rows(tmp_path / "b_test.jsonl", "b", 4, offset=100))},
+        "validation": {"sets": {"a": {"path": str(tmp_path / "a_test.jsonl"), "limit": 2}},
+                       "grid": [[1, 1.0e-3], [2, 1.0e-3]]},
+        "train": {"model": str(model_dir), "max_length": 64, "batch_size": 2, "dtype": "fp32", "save_every": None},
+    }
+
+
+def test_compare_end_to_end_then_a_rerun_from_the_cache(tmp_path, tiny_lm_dir, monkeypatch, capsys):
+    spec_path = tmp_path / "compare.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(tmp_path, tiny_lm_dir)))
+    assert main(["compare", str(spec_path), "-q"]) == 0
+    out = tmp_path / "compare"
+    results = json.loads((out / "compare.json").read_text())
+    printed = capsys.readouterr().out
+    assert "| 6 | longest |" in printed and (out / "report.html").is_file() and (out / "compare.png").is_file()
+
+    # settings: the grid point with the lowest validation loss
+    best = min(results["settings_tried"], key=lambda t: (t["val_loss"], t["epochs"]))
+    assert results["settings"] == {"epochs": best["epochs"], "lr": best["lr"]}
+    # every subset has the budget's rows; random's seeds differ; longest is a hand sort
+    rows = {(r["method"], r["seed"]): r for r in results["rows"]}
+    assert sorted(rows) == [("longest", None), ("longest_by_source", None),
+                            ("random", 0), ("random", 1), ("random", 2)]
+    assert all(r["rows"] == 6 for r in rows.values())
+    pool = datasets.load_from_disk(str(out / "scores"))
+    by_length = sorted(zip(pool["response"], pool["origin"], pool["id"]), key=lambda t: (-len(t[0]), t[1], t[2]))
+    assert set(datasets.load_from_disk(str(out / "b6" / "longest" / "selection"))["id"]) == \
+        {t[2] for t in by_length[:6]}
+    assert rows[("longest_by_source", None)]["source_mix"] == {"a": 3, "b": 3}
+    # the eval set a skipped its first 2 rows and kept 4
+    assert results["base_eval"]["a"]["n_examples"] == 4 and results["base_eval"]["b"]["n_examples"] == 4
+    # each verdict by the rule, from the losses themselves
+    for v in results["verdicts"]:
+        for s in ("a", "b", "mean"):
+            ref = [rows[("random", k)]["mean" if s == "mean" else "eval"] for k in (0, 1, 2)]
+            ref = ref if s == "mean" else [x[s] for x in ref]
+            mine = rows[(v["method"], None)]["mean"] if s == "mean" else rows[(v["method"], None)]["eval"][s]
+            sd, mean = statistics.stdev(ref), statistics.fmean(ref)
+            assert v[s]["verdict"] == ("tie" if abs(mine - mean) <= sd else "better" if mine < mean else "worse")
+
+    # a rerun trains nothing: every stage comes from the cache
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the run is cached")
+
+    monkeypatch.setattr("curate.train.train", no_training)
+    again = run_compare(load_compare(str(spec_path)), progress=False)
+    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in results["rows"]]
+    assert all(s["cached"] for s in again["stages"])
+
+
+def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
+    good = spec_dict(tmp_path, tiny_lm_dir)
+    with pytest.raises(ConfigError, match="random_seeds: at least 3"):
+        parse_compare({**good, "random_seeds": [0, 1]})
+    with pytest.raises(ConfigError, match="methods.longest: the budget comes from 'budgets'"):
+        parse_compare({**good, "methods": {"longest": {"type": "top", "column": "response_chars", "budget": 3}}})
+    with pytest.raises(ConfigError, match="'random' is the baseline"):
+        parse_compare({**good, "methods": {"random": {"type": "random"}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_compare({**good, "evals": good["eval"]})
+    with pytest.raises(ConfigError, match="pool: selectors not allowed"):
+        parse_compare({**good, "pool": {**good["pool"], "selectors": [{"type": "random", "budget": 2}]}})
+    # a method reading a column no scorer writes: found before any scoring
+    spec = parse_compare({**good, "methods": {"ifd": {"type": "top", "column": "ifd"}}})
+    with pytest.raises(ConfigError, match="methods.ifd: .*needs the column 'ifd'"):
+        run_compare(spec, progress=False)
+    assert not (tmp_path / "compare" / "scores").exists()
