@@ -102,6 +102,10 @@ GRAPE_GOLD = "gpt4_1106_preview"
 SCORER_SET = {"random": None, "full": None, "longest": None, "ppl_low": "ifd", "ppl_high": "ifd",
               "ifd": "ifd", "diversity": "embed", "diversity_iterative": "embed",
               "donod": "weight_delta", "s2l": "trajectory", "paser": "paser-wanda50"}
+# the score-based methods again with `stratify_by: source` (the budget shared among the
+# sources in the pool's proportions, the method run inside each): "<method>_strat"
+STRATIFIED = ("longest", "ppl_low", "ppl_high", "ifd", "donod", "paser")
+SCORER_SET.update({f"{m}_strat": SCORER_SET[m] for m in STRATIFIED})
 POOL_METHODS = tuple(SCORER_SET)
 METHODS = POOL_METHODS + ("grape",)
 # pruned copies for PASER's recovery variants: name -> (method, what it is)
@@ -739,6 +743,8 @@ def scorer_sets(opts: Options, variant: str, inputs: list[dict], pruned: dict[st
 
 def selector_spec(opts: Options, method: str, budget: int, seed: int, work: pathlib.Path) -> dict:
     sc = opts.scale
+    if method.endswith("_strat"):
+        return {**selector_spec(opts, method[:-len("_strat")], budget, seed, work), "stratify_by": "source"}
     top = {"type": "top", "budget": budget}
     if method == "random":
         return {"type": "random", "budget": budget, "seed": seed}
@@ -940,9 +946,10 @@ def expect_stages(opts: Options, clock: Clock) -> None:
     paser, s2l = "paser" in opts.methods, "s2l" in opts.methods
     clock.expect("data", 1)
     clock.expect("prune", 2 * paser + s2l)
-    clock.expect("data", 1)                 # choosing the training settings: the clean pool,
-    clock.expect("select", 1)               # a random subset, one training per grid point
-    clock.expect("train", len(opts.scale.hp_grid))
+    if not opts.chosen:
+        clock.expect("data", 1)             # choosing the training settings: the clean pool,
+        clock.expect("select", 1)           # a random subset, one training per grid point
+        clock.expect("train", len(opts.scale.hp_grid))
     variants = ("clean", "noisy") if opts.scale.noisy else ("clean",)
     if any(m in POOL_METHODS for m in opts.methods):
         clock.expect("eval", 1)
@@ -980,12 +987,12 @@ def run(opts: Options) -> dict:
               f"seeds {list(opts.seeds)}, work dir {opts.work_dir}")
     data = build_data(opts, clock)
     pruned: dict[str, str] = {}
-    if "paser" in opts.methods:
+    if "paser" in opts.methods or "paser_strat" in opts.methods:
         for name in PRUNED:
             pruned[name] = make_pruned(opts, clock, name, data["inputs"]["clean"])
     if "s2l" in opts.methods:
         pruned["s2l-proxy"] = make_pruned(opts, clock, "s2l-proxy", data["inputs"]["clean"])
-    tried = choose_training(opts, data, clock)
+    tried = choose_training(opts, data, clock) if not opts.chosen else []
     parts: dict[str, list[dict]] = {}  # rows by variant, reported in this order
     order = ["clean", "noisy"] + [f"recovery-{name}" for name in PRUNED] + ["grape"]
 
@@ -1038,6 +1045,9 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--pool-seed", type=int, default=0)
+    ap.add_argument("--settings", default=None, metavar="EPOCHS,LR",
+                    help="train with these settings instead of choosing them on validation (e.g. the "
+                         "ones an earlier run chose, to add methods to its table)")
     ap.add_argument("--noisy", dest="noisy", action="store_true", default=None, help="run the noisy variant")
     ap.add_argument("--no-noisy", dest="noisy", action="store_false")
     for name, typ in (("rows_per_source", int), ("eval_rows", int), ("val_rows", int), ("budget", float),
@@ -1067,7 +1077,11 @@ def parse_args(argv=None) -> Options:
     work = args.work_dir or str(ROOT / "runs" / ("selection_quality" if args.scale == "cpu"
                                                    else f"selection_quality-{args.scale}"))
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    return Options(scale=scale, scale_name=args.scale, data=args.data, work_dir=work, out=args.out,
+    chosen = {}
+    if args.settings:
+        epochs, lr = args.settings.split(",")
+        chosen = {"epochs": int(epochs), "lr": float(lr)}
+    return Options(scale=scale, scale_name=args.scale, data=args.data, work_dir=work, out=args.out, chosen=chosen,
                    summary=summary, methods=methods, seeds=seeds, pool_seed=args.pool_seed,
                    model=args.model, embedder=args.embedder, device=args.device, dtype=args.dtype,
                    threads=args.threads, beam_args=list(args.beam_args),

@@ -78,7 +78,8 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
 
     # one row per (variant, method, seed): references first, random's seeds, then the methods
     pool_methods = ["longest", "ppl_low", "ppl_high", "ifd", "diversity", "diversity_iterative", "donod", "s2l",
-                    "paser"]
+                    "paser", "longest_strat", "ppl_low_strat", "ppl_high_strat", "ifd_strat", "donod_strat",
+                    "paser_strat"]
     random_rows = [("random", 0), ("random", 1)]
     expected = ([("clean", m, s) for m, s in [("base", None)] + random_rows + [("full", None)]
                  + [(m, None) for m in pool_methods]]
@@ -87,6 +88,9 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
                    for m, s in [("unpruned", None), ("base", None)] + random_rows + [("paser", None)]]
                 + [("grape", m, s) for m, s in [("base", None), ("grape", None)] + random_rows + [("longest", None)]])
     assert [(r["variant"], r["method"], r["seed"]) for r in rows] == expected
+    # stratified: the pool's mix (12 rows per source, budget 12 -> 3 each)
+    longest_strat = next(r for r in rows if r["variant"] == "clean" and r["method"] == "longest_strat")
+    assert sorted(longest_strat["source_mix"].values()) == [3, 3, 3, 3]
 
     pool_sets = ["gsm8k", "codealpaca", "gpteacher_roleplay", "gpteacher_toolformer"]
     budget = 12  # 25% of 4 sources x 12 rows
@@ -114,7 +118,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
         assert list(r["eval"]) == pool_sets and set(r["source_mix"]) <= set(pool_sets)
         want = 48 if r["method"] == "full" else budget
         # IFD keeps only rows with IFD < 1: fewer than the budget on a random model
-        assert r["rows"] == want if r["method"] != "ifd" else 0 < r["rows"] <= want
+        assert r["rows"] == want if r["method"] not in ("ifd", "ifd_strat") else 0 < r["rows"] <= want
         if r["variant"] == "noisy":
             assert r["noisy_kept"] == sum(r["noisy_kept_by_kind"].values()) and 0 <= r["noisy_kept"] <= r["rows"]
         else:
