@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import gzip
 import hashlib
 import json
@@ -74,7 +73,6 @@ import random
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +84,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.corruptions import CORRUPTIONS  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
+# the stage clock with its ETA and the caches' helpers are `curate compare`'s
+from curate import compare  # noqa: E402
+from curate.compare import Clock, digest, read_json, write_json  # noqa: E402
 
 log = logging.getLogger("selection_quality")
 
@@ -192,30 +193,12 @@ class Options:
 
 
 # ---------------------------------------------------------------------------- helpers
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def files_digest(paths) -> str:
     """Content hash of input files: a cache keyed by path alone would survive a changed pool."""
     h = hashlib.sha256()
     for p in paths:
         h.update(pathlib.Path(p).read_bytes())
     return h.hexdigest()[:16]
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: pathlib.Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def write_jsonl(path: pathlib.Path, rows) -> None:
@@ -225,79 +208,6 @@ def write_jsonl(path: pathlib.Path, rows) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class Clock:
-    """Prints each stage with the elapsed time of the whole run and an ETA, and records
-    its duration.
-
-    A stage found in the cache takes ~0 s in this run; the seconds it took when it was
-    computed are kept in `times_file`, so the report shows both. The ETA is the stages
-    still expected (`expect`) times the mean computed duration of their kind: this run's
-    first, then the times file's, then a rough default."""
-
-    DEFAULT_S = {"data": 30, "prune": 60, "eval": 60, "score": 400, "select": 20, "train": 180}
-
-    def __init__(self, times_file: pathlib.Path | None = None):
-        self.start = time.perf_counter()
-        self.stages: list[dict] = []
-        self.times_file = times_file
-        self.computed: dict = (read_json(times_file) or {}) if times_file else {}
-        self.expected: collections.Counter = collections.Counter()
-        self.done: collections.Counter = collections.Counter()
-        self.durations: dict[str, list[float]] = collections.defaultdict(list)
-
-    def expect(self, kind: str, n: int = 1) -> None:
-        self.expected[kind] += n
-
-    def mean_seconds(self, kind: str) -> float:
-        if self.durations[kind]:
-            return statistics.fmean(self.durations[kind])
-        past = [v["seconds"] for v in self.computed.values() if v.get("kind") == kind]
-        return statistics.fmean(past) if past else self.DEFAULT_S.get(kind, 60)
-
-    def eta(self) -> float:
-        return sum(max(n - self.done[k], 0) * self.mean_seconds(k) for k, n in self.expected.items())
-
-    def say(self, msg: str) -> None:
-        print(f"[{_hms(time.perf_counter() - self.start)}] {msg}", flush=True)
-
-    def stage(self, name: str, kind: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                self.note = ""
-                self.cached = False
-                total, done = sum(clock.expected.values()), sum(clock.done.values())
-                where = f" (stage {done + 1} of ~{total}, ETA {_hms(clock.eta())})" if total else ""
-                clock.say(f"{name} ...{where}")
-                return self
-
-            def __exit__(self, exc_type, exc, tb):
-                dt = time.perf_counter() - self.t0
-                if exc_type is None:
-                    clock.done[kind] += 1
-                    if not self.cached:
-                        clock.durations[kind].append(dt)
-                        clock.computed[name] = {"seconds": round(dt, 1), "note": self.note, "kind": kind,
-                                                "at": datetime.datetime.now().isoformat(timespec="seconds")}
-                        if clock.times_file:
-                            write_json(clock.times_file, clock.computed)
-                    first = clock.computed.get(name, {})
-                    clock.stages.append({"stage": name, "kind": kind, "seconds": round(dt, 1),
-                                         "cached": self.cached, "computed_seconds": first.get("seconds"),
-                                         "note": self.note if not self.cached else first.get("note", self.note)})
-                    clock.say(f"{name}: done in {dt:.1f} s{' (' + self.note + ')' if self.note else ''}")
-                return False
-
-        return _Stage()
 
 
 # ---------------------------------------------------------------------------- data
@@ -485,18 +395,9 @@ def save_scores_of(scores: pathlib.Path, scorers: list[dict], store: str) -> Non
 
 
 def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathlib.Path) -> tuple[dict, bool]:
-    """`curate select`: run one selector over a scores directory, no model loaded (the
+    """`curate select`: one selector over a scores directory, no model loaded (the
     iterative diversity selector excepted: it trains between its rounds)."""
-    from curate.config import JobConfig
-    from curate.pipeline.run import read_manifest, select_from_scores
-
-    scoring = read_manifest(str(scores)) or {}
-    previous = read_manifest(str(out))
-    if (previous and previous.get("scores_key") == scoring.get("scores_key")
-            and previous.get("job", {}).get("selectors") == [selector]):
-        return previous, True
-    job = JobConfig(inputs=[], output=str(out), name=f"select-{selector['type']}", selectors=[selector])
-    return select_from_scores(job, str(scores), opts.beam_args, scoring=scoring), False
+    return compare.select_into(scores, selector, out, opts.beam_args, progress=False)
 
 
 def load_selection(path: pathlib.Path) -> list[dict]:
@@ -552,11 +453,12 @@ def make_pruned(opts: Options, clock: Clock, name: str, inputs: list[dict]) -> s
 
 # ---------------------------------------------------------------------------- training
 def train_config(opts: Options, model: str | None = None, epochs: int | None = None, lr: float | None = None):
+    """The trainer's settings of every run (evaluation reads only its model, template and lengths)."""
     from curate.train import TrainConfig
 
     sc = opts.scale
     return TrainConfig(model=model or opts.model, template="plain", max_length=sc.max_length, method="lora",
-                       lr=lr or opts.chosen["lr"], epochs=epochs or opts.chosen["epochs"],
+                       lr=lr or opts.chosen.get("lr"), epochs=epochs or opts.chosen.get("epochs", 1),
                        batch_size=sc.batch_size, grad_accum=sc.grad_accum, save_every=None,
                        keep_checkpoints=None, seed=0, threads=opts.threads, device=opts.device,
                        dtype=opts.dtype, log_every=5, eval_batch_tokens=sc.eval_batch_tokens)
@@ -564,26 +466,7 @@ def train_config(opts: Options, model: str | None = None, epochs: int | None = N
 
 def evaluate(opts: Options, eval_sets: dict[str, list[dict]], adapter: str | None, model: str | None = None) -> dict:
     """Mean response-token loss per evaluation set, `model` (default the base) with `adapter` (LoRA) on it."""
-    import torch
-
-    from curate.train import evaluate_loss, load_model
-    from curate.train.loading import resolve_device_dtype
-
-    device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    lm, tokenizer = load_model(model or opts.model, device=device, dtype=dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, adapter)
-    lm.eval()
-    autocast = dtype if dtype == torch.bfloat16 else None
-    out = {}
-    for name, rows in eval_sets.items():
-        r = evaluate_loss(lm, tokenizer, rows, "plain", opts.scale.max_length,
-                          batch_tokens=opts.scale.eval_batch_tokens, autocast_dtype=autocast)
-        out[name] = {"loss": r["loss"], "n_tokens": r["n_tokens"], "n_examples": r["n_examples"],
-                     "n_truncated": r["n_truncated"]}
-    return out
+    return compare.evaluate(train_config(opts, model), eval_sets, adapter)
 
 
 def eval_key(opts: Options, eval_sets, model: str | None = None) -> str:
