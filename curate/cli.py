@@ -41,7 +41,7 @@ EPILOG = """examples:
   curate run jobs/random.yaml -- --direct_running_mode=multi_processing --direct_num_workers=2
   curate score jobs/grape.yaml --output runs/pool-scores      score once (loads the model)
   curate select --scores runs/pool-scores --method grape     select many (no model)
-  curate compare jobs/compare.yaml                  do the methods beat random on this pool?
+  curate compare jobs/compare/mixed.yaml            do the methods beat random on this pool?
   curate inspect runs/random                        counts, columns, scores, examples
   curate export runs/random --format parquet        kept rows as runs/random-export/data.parquet
 Beam options after `--` go to the pipeline (e.g. --runner=DataflowRunner --project=...)."""
@@ -276,7 +276,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="do selections beat random on a pool? score once, select with each "
                                        "method and random seeds, train and evaluate each subset")
-    p.add_argument("spec", help="compare spec YAML (see jobs/compare.yaml)")
+    p.add_argument("spec", help="compare spec YAML (see jobs/compare/mixed.yaml)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(fn=cmd_compare, beam_args=[])
 

@@ -108,3 +108,14 @@ def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
     with pytest.raises(ConfigError, match="methods.ifd: .*needs the column 'ifd'"):
         run_compare(spec, progress=False)
     assert not (tmp_path / "compare" / "scores").exists()
+
+
+def test_the_shipped_spec_holds_its_evaluation_rows_out_of_the_pool():
+    import pathlib
+
+    spec = load_compare(str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "compare" / "mixed.yaml"))
+    limits = {i.path: i.limit for i in spec.pool.inputs}
+    assert len(spec.random_seeds) >= 3 and spec.methods
+    for name, item in spec.eval_sets.items():
+        if item["path"] in limits:  # rows of a pool file: only past the ones the pool reads
+            assert item.get("skip", 0) >= limits[item["path"]], name
