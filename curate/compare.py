@@ -555,8 +555,9 @@ def write_outputs(work: pathlib.Path, results: dict) -> None:
 
 
 def _plot(results: dict, path: pathlib.Path) -> str:
-    """Each method's mean loss beside random's seed band, one panel per budget."""
-    from curate.report.plots import KEPT_COLOR, POOL_COLOR, figure, png
+    """Each method's mean loss (green better, red worse, grey a tie) beside random's seed
+    band, one panel per budget."""
+    from curate.report.plots import DROPPED_COLOR, KEPT_COLOR, POOL_COLOR, figure, png
 
     budgets = sorted({r["budget"] for r in results["rows"]})
     fig, axes = figure(6.5 * len(budgets), 3.5, ncols=len(budgets))
@@ -567,8 +568,12 @@ def _plot(results: dict, path: pathlib.Path) -> str:
         mean, sd = statistics.fmean(rand), statistics.stdev(rand)
         ax.axhspan(mean - sd, mean + sd, color=POOL_COLOR, alpha=0.4, label="random, mean ± sd")
         ax.axhline(mean, color=POOL_COLOR)
-        ax.bar(range(len(vs)), [v["mean"]["loss"] for v in vs], color=KEPT_COLOR)
+        # points, not bars: the axis does not start at 0
+        colors = {"better": KEPT_COLOR, "worse": DROPPED_COLOR, "tie": "#888888"}
+        ax.scatter(range(len(vs)), [v["mean"]["loss"] for v in vs], s=60, zorder=3,
+                   c=[colors[v["mean"]["verdict"]] for v in vs])
         ax.set_xticks(range(len(vs)), [v["method"] for v in vs], rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(vs) - 0.5)
         lo = min([v["mean"]["loss"] for v in vs] + [mean - sd])
         hi = max([v["mean"]["loss"] for v in vs] + [mean + sd])
         pad = max((hi - lo) * 0.2, 1e-3)
