@@ -13,8 +13,10 @@ Every stage is cached under `output:` (scores by content, selections by the sele
 the scores they came from, training runs by their config and rows, evaluations by the
 model and the evaluation rows), so a rerun after a crash or an added method computes only
 what is missing; each stage prints the elapsed time and an ETA. The scoring and the
-selections take Beam options (`-- --runner=DataflowRunner ...`); training and
-evaluation run on this machine.
+selections take Beam options after `--` (the local runner's workers, say); everything
+runs on this machine, since training reads the selections from `output:`. Not yet on
+Dataflow: there, score with `curate score` (a gs:// output) and select with `curate
+select`, then train on copies of the selections.
 
 Writes OUTPUT/compare.{md,json,csv}, OUTPUT/compare.png and OUTPUT/report.html.
 
