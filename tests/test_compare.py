@@ -119,3 +119,12 @@ def test_the_shipped_spec_holds_its_evaluation_rows_out_of_the_pool():
     for name, item in spec.eval_sets.items():
         if item["path"] in limits:  # rows of a pool file: only past the ones the pool reads
             assert item.get("skip", 0) >= limits[item["path"]], name
+
+
+def test_a_bad_spec_is_one_line_and_status_2(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("pool: {inputs: [a.jsonl]}\nbudgets: [5]\nmethods: {x: {type: top}}\n")
+    assert main(["compare", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "missing.yaml" in err[0] and "'eval' is required" in err[1]
