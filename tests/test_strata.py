@@ -167,6 +167,10 @@ def test_where_stratify_by_cannot_work_it_says_so(pool, tmp_path):
                      "selectors": [{"type": "random", "budget": 16, "stratify_by": "source"}]})
     with pytest.raises(ConfigError, match="written pool"):
         run_pipeline(job)
+    with pytest.raises(ConfigError, match="'id' has 75 values in the pool"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("curate.selectors.shared.strata.MAX_STRATA", 50)
+            select(pool / "pool", tmp_path / "w", {"type": "random", "budget": 5, "stratify_by": "id"})
     with pytest.raises(ConfigError, match="stratify_shares"):
         select(pool / "pool", tmp_path / "z", {"type": "random", "budget": 5, "stratify_by": "source",
                                                "stratify_shares": "by_vibes"})

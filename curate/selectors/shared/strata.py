@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SHARES = ("proportional", "equal")
 KEPT, REJECTED = "kept", "rejected"
 OPTIONS = ("stratify_by", "stratify_shares")
+MAX_STRATA = 200
 
 
 def stratum_shares(rows: dict, can_keep: dict, budget: int, rule: str = "proportional") -> dict:
@@ -130,6 +131,9 @@ class Stratified(Selector):
             s = stratum_of(row, self.column)
             rows[s] = rows.get(s, 0) + 1
             keepable[s] = keepable.get(s, 0) + bool(self.prototype.can_keep(row))
+        if len(rows) > MAX_STRATA:  # one copy of the selector per value: a Beam branch each
+            raise ConfigError(f"{self.where}: stratify_by {self.column!r} has {len(rows):,} values in the pool; "
+                              f"it is meant for a few (sources, categories): at most {MAX_STRATA}")
         total = sum(keepable.values())
         budget = resolve_budget(self.prototype.budget, total) if self.has_budget else None
         share = stratum_shares(rows, keepable, budget, self.shares) if self.has_budget else {}
