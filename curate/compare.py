@@ -278,13 +278,17 @@ class Clock:
 
 # ---------------------------------------------------------------------------- the work
 def read_set(item: dict) -> list[dict]:
-    """An evaluation or validation set's records, through the pipeline's readers."""
-    from curate.train.data import read_jsonl_records
+    """An evaluation or validation set's records, through the pipeline's readers (a row
+    that cannot become a record is left out with a warning naming it)."""
+    from curate.inputs.files import read_records
 
     skip, limit = item.get("skip") or 0, item.get("limit")
-    records = read_jsonl_records(item["path"], limit=None if limit is None else skip + limit,
-                                 source=item.get("source"))
-    records = list(records)[skip:]
+    spec = InputConfig(**{k: v for k, v in item.items() if k not in ("skip", "limit")},
+                       limit=None if limit is None else skip + limit)
+    records, dead = read_records([spec])
+    for row in dead[:5]:
+        log.warning("%s: skipped: %s", row["origin"], row["reason"])
+    records = records[skip:]
     if not records:
         raise ConfigError(f"{item['path']}: no rows left for evaluation (skip {skip}, limit {limit})")
     return records

@@ -53,7 +53,8 @@ def stratum_shares(rows: dict, can_keep: dict, budget: int, rule: str = "proport
     if rule == "proportional":
         return water_filling(can_keep, budget, rows)
     if rule == "equal":
-        return {s: balanced_quotas(can_keep, budget).get(s, 0) for s in rows}
+        quotas = balanced_quotas(can_keep, budget)
+        return {s: quotas.get(s, 0) for s in rows}
     raise ConfigError(f"stratify_shares must be one of {', '.join(SHARES)}, got {rule!r}")
 
 
