@@ -47,6 +47,12 @@ Methods (pool variants), each through the pipeline's score-once / select-many pa
     paser                `degradation` against the Wanda 50% copy + `paser`; in the
                          clean/noisy tables the base model trains on its pick, the
                          recovery tables are its real setting
+    <method>_strat       longest, ppl_low, ppl_high, ifd, donod and paser again with
+                         `stratify_by: source`: the budget shared among the sources in the
+                         pool's proportions, the method run inside each
+    headroom             an upper bound, not a method: the pool rows nearest to the
+                         evaluation rows (MiniLM cosine), the budget shared evenly among
+                         the evaluation sets (`headroom_ids`); it reads the evaluation rows
 A method is better or worse than random only outside random's seed spread (|method -
 random's mean| > the sample sd over seeds); inside it, a tie.
 
@@ -107,6 +113,8 @@ SCORER_SET = {"random": None, "full": None, "longest": None, "ppl_low": "ifd", "
 # sources in the pool's proportions, the method run inside each): "<method>_strat"
 STRATIFIED = ("longest", "ppl_low", "ppl_high", "ifd", "donod", "paser")
 SCORER_SET.update({f"{m}_strat": SCORER_SET[m] for m in STRATIFIED})
+# an upper bound, never a method: it looks at the evaluation rows (`headroom_ids`)
+SCORER_SET["headroom"] = "embed"
 POOL_METHODS = tuple(SCORER_SET)
 METHODS = POOL_METHODS + ("grape",)
 # pruned copies for PASER's recovery variants: name -> (method, what it is)
@@ -398,6 +406,36 @@ def select_into(opts: Options, scores: pathlib.Path, selector: dict, out: pathli
     """`curate select`: one selector over a scores directory, no model loaded (the
     iterative diversity selector excepted: it trains between its rounds)."""
     return compare.select_into(scores, selector, out, opts.beam_args, progress=False)
+
+
+def headroom_ids(opts: Options, embedded: pathlib.Path, eval_sets: dict[str, list[dict]], budget: int) -> list[str]:
+    """The headroom oracle: the pool rows nearest to the evaluation rows (MiniLM, cosine),
+    the budget shared evenly among the evaluation sets (each set in turn takes the unpicked
+    row with the highest similarity to any of its rows). It reads the evaluation rows, so
+    it is an upper bound on what a subset of this size can win here, never a method."""
+    import datasets
+    import numpy as np
+
+    from curate.models import load_embedder
+    from curate.scorers.embedding import embed_texts, record_text
+
+    pool = datasets.load_from_disk(str(embedded)).select_columns(["id", "embedding"])
+    ids, vectors = pool["id"], np.asarray(pool["embedding"], dtype=np.float32)
+    model, tokenizer = load_embedder(opts.embedder)
+    nearest = []  # per evaluation set: pool rows, most similar first
+    for rows in eval_sets.values():
+        e = embed_texts(model, tokenizer, [record_text(r, "prompt_response") for r in rows],
+                        max_length=opts.scale.embed_max_length)
+        nearest.append(list(np.argsort(-(vectors @ e.T).max(axis=1), kind="stable")))
+    picked, seen = [], set()
+    while len(picked) < min(budget, len(ids)):
+        for order in nearest:
+            while order and order[0] in seen:
+                order.pop(0)
+            if order and len(picked) < budget:
+                seen.add(order[0])
+                picked.append(ids[order.pop(0)])
+    return picked
 
 
 def load_selection(path: pathlib.Path) -> list[dict]:
@@ -709,6 +747,18 @@ def select_pool_variant(opts: Options, variant: str, data: dict, clock: Clock,
         label = method if seed is None else f"{method}-{seed}"
         if method == "full":
             selected = load_selection(pool)
+        elif method == "headroom":
+            path = work / "select" / "headroom.json"
+            key = digest([budget, opts.embedder, opts.scale.embed_max_length,
+                          {k: [r["id"] for r in v] for k, v in data["evals"].items()}, files_digest(
+                              i["path"] for i in inputs)])
+            with clock.stage(f"{variant}: select [headroom: nearest to the evaluation rows]", "select") as st:
+                cached = read_json(path)
+                st.cached = bool(cached and cached.get("key") == key)
+                picked = cached["ids"] if st.cached else headroom_ids(opts, scores["embed"], data["evals"], budget)
+                write_json(path, {"key": key, "ids": picked})
+            wanted = set(picked)
+            selected = [r for r in load_selection(scores["embed"]) if r["id"] in wanted]
         else:
             source = scores[SCORER_SET[method]] if SCORER_SET[method] else pool
             selected = select_stage(opts, clock, variant, label, source,

@@ -79,7 +79,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     # one row per (variant, method, seed): references first, random's seeds, then the methods
     pool_methods = ["longest", "ppl_low", "ppl_high", "ifd", "diversity", "diversity_iterative", "donod", "s2l",
                     "paser", "longest_strat", "ppl_low_strat", "ppl_high_strat", "ifd_strat", "donod_strat",
-                    "paser_strat"]
+                    "paser_strat", "headroom"]
     random_rows = [("random", 0), ("random", 1)]
     expected = ([("clean", m, s) for m, s in [("base", None)] + random_rows + [("full", None)]
                  + [(m, None) for m in pool_methods]]
@@ -248,3 +248,24 @@ def test_rows_selected_but_not_trained_report_the_corrupted_share_only(tmp_path)
     write_csv(rows, tmp_path / "t.csv")
     plot(rows, summary, tmp_path / "t.png")  # a loss panel for clean, a corrupted-kept panel for noisy
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_headroom_takes_the_rows_nearest_each_evaluation_set_in_turn(tmp_path, monkeypatch):
+    import datasets
+    import numpy as np
+
+    sq = load_benchmark()
+    # pool rows on the unit circle at 0, 10, 20, ... 90 degrees; set A sits at 0, set B at 90
+    angles = np.radians(np.arange(0, 100, 10))
+    pool = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    datasets.Dataset.from_dict({"id": [f"r{d}" for d in range(0, 100, 10)],
+                                "embedding": pool.tolist()}).save_to_disk(str(tmp_path / "embed"))
+    centre = {"A": [1.0, 0.0], "B": [0.0, 1.0]}
+    monkeypatch.setattr("curate.models.load_embedder", lambda name: (None, None))
+    monkeypatch.setattr("curate.scorers.embedding.embed_texts",
+                        lambda m, t, texts, max_length: np.array([centre[x.split()[0]] for x in texts], np.float32))
+    evals = {name: [{"prompt": f"{name} q", "response": "a"}] for name in ("A", "B")}
+    opts = sq.parse_args(["--scale", "tiny"])
+    # A takes its nearest (0 degrees), B its (90), A the next (10), B (80), A (20)
+    assert sq.headroom_ids(opts, tmp_path / "embed", evals, 5) == ["r0", "r90", "r10", "r80", "r20"]
+    assert sorted(sq.headroom_ids(opts, tmp_path / "embed", evals, 50)) == sorted(f"r{d}" for d in range(0, 100, 10))
