@@ -174,3 +174,23 @@ def test_where_stratify_by_cannot_work_it_says_so(pool, tmp_path):
     with pytest.raises(ConfigError, match="stratify_shares"):
         select(pool / "pool", tmp_path / "z", {"type": "random", "budget": 5, "stratify_by": "source",
                                                "stratify_shares": "by_vibes"})
+
+
+def test_the_report_says_when_a_selection_left_the_pools_mix():
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from curate.report.html import _sources, mix_shift
+
+    before = Counter({"code": 500, "chat": 500, "math": 480, "tiny": 20})
+    after = Counter({"code": 170, "chat": 20, "math": 10})
+    # code 85% kept vs 33% of the pool (over twice), chat 10% vs 33% and math 5% vs 32% (under
+    # half); tiny is under 5% of the pool: not judged
+    assert [n for n, _, _ in mix_shift(before, after)] == ["code", "math", "chat"]
+    assert mix_shift(before, Counter({"code": 70, "chat": 70, "math": 60})) == []
+    kept = pa.table({"source": ["code"] * 170 + ["chat"] * 20 + ["math"] * 10})
+    rejected = pa.table({"source": ["code"] * 330 + ["chat"] * 480 + ["math"] * 470 + ["tiny"] * 20})
+    assert "stratify_by: source</code> on the selector" in _sources(kept, rejected, [{"type": "top"}])
+    assert "not the pool's" not in _sources(kept, rejected, [{"type": "top", "stratify_by": "source"}])
+    assert "not the pool's" not in _sources(kept, rejected, [])  # filters only: no selector to blame

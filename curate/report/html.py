@@ -52,7 +52,19 @@ def _funnel(counts: dict) -> str:
     return png(fig, "counts funnel")
 
 
-def _sources(kept: pa.Table, rejected: pa.Table | None) -> str:
+def mix_shift(before: Counter, after: Counter, least: float = 0.05) -> list[tuple[str, float, float]]:
+    """The sources (with at least `least` of the pool) whose share of the kept rows is
+    more than twice, or less than half, their share of the pool: (source, pool share,
+    kept share), largest shift first."""
+    total_b, total_a = sum(before.values()), sum(after.values())
+    if not total_b or not total_a:
+        return []
+    shifted = [(n, before[n] / total_b, after[n] / total_a) for n in before if before[n] / total_b >= least]
+    shifted = [t for t in shifted if t[2] > 2 * t[1] or t[2] < t[1] / 2]
+    return sorted(shifted, key=lambda t: -abs(t[2] - t[1]))
+
+
+def _sources(kept: pa.Table, rejected: pa.Table | None, selectors: list[dict]) -> str:
     after = Counter(kept.column("source").to_pylist())
     before = Counter(after)
     if rejected is not None and len(rejected):
@@ -62,6 +74,12 @@ def _sources(kept: pa.Table, rejected: pa.Table | None) -> str:
     table = f"<table><tr><th>source</th><th>before</th><th>kept</th></tr>{rows}</table>"
     if len(names) < 2:  # one source: its share is 100% before and after
         return table
+    shift = mix_shift(before, after)
+    if shift and selectors and not any(s.get("stratify_by") for s in selectors):
+        table += ("<p class='why'>The kept mix is not the pool's: "
+                  + "; ".join(f"{html.escape(n)} {a:.0%} of the kept rows, {b:.0%} of the pool" for n, b, a in shift)
+                  + ". A score-based selector over several sources often spends its budget on the source its "
+                  "score favours; <code>stratify_by: source</code> on the selector keeps the pool's mix.</p>")
     fig, ax = figure(7, 3)
     total_b, total_a = sum(before.values()) or 1, sum(after.values()) or 1
     x = range(len(names))
@@ -174,7 +192,7 @@ def render_report(out_dir: str, manifest: dict | None = None) -> str:
             f"<p>{counts['read']:,} read, {counts['invalid']:,} invalid, {failed_text}{counts['kept']:,} kept. "
             f"Steps: {html.escape(step_text or 'none')}.</p>",
             "<h2>Counts</h2>", _funnel(counts),
-            "<h2>Sources</h2>", _sources(kept, rejected),
+            "<h2>Sources</h2>", _sources(kept, rejected, steps.get("selectors") or []),
             selection,
             "<h2>Scores</h2>", _histograms(kept, rejected),
             "" if clusters_drawn else _clusters(kept, rejected),
