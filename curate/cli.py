@@ -144,7 +144,8 @@ def cmd_compare(args) -> int:
 
     spec = load_compare(args.spec)
     run_compare(spec, args.beam_args, progress=not args.quiet)
-    print(open(f"{spec.output}/compare.md").read(), end="")
+    with open(f"{spec.output}/compare.md", encoding="utf-8") as fh:
+        print(fh.read(), end="")
     print(f"report: {spec.output}/report.html")
     return 0
 
