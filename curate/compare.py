@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -351,6 +352,8 @@ def train_and_evaluate(cfg, selection: pathlib.Path, run_dir: pathlib.Path, eval
     cached = read_json(run_dir / "compare.json")
     if cached and cached.get("key") == key:
         return {**cached, "cached": True}
+    if cached:  # another selection or setting trained here before: the trainer refuses to mix runs
+        shutil.rmtree(run_dir)
     m = train(str(selection), cfg, run_dir, resume=True, progress=False)
     result = {"key": key, "train": {k: m.get(k) for k in (
         "n_train", "steps", "train_tokens", "train_time_s", "tokens_per_s", "device", "compute_dtype")},

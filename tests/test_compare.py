@@ -89,6 +89,17 @@ def test_compare_end_to_end_then_a_rerun_from_the_cache(tmp_path, tiny_lm_dir, m
     again = run_compare(load_compare(str(spec_path)), progress=False)
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in results["rows"]]
     assert all(s["cached"] for s in again["stages"])
+    monkeypatch.undo()
+
+    # a method changed under the same name: its selection and training are done again
+    changed = spec_dict(tmp_path, tiny_lm_dir)
+    changed["methods"]["longest"] = {"type": "top", "column": "response_chars", "order": "lowest"}
+    spec_path.write_text(yaml.safe_dump(changed))
+    third = run_compare(load_compare(str(spec_path)), progress=False)
+    redone = [s["stage"] for s in third["stages"] if not s["cached"]]
+    assert redone == ["budget 6: select [longest]", "budget 6: train + evaluate [longest] on 6 rows"]
+    picked = datasets.load_from_disk(str(out / "b6" / "longest" / "selection"))["response"]
+    assert sorted(map(len, picked)) == sorted(len(r) for r in pool["response"])[:6]
 
 
 def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
