@@ -291,15 +291,19 @@ def parse_job(data: dict, source_file: str | None = None) -> JobConfig:
     return job
 
 
-def load_job(path: str) -> JobConfig:
+def read_yaml(path: str, what: str):
+    """A YAML file's data; a missing file or broken YAML is a ConfigError naming it."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            return yaml.safe_load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"job file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_job(data, source_file=path)
+
+
+def load_job(path: str) -> JobConfig:
+    return parse_job(read_yaml(path, "job file"), source_file=path)
 
 
 def parse_budget(value: Any, where: str) -> int | float:
