@@ -59,7 +59,13 @@ from dataclasses import dataclass, field
 from curate import steps
 from curate.config import (ConfigError, InputConfig, JobConfig, expand_vars, parse_budget, parse_job,
                            read_yaml, resolve_budget)
+from curate.inputs.files import read_records
+from curate.pipeline.output import read_manifest
+from curate.pipeline.plan import Plan
+from curate.pipeline.run import score_once, select_from_scores
 from curate.report.compare_page import RANDOM, write_outputs
+from curate.train import TrainConfig, evaluate_loss, load_model, train
+from curate.train.loading import resolve_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +164,6 @@ def parse_compare(data, source_file: str | None = None) -> CompareSpec:
             raise ConfigError(f"{where}: validation.grid: at least one [epochs, lr] to try")
     if not isinstance(data["train"], dict):
         raise ConfigError(f"{where}: train: the trainer's options (model, max_length, epochs, lr, ...)")
-    from curate.train import TrainConfig  # torch: only once the spec's shape is right
-
     TrainConfig.from_dict(data["train"])
     return CompareSpec(name=name, output=output, pool=pool, methods=dict(methods), budgets=budgets,
                        eval_sets=_sets(data["eval"], f"{where}: eval"), train=dict(data["train"]),
@@ -270,8 +274,6 @@ class Clock:
 def read_set(item: dict) -> list[dict]:
     """An evaluation or validation set's records, through the pipeline's readers (a row
     that cannot become a record is left out with a warning naming it)."""
-    from curate.inputs.files import read_records
-
     skip, limit = item.get("skip") or 0, item.get("limit")
     spec = InputConfig(**{k: v for k, v in item.items() if k not in ("skip", "limit")},
                        limit=None if limit is None else skip + limit)
@@ -287,9 +289,6 @@ def read_set(item: dict) -> list[dict]:
 def select_into(scores: pathlib.Path, selector: dict, out: pathlib.Path, beam_args, progress: bool) -> tuple[dict, bool]:
     """`curate select` from the scored pool into `out`, unless `out` already holds this
     selector's pick from these scores."""
-    from curate.pipeline.output import read_manifest
-    from curate.pipeline.run import select_from_scores
-
     scoring = read_manifest(str(scores)) or {}
     previous = read_manifest(str(out))
     if (previous and previous.get("scores_key") == scoring.get("scores_key")
@@ -303,9 +302,6 @@ def evaluate(cfg, eval_sets: dict[str, list[dict]], weights: str | None) -> dict
     """Mean response-token loss per set of `cfg.model`, with the trained `weights` (a LoRA
     adapter, or a fully fine-tuned model's directory) when given."""
     import torch
-
-    from curate.train import evaluate_loss, load_model
-    from curate.train.loading import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     full = weights is not None and cfg.method == "full"
@@ -332,8 +328,6 @@ def _eval_key(cfg, eval_sets) -> str:
 def train_and_evaluate(cfg, selection: pathlib.Path, run_dir: pathlib.Path, eval_sets: dict) -> dict:
     """Fine-tune on a selection's kept rows (cached by config + rows), then evaluate."""
     import datasets
-
-    from curate.train import train
 
     ids = sorted(datasets.load_from_disk(str(selection))["id"])
     cfg_key = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "log_every")}
@@ -367,10 +361,6 @@ def has_budget(selector: dict) -> bool:
 # ---------------------------------------------------------------------------- the run
 def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress: bool = True) -> dict:
     """Score, select, train and evaluate (module docstring); returns the results."""
-    from curate.pipeline.plan import Plan
-    from curate.pipeline.run import score_once
-    from curate.train import TrainConfig
-
     work = pathlib.Path(spec.output)
     work.mkdir(parents=True, exist_ok=True)
     clock = Clock(work / "stage_times.json", quiet=not progress)

@@ -85,7 +85,7 @@ def test_compare_end_to_end_then_a_rerun_from_the_cache(tmp_path, tiny_lm_dir, m
     def no_training(*a, **k):
         raise AssertionError("trained again although the run is cached")
 
-    monkeypatch.setattr("curate.train.train", no_training)
+    monkeypatch.setattr("curate.compare.train", no_training)  # where compare calls it
     again = run_compare(load_compare(str(spec_path)), progress=False)
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in results["rows"]]
     assert all(s["cached"] for s in again["stages"])
