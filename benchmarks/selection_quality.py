@@ -24,6 +24,9 @@ Variants:
                 swapped among the corrupted rows, responses truncated to 30%, a wrong
                 final answer (GSM8K rows); reports the share of corrupted rows each method
                 kept and the loss (benchmarks/corruptions.py)
+    heavy       the same with 60% of the rows corrupted: a pool where noise costs random
+                something, so a method that avoids it has room to win (fixed beforehand,
+                not chosen on the evaluation rows)
     recovery-*  PASER's own setting: a pruned copy of the model (Wanda 50%; 8 decoder
                 blocks dropped) is fine-tuned on PASER's pick and on random subsets;
                 recovery = share of the pruning's loss increase that training won back
@@ -152,8 +155,9 @@ class Scale:
     grape_instructions: int = 200
     grape_eval: int = 40
     grape_max_length: int = 256            # GRAPE likelihood scoring
-    noise: float = 0.2
-    noisy: bool = True
+    noise: float = 0.2                     # the noisy variant's corrupted share
+    heavy_noise: float = 0.6               # the heavy variant's
+    variants: tuple = ("clean", "noisy", "heavy")
     eval_batch_tokens: int = 4096
 
 
@@ -250,12 +254,16 @@ def eval_record(r: dict) -> dict:
     return {"id": r["id"], "prompt": r["prompt"], "response": r["response"], "source": r["source"]}
 
 
-def corrupt_pool(opts: Options, pool: dict[str, list[dict]]) -> tuple[dict, dict]:
-    """The noisy pool: `noise` of the rows corrupted, a third each by kind, the wrong
-    answers on GSM8K rows. Returns ({source: rows}, {corrupted id: kind})."""
+NOISE = {"noisy": "noise", "heavy": "heavy_noise"}  # a corrupted variant: its Scale field
+
+
+def corrupt_pool(opts: Options, pool: dict[str, list[dict]], variant: str) -> tuple[dict, dict]:
+    """A corrupted pool: the variant's share of the rows corrupted, a third each by kind,
+    the wrong answers on GSM8K rows. Returns ({source: rows}, {corrupted id: kind})."""
     flat = [r for rows in pool.values() for r in rows]
-    rng = random.Random(f"selection-quality-noise:{opts.pool_seed}")
-    n_bad = int(round(opts.scale.noise * len(flat)))
+    salt = "" if variant == "noisy" else f":{variant}"  # the noisy pool as it was published
+    rng = random.Random(f"selection-quality-noise:{opts.pool_seed}{salt}")
+    n_bad = int(round(getattr(opts.scale, NOISE[variant]) * len(flat)))
     gsm8k = [i for i, r in enumerate(flat) if r["source"] == "gsm8k"]
     n_wrong = min(n_bad // 3, len(gsm8k))
     chosen = {"wrong_answer": sorted(rng.sample(gsm8k, n_wrong))}
@@ -301,26 +309,29 @@ def build_data(opts: Options, clock: Clock) -> dict:
                 raise SystemExit(f"{source}: pool, validation and evaluation share a prompt")
             evals[source] = [eval_record(r) for r in held]
             write_jsonl(work / "clean" / f"{source}.jsonl", [pool_row(r) for r in pool[source]])
-        noisy, corrupted = corrupt_pool(opts, pool)
-        for source, rows in noisy.items():
-            write_jsonl(work / "noisy" / f"{source}.jsonl", rows)
+        corrupted = {}
+        for variant in NOISE:
+            rows_by_source, corrupted[variant] = corrupt_pool(opts, pool, variant)
+            for source, rows in rows_by_source.items():
+                write_jsonl(work / variant / f"{source}.jsonl", rows)
         n_pool = sum(len(v) for v in pool.values())
         meta = {"pool_ids": {s: [r["id"] for r in rows] for s, rows in pool.items()},
                 "eval_ids": {s: [r["id"] for r in rows] for s, rows in evals.items()},
                 "val_ids": {s: [r["id"] for r in rows] for s, rows in val.items()},
-                "corrupted": corrupted, "n_pool": n_pool, "n_corrupted": len(corrupted)}
+                "corrupted": corrupted, "n_pool": n_pool, "n_corrupted": {v: len(c) for v, c in corrupted.items()}}
         grape = None
         if "grape" in opts.methods:
             grape = build_grape_data(opts, data, work)
             meta["grape"] = {k: v for k, v in grape.items() if k != "eval"}
         write_json(work / "data.json", meta)
-        kinds = collections.Counter(corrupted.values())
         st.note = (f"pool {n_pool} rows ({sc.rows_per_source} per source), {sum(map(len, evals.values()))} "
-                   f"evaluation and {sum(map(len, val.values()))} validation rows; noisy pool: {len(corrupted)} "
-                   f"corrupted ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+                   f"evaluation and {sum(map(len, val.values()))} validation rows; " + "; ".join(
+                       f"{v} pool: {len(c)} corrupted ("
+                       + ", ".join(f"{k} {n}" for k, n in sorted(collections.Counter(c.values()).items())) + ")"
+                       for v, c in corrupted.items()))
     return {"evals": evals, "val": val, "corrupted": corrupted, "grape": grape,
             "inputs": {v: [{"path": str(work / v / f"{s}.jsonl"), "source": s, "adapter": "prompt_response"}
-                           for s, _, _ in SOURCES] for v in ("clean", "noisy")}}
+                           for s, _, _ in SOURCES] for v in ("clean", *NOISE)}}
 
 
 def build_grape_data(opts: Options, data: pathlib.Path, work: pathlib.Path) -> dict:
@@ -764,18 +775,18 @@ def select_pool_variant(opts: Options, variant: str, data: dict, clock: Clock,
             selected = select_stage(opts, clock, variant, label, source,
                                     selector_spec(opts, method, budget, seed or 0, work), work / "select" / label)
         picks.append((method, seed, selected))
-    if variant == "noisy":
-        kept = {(m if s is None else f"{m}:{s}"): sum(r["id"] in data["corrupted"] for r in rows)
+    if variant in NOISE:
+        kept = {(m if s is None else f"{m}:{s}"): sum(r["id"] in data["corrupted"][variant] for r in rows)
                 for m, s, rows in picks}
         write_json(work / "corrupted_kept.json", {"budget": budget, "kept": kept})
-        clock.say("noisy: corrupted rows kept of " + str(budget) + ": "
+        clock.say(f"{variant}: corrupted rows kept of {budget}: "
                   + ", ".join(f"{k} {v}" for k, v in kept.items()))
     return picks
 
 
 def train_pool_variant(opts: Options, variant: str, picks, data: dict, clock: Clock, base_eval: dict) -> list[dict]:
     work = pathlib.Path(opts.work_dir) / variant
-    corrupted = data["corrupted"] if variant == "noisy" else None
+    corrupted = data["corrupted"].get(variant)
     rows = [result_row(variant, "base", None, [], None, base_eval=base_eval, extra={"note": "no fine-tuning"})]
     for method, seed, selected in picks:
         label = method if seed is None else f"{method}-{seed}"
@@ -883,10 +894,9 @@ def expect_stages(opts: Options, clock: Clock) -> None:
         clock.expect("data", 1)             # choosing the training settings: the clean pool,
         clock.expect("select", 1)           # a random subset, one training per grid point
         clock.expect("train", len(opts.scale.hp_grid))
-    variants = ("clean", "noisy") if opts.scale.noisy else ("clean",)
     if any(m in POOL_METHODS for m in opts.methods):
         clock.expect("eval", 1)
-        for v in variants:
+        for v in opts.scale.variants:
             plan = pool_methods(opts, v)
             clock.expect("data", 1)
             clock.expect("score", len({SCORER_SET[m] for m, _ in plan if SCORER_SET[m]}))
@@ -927,7 +937,7 @@ def run(opts: Options) -> dict:
         pruned["s2l-proxy"] = make_pruned(opts, clock, "s2l-proxy", data["inputs"]["clean"])
     tried = choose_training(opts, data, clock) if not opts.chosen else []
     parts: dict[str, list[dict]] = {}  # rows by variant, reported in this order
-    order = ["clean", "noisy"] + [f"recovery-{name}" for name in PRUNED] + ["grape"]
+    order = ["clean", *NOISE] + [f"recovery-{name}" for name in PRUNED] + ["grape"]
 
     def report(final: bool = False) -> dict:
         rows = [r for v in order for r in parts.get(v, [])]
@@ -935,22 +945,23 @@ def run(opts: Options) -> dict:
 
     if any(m in POOL_METHODS for m in opts.methods):
         base_eval = base_evaluation(opts, data["evals"], clock, "pool")
-        # the clean table first; the noisy variant's selections (its corrupted shares need no
-        # training) before PASER's recovery runs and the noisy trainings
-        picks = select_pool_variant(opts, "clean", data, clock, pruned)
-        parts["clean"] = train_pool_variant(opts, "clean", picks, data, clock, base_eval)
-        report()
-        noisy = select_pool_variant(opts, "noisy", data, clock, pruned) if opts.scale.noisy else None
-        if noisy is not None:  # the corrupted shares in the tables now, the losses after training
-            parts["noisy"] = [result_row("noisy", m, s, rows, None, data["corrupted"],
-                                         extra={"note": "selected, not trained yet"}) for m, s, rows in noisy]
+        # the clean table first; the corrupted variants' selections (their corrupted shares
+        # need no training) before PASER's recovery runs and their trainings
+        if "clean" in opts.scale.variants:
+            picks = select_pool_variant(opts, "clean", data, clock, pruned)
+            parts["clean"] = train_pool_variant(opts, "clean", picks, data, clock, base_eval)
+            report()
+        noisy_picks = {v: select_pool_variant(opts, v, data, clock, pruned) for v in NOISE if v in opts.scale.variants}
+        for v, picks in noisy_picks.items():  # the corrupted shares in the tables now, the losses after training
+            parts[v] = [result_row(v, m, s, rows, None, data["corrupted"][v],
+                                   extra={"note": "selected, not trained yet"}) for m, s, rows in picks]
             report()
         if "paser" in opts.methods:
             for name in PRUNED:
                 parts[f"recovery-{name}"] = run_recovery_variant(opts, name, data, clock, pruned, base_eval)
                 report()
-        if noisy is not None:
-            parts["noisy"] = train_pool_variant(opts, "noisy", noisy, data, clock, base_eval)
+        for v, picks in noisy_picks.items():
+            parts[v] = train_pool_variant(opts, v, picks, data, clock, base_eval)
             report()
     if "grape" in opts.methods:
         parts["grape"] = run_grape_variant(opts, data, clock)
@@ -981,8 +992,8 @@ def parse_args(argv=None) -> Options:
     ap.add_argument("--settings", default=None, metavar="EPOCHS,LR",
                     help="train with these settings instead of choosing them on validation (e.g. the "
                          "ones an earlier run chose, to add methods to its table)")
-    ap.add_argument("--noisy", dest="noisy", action="store_true", default=None, help="run the noisy variant")
-    ap.add_argument("--no-noisy", dest="noisy", action="store_false")
+    ap.add_argument("--variants", default=None, type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                    help="pool variants, a comma list of clean,noisy,heavy (default: all three)")
     for name, typ in (("rows_per_source", int), ("eval_rows", int), ("val_rows", int), ("budget", float),
                       ("max_length", int), ("batch_size", int), ("grad_accum", int), ("s2l_checkpoints", int),
                       ("s2l_k", int), ("grape_instructions", int), ("grape_eval", int)):
@@ -996,6 +1007,9 @@ def parse_args(argv=None) -> Options:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(scale, f.name, value)
+    if set(scale.variants) - {"clean", *NOISE}:
+        ap.error(f"unknown variant(s) {sorted(set(scale.variants) - {'clean', *NOISE})}; choose from clean, "
+                 + ", ".join(NOISE))
     methods = tuple(m.strip() for m in (args.methods or "").split(",") if m.strip()) or METHODS
     bad = [m for m in methods if m not in METHODS]
     if bad:

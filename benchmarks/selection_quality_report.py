@@ -4,7 +4,7 @@ A row is one trained (or reference) model: variant, method, seed, the rows it tr
 its held-out losses per evaluation set and their mean. Reference rows (`base`: the model
 before fine-tuning; `unpruned`: the model before pruning, in the recovery variants) get
 no verdict. A method is better or worse than random only outside random's seed spread.
-A row selected but not trained yet (the noisy variant, between its selections and its
+A row selected but not trained yet (a corrupted variant, between its selections and its
 trainings) has no losses: it shows the corrupted rows kept and no verdict.
 """
 
@@ -23,6 +23,7 @@ REFERENCE = ("base", "unpruned")
 SHORT = {"gpteacher_roleplay": "roleplay", "gpteacher_toolformer": "toolformer"}
 TITLES = {"clean": "Mixed pool",
           "noisy": "Mixed pool, 20% of rows corrupted (noisy)",
+          "heavy": "Mixed pool, 60% of rows corrupted (heavy)",
           "recovery-wanda50": "PASER's setting: recovering the Wanda 50% copy",
           "recovery-layerdrop": "PASER's setting: recovering the layer-dropped copy",
           "grape": "GRAPE: one response per alpaca_eval instruction"}
@@ -34,7 +35,7 @@ def label(r: dict) -> str:
 
 def summarise(rows: list[dict]) -> dict:
     """Per variant: random's mean and spread per set, each method's verdict, and the
-    corrupted rows kept (noisy)."""
+    corrupted rows kept (the corrupted variants)."""
     out = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         vr = [r for r in rows if r["variant"] == variant]
@@ -78,7 +79,7 @@ def markdown_tables(rows: list[dict], summary: dict) -> str:
     for variant, s in summary.items():
         vr = [r for r in rows if r["variant"] == variant]
         sets = s["sets"]
-        noisy, recovery, grape = variant == "noisy", variant.startswith("recovery"), variant == "grape"
+        noisy, recovery, grape = bool(s["noisy"]), variant.startswith("recovery"), variant == "grape"
         lines += [f"### {TITLES.get(variant, variant)}", ""]
         head = (["method", "rows", "generator mix (top 3)" if grape else "source mix"]
                 + (["corrupted kept"] if noisy else []) + ["train s"] + [SHORT.get(x, x) for x in sets]
@@ -115,8 +116,7 @@ def markdown_tables(rows: list[dict], summary: dict) -> str:
             lines += ["Rows without losses are selected but not trained yet (a later invocation adds them).", ""]
         if noisy and s["noisy"]:
             kinds = sorted({k for v in s["noisy"].values() for k in (v["by_kind"] or {})})
-            lines += ["Corrupted rows kept, by kind (the pool is 20% corrupted, so random keeps 20% in "
-                      "expectation):", "", "| method | all | " + " | ".join(kinds) + " |",
+            lines += ["Corrupted rows kept, by kind (random keeps the pool's corrupted share in expectation):", "", "| method | all | " + " | ".join(kinds) + " |",
                       "|---|---|" + "---|" * len(kinds)]
             for k, v in s["noisy"].items():
                 lines.append(f"| {k} | {v['kept']}/{v['rows']} ({100 * v['share']:.1f}%) | "
@@ -156,7 +156,7 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 def plot(rows: list[dict], summary: dict, path: pathlib.Path) -> None:
     """One panel per variant: each method's mean held-out loss (in the recovery variants:
     the share of the pruning loss recovered), random's mean ± one seed sd as a grey band
-    (inside it: a tie); and, for the noisy variant, the share of corrupted rows each
+    (inside it: a tie); and, for the corrupted variants, the share of corrupted rows each
     method kept, with random's band."""
     import matplotlib
 
@@ -228,8 +228,9 @@ def settings_lines(opts, tried: list[dict]) -> list[str]:
         f"the last kept), LoRA lr {sc.s2l_proxy_lr}, {sc.s2l_proxy_epochs} epoch(s) over the pool, batch "
         f"{sc.s2l_proxy_batch}, T={sc.s2l_checkpoints} checkpoints, k={sc.s2l_k} (paper: Pythia-70M proxy "
         f"fully fine-tuned for 3 epochs, T=12, k=100, for Pythia-410M/1B targets)",
-        f"- noisy variant: {'on' if sc.noisy else 'off'} ({sc.noise:.0%} of rows: swapped, truncated, wrong "
-        f"final answer, a third each); full pool: {'on' if 'full' in opts.methods else 'off'} (clean only)",
+        f"- pool variants: {', '.join(sc.variants)}; corrupted: noisy {sc.noise:.0%} and heavy {sc.heavy_noise:.0%} "
+        f"of the rows (swapped, truncated, wrong final answer, a third each); full pool: "
+        f"{'on' if 'full' in opts.methods else 'off'} (clean only)",
         f"- GRAPE: {sc.grape_instructions} alpaca_eval instructions x all candidates (an answer equal to "
         f"another's up to case and spacing is dropped by the pipeline's dedup), likelihood at "
         f"{sc.grape_max_length} tokens; evaluated on {sc.grape_eval} other instructions against every "

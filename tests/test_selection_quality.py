@@ -72,7 +72,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     out, work, summary_md = tmp_path / "results", tmp_path / "work", tmp_path / "RESULTS.md"
     argv = ["--scale", "tiny", "--model", str(tiny_lm_dir), "--seeds", "0,1", "--dtype", "float32",
             "--threads", str(one_thread), "--device", "cpu", "--data", str(data), "--out", str(out),
-            "--work-dir", str(work), "--summary", str(summary_md)]
+            "--work-dir", str(work), "--summary", str(summary_md), "--variants", "clean,noisy"]
     result = sq.main(argv)
     rows = result["rows"]
 
@@ -95,9 +95,13 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     pool_sets = ["gsm8k", "codealpaca", "gpteacher_roleplay", "gpteacher_toolformer"]
     budget = 12  # 25% of 4 sources x 12 rows
     meta = json.loads((work / "data" / "data.json").read_text())
-    assert meta["n_pool"] == 48 and meta["n_corrupted"] == round(0.2 * 48)
-    kinds = collections.Counter(meta["corrupted"].values())
-    assert kinds == {"wrong_answer": 3, "swapped": 3, "truncated": 4}
+    assert meta["n_pool"] == 48 and meta["n_corrupted"] == {"noisy": round(0.2 * 48), "heavy": round(0.6 * 48)}
+    assert collections.Counter(meta["corrupted"]["noisy"].values()) == {"wrong_answer": 3, "swapped": 3, "truncated": 4}
+    # the heavy pool (built, not run here): a third wrong answers (GSM8K has 12 rows), the rest halved
+    assert collections.Counter(meta["corrupted"]["heavy"].values()) == {"wrong_answer": 9, "swapped": 10, "truncated": 10}
+    heavy_ids = [sq.record_id(**json.loads(line), source=f.stem) for f in sorted((work / "data" / "heavy").glob("*.jsonl"))
+                 for line in f.read_text().splitlines()]
+    assert len(heavy_ids) == 48 and sum(i in meta["corrupted"]["heavy"] for i in heavy_ids) == 29
     assert all(len(v) == 4 for v in meta["eval_ids"].values()) and all(len(v) == 2 for v in meta["val_ids"].values())
     for source in pool_sets:  # pool, validation and evaluation are disjoint
         assert not set(meta["pool_ids"][source]) & set(meta["val_ids"][source])
@@ -127,7 +131,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     # noisy_kept counts the selection's corrupted ids (read back from the selection itself)
     import datasets
 
-    corrupted = set(meta["corrupted"])
+    corrupted = set(meta["corrupted"]["noisy"])
     for method in ("random-0", "donod"):
         kept = datasets.load_from_disk(str(work / "noisy" / "select" / method))["id"]
         row = next(r for r in rows if r["variant"] == "noisy" and
@@ -139,7 +143,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     clean_ids = set(datasets.load_from_disk(str(work / "clean" / "pool"))["id"])
     manifest = json.loads((work / "noisy" / "scores-weight_delta" / "manifest.json").read_text())
     assert manifest["counts"]["from_saved"] == {"score:weight_delta": len(noisy_ids & clean_ids)}
-    assert len(noisy_ids - clean_ids) == meta["n_corrupted"]
+    assert len(noisy_ids - clean_ids) == meta["n_corrupted"]["noisy"]
 
     # scores computed before the store existed go into it once, as they are
     from curate.pipeline import saved_work
