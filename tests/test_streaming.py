@@ -69,8 +69,10 @@ def reference(rows, min_chars, budget, seed):
 def test_a_streamed_job_keeps_what_an_independent_computation_keeps(tmp_path, monkeypatch):
     rows = pool()
     path = tmp_path / "pool.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # two lines that never become examples: the keys pass's read sends them to the dead letter
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n" + json.dumps({"question": "q"}) + "\n")
     monkeypatch.setattr(sink, "RUN_ROWS", 17)  # many runs per shard
+    monkeypatch.setattr(graph, "SPILL_ROWS", 23)  # many spill files
     spec = {"inputs": [str(path)], "output": str(tmp_path / "out"), "shard_rows": 40,
             "filters": [{"type": "dedup"}, {"type": "length", "min": 50}],
             "selectors": [{"type": "random", "budget": 50, "seed": 3}]}
@@ -78,6 +80,10 @@ def test_a_streamed_job_keeps_what_an_independent_computation_keeps(tmp_path, mo
     streamed = graph.Streamed(Plan(job))
     assert len(streamed.steps) == 3 and streamed.rest == 0  # every step streams
     counts = run_job(job, progress=False)["counts"]
+    assert (counts["read"], counts["invalid"], counts["dead_letter_rows_written"]) == (len(rows) + 2, 2, 2)
+    dead = [json.loads(line) for line in (tmp_path / "out" / "dead_letter.jsonl").read_text().splitlines()]
+    assert sorted(d["origin"] for d in dead) == [f"pool.jsonl:{len(rows) + 1}", f"pool.jsonl:{len(rows) + 2}"]
+    assert not (tmp_path / "out" / graph.SPILL).exists()  # working files are not published
     want_kept, want_counts = reference(rows, 50, 50, 3)
     assert all(want_counts.values())  # every step rejects some
     kept = datasets.load_from_disk(str(tmp_path / "out"))
@@ -93,6 +99,19 @@ def test_a_streamed_job_keeps_what_an_independent_computation_keeps(tmp_path, mo
     assert all((r["random_key"] is None) == (r["reject_stage"] != "select:random") for r in rejected)
     dup = next(r for r in rejected if r["reject_stage"] == "filter:dedup")
     assert dup["reject_reason"].startswith("duplicate of ")
+
+    # the write pass reads the keys pass's spill; reading the inputs again instead writes
+    # the same bytes
+    front = graph._front
+    monkeypatch.setattr(graph, "_front", lambda p, plan, progress_dir, spill_to=None: front(p, plan, progress_dir))
+    again = run_job(parse_job({**spec, "output": str(tmp_path / "again")}), progress=False)["counts"]
+    assert again == counts
+
+    def shard_bytes(out):
+        return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*.arrow"))}
+
+    assert shard_bytes(tmp_path / "again") == shard_bytes(tmp_path / "out")
+    monkeypatch.setattr(graph, "_front", front)
 
     # the same steps on held rows (nothing streams): the same rows and reasons
     init = graph.Streamed.__init__

@@ -22,10 +22,13 @@ cross a stage here while they can be read again instead:
   per-example filter that rejects it and each streamed step's projection (less the id
   and origin it repeats). Each step decides from the projections of the rows that
   reach it, in job order, and the keys pass counts the rows kept and rejected.
-- The *write pass* reads the inputs again and routes each row by the states (side
-  inputs) to the kept or rejected shards, whose sizes the keys pass counted; the sink
-  streams them through sorted runs (`curate.pipeline.sink`). Read, route and write are
-  one fused stage: no row is held.
+- The *write pass* routes each row by the states (side inputs) to the kept or rejected
+  shards, whose sizes the keys pass counted; the sink streams them through runs
+  (`curate.pipeline.sink`). When every step streams, the keys pass also spills the rows
+  it read (Arrow files of SPILL_ROWS rows in the staging folder, with each row's first
+  per-example rejection) and the write pass routes those a file at a time as Arrow
+  tables: the inputs are read and adapted once, and no row becomes a dict again.
+  Otherwise it reads the inputs again and routes each row. Either way no row is held.
 - The other steps (scorers, and the filters and selectors without a projection) run as
   before on the rows the streamed prefix kept, which then sit in memory.
 
@@ -35,17 +38,20 @@ model stage trains on); `build` adds scoring, selection and the writes.
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any, Iterator
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from curate.pipeline import saved_work
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
 from curate.pipeline.readers import DEAD, ReadInputs, Spread, Validate, in_batches
-from curate.pipeline.sink import WriteJsonl, WriteShards
+from curate.pipeline.sink import WriteJsonl, WriteShards, _to_batch, attempt_name, read_table, write_table
 from curate.progress import note_total
 from curate.filters.base import REJECTED
 from curate.filters.base import ApplyFilters
@@ -54,6 +60,10 @@ from curate.scorers.handlers import SCORE_ERROR
 SCORE_FAILED = "score_failed"
 READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
 KEPT = "kept"
+SPILL = "_spill"  # under the staging folder: the keys pass's rows, read by the write pass
+SPILLED = "spilled"  # the keys pass's output of spill file paths
+SPILL_ROWS = 10_000  # rows a spill file holds (and the keys pass, before it writes one)
+REJECT_AT, REJECT_WHY = "_reject_at", "_reject_reason"  # a spilled row's first per-example rejection
 
 
 class Streamed:
@@ -73,6 +83,7 @@ class Streamed:
             self.labels.append(label)
         self.rest = len(steps) - len(self.steps)  # steps that run on held rows
         self.states: dict[int, beam.PCollection] = {}  # deciding step's index -> its state
+        self.spilled = False  # the write pass read the keys pass's spill: rows are Arrow tables
 
     def deciding(self) -> list[int]:
         return [i for i, (s, _) in enumerate(self.steps) if not s.per_example]
@@ -83,21 +94,46 @@ class Streamed:
 
 class _Keys(beam.DoFn):
     """A row -> ((id, origin), the first per-example filter rejecting it as (index,
-    reason) or None, {deciding step index: its projection} for the steps it reaches)."""
+    reason) or None, {deciding step index: its projection} for the steps it reaches).
 
-    def __init__(self, steps):
-        self.steps = steps
+    With `spill` (a staging folder and the output schema) it also writes the rows, with
+    that first rejection, to Arrow files of up to SPILL_ROWS rows under staging/SPILL
+    (attempt names: only the files a committed bundle names are read) and yields each
+    file's path, tagged SPILLED: the write pass reads those instead of the inputs."""
+
+    def __init__(self, steps, spill: tuple[str, pa.Schema] | None = None):
+        self.steps, self.spill = steps, spill
 
     def setup(self):
         for step, _ in self.steps:
             if step.per_example:
                 step.setup()
 
+    def start_bundle(self):
+        self._held: list[tuple[dict, tuple[int, str] | None]] = []
+
     def process(self, record):
         rejected = _first_rejection(self.steps, record)
         projections = {i: _bare(step.project(record)) for i, (step, _) in enumerate(self.steps)
                        if not step.per_example and (rejected is None or i < rejected[0])}
         yield (record["id"], record["origin"]), rejected, projections
+        if self.spill is not None:
+            self._held.append((record, rejected))
+            if len(self._held) >= SPILL_ROWS:
+                yield beam.pvalue.TaggedOutput(SPILLED, self._write())
+
+    def finish_bundle(self):
+        if self.spill is not None and self._held:
+            yield beam.pvalue.TaggedOutput(SPILLED, GlobalWindows.windowed_value(self._write()))
+
+    def _write(self) -> str:
+        staging, schema = self.spill
+        rows = [record for record, _ in self._held]
+        table = pa.Table.from_batches([_to_batch(rows, schema)]).append_column(
+            REJECT_AT, pa.array([None if r is None else r[0] for _, r in self._held], pa.int32())).append_column(
+            REJECT_WHY, pa.array([None if r is None else r[1] for _, r in self._held], pa.string()))
+        self._held = []
+        return write_table(FileSystems.join(staging, SPILL, attempt_name("spill.arrow")), table)
 
 
 # The keys pass holds every row's element until the last state is decided, so its
@@ -135,6 +171,49 @@ def _fate(steps, rejected, rows: dict, states: dict, until: int | None = None):
     return None, None, columns
 
 
+class _RouteSpilled(beam.DoFn):
+    """The write pass over the keys pass's spill files (`_Keys`): each file's rows routed
+    as `_Route` routes them, a file at a time, as Arrow tables: its kept rows (main output)
+    and its rejected rows with reject_stage and reject_reason (tagged REJECTED), in the
+    kept and rejected schemas. Only (id, origin) become Python objects: the states route
+    by them (`route`'s contract), and each step's added columns are set on the table."""
+
+    def __init__(self, steps, deciding: list[int], schema: pa.Schema, rejected_schema: pa.Schema):
+        self.steps, self.deciding = steps, deciding
+        self.schema, self.rejected_schema = schema, rejected_schema
+
+    def process(self, path: str, *states) -> Iterator[Any]:
+        table = read_table(path)
+        states = dict(zip(self.deciding, states))
+        n = table.num_rows
+        kept, rejected, stages, reasons = [], [], [], []
+        added: dict[str, list] = {}
+        for j, (id_, origin, at, why) in enumerate(zip(*(table.column(c).to_pylist()
+                                                         for c in ("id", "origin", REJECT_AT, REJECT_WHY)))):
+            row = {"id": id_, "origin": origin}
+            i, reason, columns = _fate(self.steps, None if at is None else (at, why),
+                                       dict.fromkeys(self.deciding, row), states)
+            for name, value in columns.items():
+                added.setdefault(name, [None] * n)[j] = value
+            if i is None:
+                kept.append(j)
+            else:
+                rejected.append(j)
+                stages.append(self.steps[i][1])
+                reasons.append(reason)
+        for name, values in added.items():
+            if name in self.schema.names:  # what the sink would write of a row's columns
+                where = table.schema.get_field_index(name)
+                table = table.set_column(where, name, pa.array(values, self.schema.field(name).type))
+        if kept:
+            yield table.take(kept).select(self.schema.names)
+        if rejected:
+            out = table.take(rejected).select(self.schema.names)
+            out = out.append_column("reject_stage", pa.array(stages, pa.string())).append_column(
+                "reject_reason", pa.array(reasons, pa.string()))
+            yield beam.pvalue.TaggedOutput(REJECTED, out.select(self.rejected_schema.names))
+
+
 class _Route(beam.DoFn):
     """The write pass: each row to the kept output, or REJECTED with its reject stage and
     reason, by the per-example filters (run again) and the states (side inputs)."""
@@ -168,12 +247,17 @@ def _read_valid(p: beam.Pipeline, plan: Plan, read_label: str, valid_label: str,
         Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")
 
 
-def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None):
+def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None,
+                    spill_to: str | None = None):
     """The keys pass and the deciding steps' states (`streamed.states`); returns the counts
-    of the rows the prefix keeps and rejects, a PCollection of one dict."""
-    _, valid = _read_valid(p, plan, "KeysRead", "KeysValidate", progress_dir, spread=False)
+    of the rows the prefix keeps and rejects, a PCollection of one dict, and the keys
+    pass's read: its examples, its dead letters and (with `spill_to`, a staging folder)
+    the paths of the files it spilled the rows to."""
+    read, valid = _read_valid(p, plan, "KeysRead", "KeysValidate", progress_dir, spread=False)
+    spill = None if spill_to is None else (spill_to, plan.schema)
+    out = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps, spill)).with_outputs(SPILLED, main="keys")
     # in batches: the keys cross to a stage for each deciding step and for the counts
-    keys = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps)) | "KeyBatches" >> in_batches()
+    keys = out.keys | "KeyBatches" >> in_batches()
     steps, deciding = streamed.steps, streamed.deciding()
     for i in deciding:
         step, _ = steps[i]
@@ -205,10 +289,22 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
                    is None for key, rejected, projections in batch)
         return [(KEPT, kept), (REJECTED, len(batch) - kept)]
 
-    return (keys
-            | "Fates" >> beam.FlatMap(fates, *streamed.side_inputs())
-            | "CountFates" >> beam.CombinePerKey(sum)
-            | "FateCounts" >> beam.combiners.ToDict())
+    counts = (keys
+              | "Fates" >> beam.FlatMap(fates, *streamed.side_inputs())
+              | "CountFates" >> beam.CombinePerKey(sum)
+              | "FateCounts" >> beam.combiners.ToDict())
+    return counts, valid.records, [read[DEAD], valid[DEAD]], out[SPILLED]
+
+
+def route_spilled(plan: Plan, streamed: Streamed, spilled):
+    """The write pass of a job whose steps all streamed: the spill files routed (in
+    tables, `_RouteSpilled`), spread over the workers: (kept tables, [rejected tables])."""
+    routed = (spilled
+              | "SpillFiles" >> beam.Reshuffle()
+              | "RouteSpilled" >> beam.ParDo(
+                  _RouteSpilled(streamed.steps, streamed.deciding(), plan.schema, plan.rejected_schema),
+                  *streamed.side_inputs()).with_outputs(REJECTED, main="kept"))
+    return routed.kept, [routed[REJECTED]]
 
 
 def read_and_route(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None = None,
@@ -229,15 +325,22 @@ def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = Non
     return _front(p, plan, progress_dir)[:4]
 
 
-def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None):
-    """The streamed prefix (keys pass if it decides anything, then the write pass's read
-    and routing) and the filters that did not stream, run on the held rows: (examples,
-    invalid, rows for what follows, rejected PCollections, the streamed prefix, the
-    prefix's fate counts or None)."""
+def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None, spill_to: str | None = None):
+    """The streamed prefix (keys pass if it decides anything, then the write pass) and
+    the filters that did not stream, run on the held rows: (examples, invalid, rows for
+    what follows, rejected PCollections, the streamed prefix, the prefix's fate counts
+    or None). With `spill_to` (a staging folder), a job whose steps all stream has its
+    write pass read the rows the keys pass spilled there, not the inputs again: the
+    rows for what follows and the rejected rows are then Arrow tables, for the sinks."""
     streamed = Streamed(plan)
-    # a keys pass when a streamed step decides, or to count the rows for the sinks
-    counts = decide_streamed(p, plan, streamed, progress_dir) if streamed.deciding() or not streamed.rest else None
     held = streamed.rest > 0  # rows go on to steps that hold them: spread them over the workers
+    if spill_to is not None and not held:
+        counts, examples, invalid, spilled = decide_streamed(p, plan, streamed, progress_dir, spill_to)
+        recs, rejected = route_spilled(plan, streamed, spilled)
+        streamed.spilled = True
+        return examples, invalid, recs, rejected, streamed, counts
+    # a keys pass when a streamed step decides, or to count the rows for the sinks
+    counts = decide_streamed(p, plan, streamed, progress_dir)[0] if streamed.deciding() or not held else None
     examples, invalid, recs, rejected = read_and_route(p, plan, streamed, None if counts else progress_dir,
                                                        spread=held)
     # the filters that did not stream, on the held rows: consecutive per-example ones
@@ -272,7 +375,8 @@ def apply_whole_pool(recs, step, label: str, stage: str, rejected: list):
 def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None, fresh: bool = False) -> None:
     """The job's graph. `progress_dir`: where workers write progress counts (local runs);
     `fresh`: remove the scorers' saved work instead of resuming from it."""
-    examples, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir)
+    examples, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir, spill_to=staging)
+    tables = streamed.spilled  # kept and rejected rows come as Arrow tables
     # selectors in the streamed prefix (scorers never stream: none when the job scores)
     streamed_selectors = len(streamed.steps) - len(plan.filters) - len(plan.scorers)
 
@@ -317,17 +421,20 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
     # sinks need not hold the rows to count them
     sizes = (None, None) if counts is None or streamed.rest else tuple(
         counts | f"{which}Rows" >> beam.Map(lambda c, w=which: c.get(w, 0)) for which in (KEPT, REJECTED))
-    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows, rows=sizes[0])
+    kept_info = recs | "WriteKept" >> WriteShards(staging, plan.schema, plan.job.shard_rows, rows=sizes[0],
+                                                  tables=tables)
     all_rejected = (rejected | "AllRejected" >> beam.Flatten()) if rejected else (
         p | "NoRejected" >> beam.Create([]))
     rejected_info = all_rejected | "WriteRejected" >> WriteShards(
-        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows, rows=sizes[1])
+        FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows, rows=sizes[1],
+        tables=tables)
     dead = (invalid + score_failed) | "AllDeadLetter" >> beam.Flatten()
     dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
     examples_n = examples | "CountExamples" >> beam.combiners.Count.Globally()
     by_stage = (all_rejected
-                | "StageOf" >> beam.Map(lambda r: r["reject_stage"])
-                | "CountByStage" >> beam.combiners.Count.PerElement()
+                | "StageOf" >> (beam.FlatMap(lambda t: collections.Counter(t.column("reject_stage").to_pylist()).items())
+                                if tables else beam.Map(lambda r: (r["reject_stage"], 1)))
+                | "CountByStage" >> beam.CombinePerKey(sum)
                 | "StageCounts" >> beam.combiners.ToDict())
     saved_by_stage = ((from_saved | "AllFromSaved" >> beam.Flatten()) if from_saved
                       else (p | "NoneFromSaved" >> beam.Create([])))

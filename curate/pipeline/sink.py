@@ -132,8 +132,11 @@ def shard_name(i: int, n: int) -> str:
 
 
 def shard_of(record: dict, n: int) -> int:
-    digest = hashlib.blake2b(f"{record['origin']}\x00{record['id']}".encode("utf-8", "backslashreplace"),
-                             digest_size=8).digest()
+    return _shard_of_key(record["origin"], record["id"], n)
+
+
+def _shard_of_key(origin: str, id_: str, n: int) -> int:
+    digest = hashlib.blake2b(f"{origin}\x00{id_}".encode("utf-8", "backslashreplace"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % n
 
 
@@ -193,20 +196,29 @@ RUN_BATCH = 256  # rows per record batch of a run: what a merge holds of each ru
 
 
 class _WriteRuns(beam.DoFn):
-    """Rows -> runs: the rows of each shard this worker saw since its last write, as an
-    Arrow IPC file under RUNS; yields (shard, run file). Holds at most RUN_ROWS rows,
-    however many rows the dataset has."""
+    """Rows (dicts, or Arrow tables of rows in `schema` with `tables`) -> runs: the rows
+    of each shard this worker saw since its last write, as an Arrow IPC file under RUNS;
+    yields (shard, run file). Holds at most RUN_ROWS rows (and one table), however many
+    rows the dataset has."""
 
-    def __init__(self, staging: str, schema: pa.Schema):
-        self.staging, self.schema = staging, schema
+    def __init__(self, staging: str, schema: pa.Schema, tables: bool = False):
+        self.staging, self.schema, self.tables = staging, schema, tables
 
     def start_bundle(self):
-        self._held: dict[int, list[dict]] = {}
+        self._held: dict[int, list] = {}  # shard -> rows, or tables of its rows
         self._count = 0
 
-    def process(self, record, n):
-        self._held.setdefault(shard_of(record, n), []).append(record)
-        self._count += 1
+    def process(self, item, n):
+        if self.tables:
+            shards: dict[int, list[int]] = {}
+            for j, key in enumerate(zip(item.column("origin").to_pylist(), item.column("id").to_pylist())):
+                shards.setdefault(_shard_of_key(*key, n), []).append(j)
+            for i, rows in shards.items():
+                self._held.setdefault(i, []).append(item.take(rows))
+            self._count += item.num_rows
+        else:
+            self._held.setdefault(shard_of(item, n), []).append(item)
+            self._count += 1
         if self._count >= RUN_ROWS:
             yield from self._write()
 
@@ -216,18 +228,21 @@ class _WriteRuns(beam.DoFn):
 
     def _write(self):
         for i, rows in sorted(self._held.items()):
-            path = FileSystems.join(self.staging, RUNS, attempt_name(f"run-{i:05d}.arrow"))
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_file(sink, self.schema) as writer:
-                for chunk in _chunks(rows, RUN_BATCH):
-                    writer.write_batch(_to_batch(chunk, self.schema))
-            with creating(path) as fh:
-                fh.write(sink.getvalue().to_pybytes())
-            yield i, path
+            table = pa.concat_tables(rows) if self.tables else pa.Table.from_batches(
+                [_to_batch(chunk, self.schema) for chunk in _chunks(rows, RUN_BATCH)], self.schema)
+            yield i, write_table(FileSystems.join(self.staging, RUNS, attempt_name(f"run-{i:05d}.arrow")), table)
         self._held, self._count = {}, 0
 
 
-def _read_run(path: str) -> pa.Table:
+def write_table(path: str, table: pa.Table) -> str:
+    """`table` as an Arrow IPC file at `path` (a working file: a run, a spill); returns the path."""
+    with creating(path) as fh, pa.ipc.new_file(pa.PythonFile(fh, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def read_table(path: str) -> pa.Table:
+    """A working file `write_table` wrote."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         return pa.ipc.open_file(pa.BufferReader(fh.read())).read_all()
 
@@ -257,7 +272,7 @@ class _MergeRuns(beam.DoFn):
 
     def process(self, item, n):
         i, runs = item
-        batches = merged_batches([_read_run(r) for r in sorted(runs)], self._schema)
+        batches = merged_batches([read_table(r) for r in sorted(runs)], self._schema)
         yield _shard_attempt(self.staging, i, n, lambda path: write_batches(path, batches, self._schema))
 
 
@@ -312,17 +327,20 @@ class WriteShards(beam.PTransform):
     rows are counted first, which holds them until the count is done.
     """
 
-    def __init__(self, staging: str, schema: pa.Schema, shard_rows: int = 50_000, rows=None):
+    def __init__(self, staging: str, schema: pa.Schema, shard_rows: int = 50_000, rows=None, tables: bool = False):
         super().__init__()
         self.staging, self.schema, self.shard_rows, self.rows = staging, schema, shard_rows, rows
+        self.tables = tables  # elements are Arrow tables of rows in `schema`, not dicts
 
     def expand(self, pcoll):
         staging, schema = self.staging, self.schema
-        rows = self.rows if self.rows is not None else pcoll | "Count" >> beam.combiners.Count.Globally()
+        rows = self.rows if self.rows is not None else (
+            pcoll | "Count" >> (beam.Map(lambda t: t.num_rows) | beam.CombineGlobally(sum)) if self.tables
+            else pcoll | "Count" >> beam.combiners.Count.Globally())
         n = rows | "Shards" >> beam.Map(shard_count, self.shard_rows)
         n_side = beam.pvalue.AsSingleton(n)
         written = (pcoll
-                   | "WriteRuns" >> beam.ParDo(_WriteRuns(staging, schema), n=n_side)
+                   | "WriteRuns" >> beam.ParDo(_WriteRuns(staging, schema, self.tables), n=n_side)
                    | "RunsByShard" >> beam.GroupByKey()
                    | "MergeRuns" >> beam.ParDo(_MergeRuns(staging, schema), n=n_side)
                    | "Collect" >> beam.combiners.ToList())
