@@ -51,7 +51,7 @@ from curate.pipeline import saved_work
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
 from curate.pipeline.readers import BATCH, DEAD, ReadInputs, Spread, Validate
-from curate.pipeline.sink import WriteJsonl, WriteShards, _to_batch, attempt_name, read_table, write_table
+from curate.pipeline.sink import WriteJsonl, WriteShards, to_batch, attempt_name, read_table, write_table
 from curate.progress import note_total
 from curate.filters.base import REJECTED
 from curate.filters.base import ApplyFilters
@@ -137,7 +137,7 @@ class _Keys(beam.DoFn):
     def _write(self) -> str:
         staging, schema = self.spill
         rows = [record for record, _ in self._held]
-        table = pa.Table.from_batches([_to_batch(rows, schema)]).append_column(
+        table = pa.Table.from_batches([to_batch(rows, schema)]).append_column(
             REJECT_AT, pa.array([None if r is None else r[0] for _, r in self._held], pa.int32())).append_column(
             REJECT_WHY, pa.array([None if r is None else r[1] for _, r in self._held], pa.string()))
         self._held = []

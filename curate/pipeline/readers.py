@@ -11,6 +11,7 @@ from curate.inputs.files import FileTask, invalid_dead_letter, task_records
 from curate.progress import StageProgress
 
 DEAD = "dead_letter"
+PROGRESS_EVERY = 100  # rows a reader counts before it adds them to its progress
 
 
 class ReadFile(beam.DoFn):
@@ -22,9 +23,14 @@ class ReadFile(beam.DoFn):
     def process(self, task: FileTask):
         progress = StageProgress("read", self.progress_dir)  # rows as the manifest counts them
         outside = Metrics.counter("read", "outside_limit_prompts")
+        pending = 0  # rows not yet added: a count per row costs a clock read and a metric
         for rec, dead in task_records(task, outside, validate=False):
-            progress.add(1)
+            pending += 1
+            if pending == PROGRESS_EVERY:
+                progress.add(pending)
+                pending = 0
             yield rec if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
+        progress.add(pending)
         progress.flush()
 
 

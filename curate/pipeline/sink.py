@@ -61,7 +61,7 @@ SHARD_BATCH = 1000  # rows per record batch of a shard
 def write_rows(path: str, rows: Iterable[dict], schema: pa.Schema) -> tuple[int, str]:
     """Write `rows` (in their order) as an Arrow IPC stream, SHARD_BATCH rows a record
     batch, holding one batch at a time; returns (rows written, sha256 of the bytes)."""
-    return write_batches(path, (_to_batch(chunk, schema) for chunk in _chunks(rows, SHARD_BATCH)), schema)
+    return write_batches(path, (to_batch(chunk, schema) for chunk in _chunks(rows, SHARD_BATCH)), schema)
 
 
 def write_batches(path: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> tuple[int, str]:
@@ -119,7 +119,8 @@ class _HashingWriter:
         self.closed = True
 
 
-def _to_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+def to_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+    """Rows (dicts) as one record batch in `schema`: its fields, None where a row lacks one."""
     return pa.RecordBatch.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)
 
 
@@ -229,7 +230,7 @@ class _WriteRuns(beam.DoFn):
     def _write(self):
         for i, rows in sorted(self._held.items()):
             table = pa.concat_tables(rows) if self.tables else pa.Table.from_batches(
-                [_to_batch(chunk, self.schema) for chunk in _chunks(rows, RUN_BATCH)], self.schema)
+                [to_batch(chunk, self.schema) for chunk in _chunks(rows, RUN_BATCH)], self.schema)
             yield i, write_table(FileSystems.join(self.staging, RUNS, attempt_name(f"run-{i:05d}.arrow")), table)
         self._held, self._count = {}, 0
 
