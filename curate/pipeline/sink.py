@@ -193,7 +193,7 @@ def _shard_attempt(staging: str, i: int, n: int, write) -> dict:
 
 RUNS = "_runs"  # under a dataset's staging folder: runs, sorted together into its shards
 RUN_ROWS = 20_000  # rows a run writer holds (all shards together) before it writes them
-RUN_BATCH = 256  # rows per record batch of a run: what a merge holds of each run
+RUN_BATCH = 256  # rows per record batch of a run written from dicts
 
 
 class _WriteRuns(beam.DoFn):
