@@ -126,7 +126,7 @@ EXACT_SHARE, NEAR_SHARE = 0.10, 0.20  # the rest are distinct variants
 NEAR_HIGH_SHARE = 0.85  # near copies aimed at true Jaccard >= 0.8; the rest aimed below
 BASE_MAX_JACCARD = 0.5  # base rows at least this similar to an earlier one are dropped
 # a curate job's peak memory per pool row, to refuse what cannot fit: both jobs stream
-# (curate.pipeline.graph); measured between 100k and 250k rows, ~1.7 KB a row for the
+# (curate.pipeline.streamed); measured between 100k and 250k rows, ~1.7 KB a row for the
 # exact job and ~6.5 KB with near_dedup, with a margin. A job whose estimate exceeds the
 # available memory is not started (--ignore-memory).
 BYTES_PER_ROW = {"curate-exact": 3_000, "curate-near": 5_000, "curate-near-exact": 6_000}

@@ -67,7 +67,7 @@ class Step:
     per_example: ClassVar[bool] = False
     # columns it reads that an earlier step writes (the plan checks an earlier step does)
     requires: ClassVar[tuple[str, ...]] = ()
-    # A streamed step (curate.pipeline.graph) decides from a small projection of each
+    # A streamed step (curate.pipeline.streamed) decides from a small projection of each
     # row, so the pipeline streams the rows instead of holding them: `project(record)` ->
     # the few fields read (id and origin included), `decide(rows_again)` -> a PTransform
     # from the projections to one state element (a set of duplicates, a cut-off; a call

@@ -22,7 +22,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from curate.config import ConfigError, load_job, parse_job
 from curate.pipeline.run import LOCAL_RUNNER, pipeline_options, run_job
-from curate.pipeline.graph import Streamed, build
+from curate.pipeline.graph import build
+from curate.pipeline.streamed import Streamed
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
 from memfs import OBJECTS as _OBJECTS, listing as _listing, store  # noqa: F401 (store: a fixture)

@@ -1,4 +1,4 @@
-"""Streamed steps and the streaming sink (curate.pipeline.graph, curate.pipeline.sink):
+"""Streamed steps and the streaming sink (curate.pipeline.streamed, curate.pipeline.sink):
 the rows of a job whose steps all stream are read twice and never held, and what it
 keeps is what an independent computation keeps; shards written through runs are the
 same bytes however many runs there were."""
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from curate.config import parse_job
-from curate.pipeline import graph, sink
+from curate.pipeline import graph, sink, streamed
 from curate.pipeline.run import run_job
 from curate.pipeline.plan import Plan, output_schema
 from curate.records import ADAPTERS, adapt
@@ -72,18 +72,18 @@ def test_a_streamed_job_keeps_what_an_independent_computation_keeps(tmp_path, mo
     # two lines that never become examples: the keys pass's read sends them to the dead letter
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n" + json.dumps({"question": "q"}) + "\n")
     monkeypatch.setattr(sink, "RUN_ROWS", 17)  # many runs per shard
-    monkeypatch.setattr(graph, "SPILL_ROWS", 23)  # many spill files
+    monkeypatch.setattr(streamed, "SPILL_ROWS", 23)  # many spill files
     spec = {"inputs": [str(path)], "output": str(tmp_path / "out"), "shard_rows": 40,
             "filters": [{"type": "dedup"}, {"type": "length", "min": 50}],
             "selectors": [{"type": "random", "budget": 50, "seed": 3}]}
     job = parse_job(spec)
-    streamed = graph.Streamed(Plan(job))
-    assert len(streamed.steps) == 3 and streamed.rest == 0  # every step streams
+    prefix = streamed.Streamed(Plan(job))
+    assert len(prefix.steps) == 3 and prefix.rest == 0  # every step streams
     counts = run_job(job, progress=False)["counts"]
     assert (counts["read"], counts["invalid"], counts["dead_letter_rows_written"]) == (len(rows) + 2, 2, 2)
     dead = [json.loads(line) for line in (tmp_path / "out" / "dead_letter.jsonl").read_text().splitlines()]
     assert sorted(d["origin"] for d in dead) == [f"pool.jsonl:{len(rows) + 1}", f"pool.jsonl:{len(rows) + 2}"]
-    assert not (tmp_path / "out" / graph.SPILL).exists()  # working files are not published
+    assert not (tmp_path / "out" / streamed.SPILL).exists()  # working files are not published
     want_kept, want_counts = reference(rows, 50, 50, 3)
     assert all(want_counts.values())  # every step rejects some
     kept = datasets.load_from_disk(str(tmp_path / "out"))
@@ -114,13 +114,13 @@ def test_a_streamed_job_keeps_what_an_independent_computation_keeps(tmp_path, mo
     monkeypatch.setattr(graph, "_front", front)
 
     # the same steps on held rows (nothing streams): the same rows and reasons
-    init = graph.Streamed.__init__
+    init = streamed.Streamed.__init__
 
     def nothing_streams(self, plan):
         init(self, plan)
         self.rest, self.steps = self.rest + len(self.steps), []
 
-    monkeypatch.setattr(graph.Streamed, "__init__", nothing_streams)
+    monkeypatch.setattr(streamed.Streamed, "__init__", nothing_streams)
     run_job(parse_job({**spec, "output": str(tmp_path / "held")}), progress=False)
     held = datasets.load_from_disk(str(tmp_path / "held"))
     held_rejected = datasets.load_from_disk(str(tmp_path / "held" / "rejected"))

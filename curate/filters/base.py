@@ -5,7 +5,7 @@ the example; as in DataTrove, the loop, the rejected output with its reason and 
 counters live once in `ApplyFilters`, and consecutive filters share one Beam step. A
 whole-pool filter (exact and near dedup, decontamination) is a `PTransform` returning
 `kept` and `REJECTED`; one that decides from a small projection of each row (`project`,
-`decide`, `route`: curate.pipeline.graph) streams, and `ApplyDecisions` is its
+`decide`, `route`: curate.pipeline.streamed) streams, and `ApplyDecisions` is its
 PTransform on rows held in a PCollection.
 """
 
@@ -24,7 +24,7 @@ REJECTED = "rejected"
 
 class ApplyDecisions(beam.PTransform):
     """A streamed step (`project` a row to a few fields, `decide` one state from the
-    projections, `route` a row by it: curate.pipeline.graph) applied to rows held
+    projections, `route` a row by it: curate.pipeline.streamed) applied to rows held
     in a PCollection: {"kept", REJECTED}, each rejected row with the step's reason
     (the pipeline adds its reject_stage), each row with the columns the step gave it."""
 

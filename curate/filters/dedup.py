@@ -30,7 +30,7 @@ class ExactDedup(Step, beam.PTransform):
 
     key: "prompt_response" (default: the whole conversation) or "prompt". Never use
     "prompt" on a multi-response pool: it would keep one candidate per instruction.
-    Streamed (curate.pipeline.graph): only (id, origin) and a 128-bit hash of the
+    Streamed (curate.pipeline.streamed): only (id, origin) and a 128-bit hash of the
     normalised text travel to the grouping, never the rows.
     """
 

@@ -26,7 +26,7 @@
    (`keep: first`); every other member is rejected with the reason naming the kept row
    and their (estimated or exact) Jaccard.
 
-Streamed (curate.pipeline.graph): rows never travel, only their projections (id, origin
+Streamed (curate.pipeline.streamed): rows never travel, only their projections (id, origin
 and the 16 64-bit hashes of the signature's bands, 128 bytes). Per block of ROW_BLOCK
 rows, each band becomes one array of hashes beside the rows' 64-bit refs (a hash of id
 and origin); the arrays are grouped by band, sorted, and every run of equal hashes gives

@@ -86,6 +86,6 @@ class ReadInputs(beam.PTransform):
                | "Files" >> beam.Create(self.tasks)
                | "Read" >> beam.ParDo(ReadFile(self.progress_dir)).with_outputs(DEAD, main="records"))
         # spread one file's rows over all workers; not when the rows stream straight to a
-        # file (curate.pipeline.graph): a shuffle holds them all on the local runner
+        # file (curate.pipeline.streamed): a shuffle holds them all on the local runner
         recs = out.records | "Spread" >> Spread() if self.spread else out.records
         return {"records": recs, DEAD: out[DEAD]}

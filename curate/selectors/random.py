@@ -45,7 +45,7 @@ class RandomSelector(Selector):
             return record, "budget is 0"
         return record, f"random key {-k[0]:.6f} above the cut-off {-cutoff['key'][0]:.6f} (seed {self.seed})"
 
-    # streamed (curate.pipeline.graph): the key needs only (id, origin); the state is the cut-off
+    # streamed (curate.pipeline.streamed): the key needs only (id, origin); the state is the cut-off
     def project(self, record: dict) -> dict:
         return {"id": record["id"], "origin": record["origin"]}
 
