@@ -1,10 +1,13 @@
 """Global cut-offs shared by selectors: keep the top `budget` records by a key.
 
-Only keys travel to one place, never records: a count budget uses Beam's
-`Top.Largest` (a combiner tree holding `budget` keys per worker); a fractional budget
-needs the total first, so the keys are counted, then sorted in one worker (a few tens
-of bytes per row) to find the exact cut-off. Keys must be unique (end them with the
-record's origin) so the kept count is exact.
+Only keys travel to one place, never records: a count budget uses Beam's top-n
+combiner (a combiner tree holding `budget` keys per worker); a fractional budget needs
+the total, so the keys are gathered and sorted in one worker (a few tens of bytes per
+row) to find the exact cut-off. Either combine outputs the cut-off itself: its result
+passes through a side input (Beam's default for an empty input), which Beam's cache
+weighs object by object, 3 us per key for a list of keys and nothing for one small
+dict. Keys must be unique (end them with the record's origin) so the kept count is
+exact.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import apache_beam as beam
+from apache_beam.transforms.combiners import TopCombineFn
 
 from curate.config import resolve_budget
 
@@ -48,15 +52,44 @@ class Cutoff(beam.PTransform):
         self.budget = budget
 
     def expand(self, keys):
-        budget = self.budget
-        if isinstance(budget, int):
-            return (keys
-                    | "Top" >> beam.combiners.Top.Largest(budget)
-                    | "Cutoff" >> beam.Map(_cutoff_from_top, budget))
-        n = keys | "Count" >> beam.combiners.Count.Globally()
-        return (keys
-                | "All" >> beam.combiners.ToList()
-                | "Cutoff" >> beam.Map(lambda ks, n: _cutoff_from_all(ks, n, budget), n=beam.pvalue.AsSingleton(n)))
+        fn = _CutoffOfTop(self.budget) if isinstance(self.budget, int) else _CutoffOfAll(self.budget)
+        return keys | "Cutoff" >> beam.CombineGlobally(fn)
+
+
+@beam.typehints.with_output_types(dict)  # not its parent's list: Beam picks the coder by it
+class _CutoffOfTop(TopCombineFn):
+    """Keys -> the cut-off keeping the `budget` (a count) largest: Beam's top-n combine."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget)
+        self.budget = budget
+
+    def extract_output(self, accumulator, *args, **kwargs):
+        return _cutoff_from_top(super().extract_output(accumulator, *args, **kwargs), self.budget)
+
+
+class _CutoffOfAll(beam.CombineFn):
+    """Keys -> the cut-off keeping the largest `budget` (a fraction) of them: all keys
+    gathered, counted and sorted."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, keys, key):
+        keys.append(key)
+        return keys
+
+    def merge_accumulators(self, accumulators):
+        merged = []
+        for keys in accumulators:
+            merged.extend(keys)
+        return merged
+
+    def extract_output(self, keys):
+        return _cutoff_from_all(keys, len(keys), self.budget)
 
 
 class KeepTop(beam.PTransform):
