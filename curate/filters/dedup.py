@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from curate.config import ConfigError
 from curate.filters.base import ApplyDecisions
@@ -23,6 +24,54 @@ def dedup_key(record: dict, key: str) -> str:
     if key == "prompt":
         return normalise(record["prompt"])
     return "\x00".join(normalise(m["content"]) for m in record["messages"])
+
+
+BUCKETS = 256  # the groups keys travel to the grouping in (by their first byte)
+HOLD = 50_000  # projections a worker gathers before it sends them on
+
+
+class _Buckets(beam.DoFn):
+    """Projections -> (bucket, {key: [(id, origin), ...]}): a bundle's rows (HOLD at a
+    time) grouped by key, in BUCKETS buckets. The grouping then moves a few hundred
+    elements per bundle, not one per row (each element crossing a stage costs Beam
+    microseconds: at 100k rows this was a third of the step's CPU)."""
+
+    def start_bundle(self):
+        self._held: dict[bytes, list] = {}
+        self._rows = 0
+
+    def process(self, row):
+        self._held.setdefault(row["key"], []).append((row["id"], row["origin"]))
+        self._rows += 1
+        if self._rows >= HOLD:
+            yield from self._buckets()
+
+    def finish_bundle(self):
+        for bucket in self._buckets():
+            yield GlobalWindows.windowed_value(bucket)
+
+    def _buckets(self) -> list[tuple[int, dict]]:
+        buckets: dict[int, dict] = {}
+        for key, refs in self._held.items():
+            buckets.setdefault(key[0] % BUCKETS, {})[key] = refs
+        self._held, self._rows = {}, 0
+        return list(buckets.items())
+
+
+def _copies(bucket):
+    """A bucket's parts -> (id, origin) of every row but the first (smallest) of its key,
+    with the reason naming the first."""
+    _, parts = bucket
+    by_key: dict[bytes, list] = {}
+    for part in parts:
+        for key, refs in part.items():
+            by_key.setdefault(key, []).extend(refs)
+    for refs in by_key.values():
+        if len(refs) > 1:
+            refs.sort()
+            first = refs[0]
+            for ref in refs[1:]:
+                yield ref, f"duplicate of {first[0]} ({first[1]})"
 
 
 class ExactDedup(Step, beam.PTransform):
@@ -51,15 +100,9 @@ class ExactDedup(Step, beam.PTransform):
     def decide(self, rows_again) -> beam.PTransform:
         """Projections -> {(id, origin): reason} of every row but the first of its text."""
 
-        def split(group):
-            _, refs = group
-            refs = sorted(refs)
-            for ref in refs[1:]:
-                yield ref, f"duplicate of {refs[0][0]} ({refs[0][1]})"
-
-        return ("Key" >> beam.Map(lambda r: (r["key"], (r["id"], r["origin"])))
+        return ("Buckets" >> beam.ParDo(_Buckets())
                 | "Group" >> beam.GroupByKey()
-                | "Copies" >> beam.FlatMap(split)
+                | "Copies" >> beam.FlatMap(_copies)
                 | "Rejected" >> beam.combiners.ToDict())
 
     def route(self, row: dict, rejected: dict) -> tuple[str | None, dict]:
