@@ -150,7 +150,7 @@ def test_job_builds_its_pipeline_graph(path, tmp_path, no_model_loading, monkeyp
     for i, selector in enumerate(job.selectors):
         assert f"Select{i}:{selector['type']}" in names
     # a job whose steps all stream writes what its keys pass spilled; the others read again
-    reads = {"KeysRead", "KeysValidate", "RouteSpilled"} if not Streamed(plan).rest else {"ReadInputs", "Validate"}
+    reads = {"KeysRead", "ApplyFates"} if not Streamed(plan).rest else {"ReadInputs"}
     assert reads | {"WriteKept", "WriteRejected", "WriteDeadLetter", "WriteCounts"} <= names
     assert not (tmp_path / "staging").exists() and not (tmp_path / "out").exists()
 

@@ -233,9 +233,9 @@ def invalid_dead_letter(record: dict, max_chars: int) -> dict | None:
 
 def task_records(task: FileTask, outside_limit=None, validate: bool = True, lenient: bool = False):
     """The rows of one planned file as (record, None) or (None, dead-letter row): reading,
-    adapting and (unless `validate` is False: the pipeline validates in a step of its
-    own) validation, the one path every reader takes (the pipeline's `ReadFile`, and
-    `read_records` for the trainer, pruning calibration and model stages). `lenient`:
+    adapting and (unless `validate` is False: evaluation sets) validation, the one path
+    every reader takes (the pipeline's `ReadFile`, and `read_records` for the trainer,
+    pruning calibration and model stages). `lenient`:
     a number or bool where text is expected is read as its text (`records.adapt`; the
     evaluation sets of `decontaminate`).
 

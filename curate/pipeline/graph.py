@@ -26,7 +26,7 @@ from curate.pipeline import saved_work
 from curate.pipeline.output import remove_tree
 from curate.pipeline.plan import Plan
 from curate.pipeline.sink import WriteJsonl, WriteShards
-from curate.pipeline.streamed import KEPT, Streamed, decide_streamed, read_and_route, route_spilled
+from curate.pipeline.streamed import KEPT, Streamed, apply_fates, decide_streamed, read_and_route
 from curate.progress import note_total
 from curate.filters.base import REJECTED
 from curate.filters.base import ApplyFilters
@@ -38,23 +38,24 @@ READ_STAGE = "read"  # the dead-letter stage of rows that never became examples
 
 def read_and_filter(p: beam.Pipeline, plan: Plan, progress_dir: str | None = None):
     """Read, validate and filter a plan without scorers or selectors (a graph of its own:
-    the pool a model stage trains on): (the examples, the rows that never became
-    examples, the examples that pass every filter, the filters' rejected PCollections)."""
+    the pool a model stage trains on): (the number of examples, the rows that never
+    became examples, the examples that pass every filter, the filters' rejected
+    PCollections)."""
     return _front(p, plan, progress_dir)[:4]
 
 
 def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None, spill_to: str | None = None):
     """The streamed prefix (keys pass if it decides anything, then the write pass) and
-    the filters that did not stream, run on the held rows: (examples, invalid, rows for
-    what follows, rejected PCollections, the streamed prefix, the prefix's fate counts
-    or None). With `spill_to` (a staging folder), a job whose steps all stream has its
+    the filters that did not stream, run on the held rows: (the number of examples (one
+    int), the rows that never became examples, rows for what follows, rejected
+    PCollections, the streamed prefix, the prefix's fate counts or None). With `spill_to` (a staging folder), a job whose steps all stream has its
     write pass read the rows the keys pass spilled there, not the inputs again: the
     rows for what follows and the rejected rows are then Arrow tables, for the sinks."""
     streamed = Streamed(plan)
     held = streamed.rest > 0  # rows go on to steps that hold them: spread them over the workers
     if spill_to is not None and not held:
-        counts, examples, invalid, spilled = decide_streamed(p, plan, streamed, progress_dir, spill_to)
-        recs, rejected = route_spilled(plan, streamed, spilled)
+        counts, examples, invalid, decided = decide_streamed(p, plan, streamed, progress_dir, spill_to)
+        recs, rejected = apply_fates(plan, streamed, decided)
         streamed.spilled = True
         return examples, invalid, recs, rejected, streamed, counts
     # a keys pass when a streamed step decides, or to count the rows for the sinks
@@ -93,7 +94,7 @@ def apply_whole_pool(recs, step, label: str, stage: str, rejected: list):
 def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None = None, fresh: bool = False) -> None:
     """The job's graph. `progress_dir`: where workers write progress counts (local runs);
     `fresh`: remove the scorers' saved work instead of resuming from it."""
-    examples, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir, spill_to=staging)
+    examples_n, invalid, recs, rejected, streamed, counts = _front(p, plan, progress_dir, spill_to=staging)
     tables = streamed.spilled  # kept and rejected rows come as Arrow tables
     # selectors in the streamed prefix (scorers never stream: none when the job scores)
     streamed_selectors = len(streamed.steps) - len(plan.filters) - len(plan.scorers)
@@ -146,9 +147,8 @@ def build(p: beam.Pipeline, plan: Plan, staging: str, progress_dir: str | None =
     rejected_info = all_rejected | "WriteRejected" >> WriteShards(
         FileSystems.join(staging, "rejected"), plan.rejected_schema, plan.job.shard_rows, rows=sizes[1],
         tables=tables)
-    dead = (invalid + score_failed) | "AllDeadLetter" >> beam.Flatten()
+    dead = ([invalid] + score_failed) | "AllDeadLetter" >> beam.Flatten()
     dead_n = dead | "WriteDeadLetter" >> WriteJsonl(FileSystems.join(staging, "dead_letter.jsonl"))
-    examples_n = examples | "CountExamples" >> beam.combiners.Count.Globally()
     by_stage = (all_rejected
                 | "StageOf" >> (beam.FlatMap(lambda t: collections.Counter(t.column("reject_stage").to_pylist()).items())
                                 if tables else beam.Map(lambda r: (r["reject_stage"], 1)))

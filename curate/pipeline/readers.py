@@ -7,7 +7,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from curate.inputs.files import FileTask, invalid_dead_letter, task_records
+from curate.inputs.files import FileTask, task_records
 from curate.progress import StageProgress
 
 DEAD = "dead_letter"
@@ -15,34 +15,29 @@ PROGRESS_EVERY = 100  # rows a reader counts before it adds them to its progress
 
 
 class ReadFile(beam.DoFn):
-    """FileTask -> records (main output) and dead-letter rows (tagged DEAD); see `task_records`."""
+    """FileTask -> valid records (main output) and dead-letter rows (tagged DEAD): rows
+    that cannot be read or adapted, and examples that fail validation; see `task_records`."""
 
     def __init__(self, progress_dir: str | None = None):
         self.progress_dir = progress_dir
 
     def process(self, task: FileTask):
+        for rec, dead in self.rows(task):
+            yield rec if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
+
+    def rows(self, task: FileTask):
+        """`task_records(task)`, counted in the read's progress."""
         progress = StageProgress("read", self.progress_dir)  # rows as the manifest counts them
         outside = Metrics.counter("read", "outside_limit_prompts")
         pending = 0  # rows not yet added: a count per row costs a clock read and a metric
-        for rec, dead in task_records(task, outside, validate=False):
+        for rec, dead in task_records(task, outside):
             pending += 1
             if pending == PROGRESS_EVERY:
                 progress.add(pending)
                 pending = 0
-            yield rec if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
+            yield rec, dead
         progress.add(pending)
         progress.flush()
-
-
-class Validate(beam.DoFn):
-    """Adapted records -> valid records, or dead-letter rows with the reason (`max_chars`)."""
-
-    def __init__(self, max_chars: int):
-        self.max_chars = max_chars
-
-    def process(self, record: dict):
-        dead = invalid_dead_letter(record, self.max_chars)
-        yield record if dead is None else beam.pvalue.TaggedOutput(DEAD, dead)
 
 
 BATCH = 1000  # rows an element carries where many cross a stage boundary together

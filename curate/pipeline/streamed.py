@@ -18,36 +18,50 @@ cross a stage here while they can be read again instead:
   per-example filter that rejects it and each streamed step's projection (less the id
   and origin it repeats). Each step decides from the projections of the rows that
   reach it, in job order, and the keys pass counts the rows kept and rejected.
-- The *write pass* routes each row by the states (side inputs) to the kept or rejected
-  shards, whose sizes the keys pass counted; the sink streams them through runs
-  (`curate.pipeline.sink`). When every step streams, the keys pass also spills the rows
-  it read (Arrow files of SPILL_ROWS rows in the staging folder, with each row's first
-  per-example rejection) and the write pass routes those a file at a time as Arrow
-  tables: the inputs are read and adapted once, and no row becomes a dict again.
-  Otherwise it reads the inputs again and routes each row. Either way no row is held.
+- Each key batch's *fates* (the step that rejects each row and why, the columns the
+  steps add) are computed once the states are decided; the keys pass counts them.
+- The *write pass* sends each row to the kept or rejected shards, whose sizes the keys
+  pass counted; the sink streams them through runs (`curate.pipeline.sink`). When every
+  step streams, the keys pass also spills the rows it read (Arrow files of SPILL_ROWS
+  rows in the staging folder, one per key batch) and the fates of each file's rows go
+  to a file beside it: the write pass applies those to the spill a file at a time, as
+  Arrow tables. The inputs are read and adapted once, each row's fate is computed once,
+  and no row becomes a dict again. Otherwise the write pass reads the inputs again and
+  routes each row by the states (side inputs). Either way no row is held.
 - The other steps (scorers, and the filters and selectors without a projection) run as
   before on the rows the streamed prefix kept, which then sit in memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from curate.filters.base import REJECTED
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import BATCH, DEAD, ReadInputs, Spread, Validate
+from curate.pipeline.readers import BATCH, DEAD, ReadFile, ReadInputs, Spread
 from curate.pipeline.sink import attempt_name, read_table, to_batch, write_table
 
 KEPT = "kept"
-SPILL = "_spill"  # under the staging folder: the keys pass's rows, read by the write pass
-SPILLED = "spilled"  # the keys pass's output of spill file paths
-SPILL_ROWS = 5_000  # rows a spill file holds (and the keys pass, before it writes one)
-REJECT_AT, REJECT_WHY = "_reject_at", "_reject_reason"  # a spilled row's first per-example rejection
+SPILL = "_spill"  # under the staging folder: the keys pass's rows and their fates, read by the write pass
+SPILL_ROWS = 5_000  # rows a spill file holds: a key batch's rows, when the keys pass spills
+EXAMPLES = "examples"  # the keys pass's output of each file's count of examples
+AT = "_at"  # a fates file's column: the index of the step that rejects the row (null: kept)
+
+
+class KeyBatch(NamedTuple):
+    """The keys pass's rows, by column: a batch crosses a stage at a tenth of the cost of
+    a list of per-row tuples and dicts (Beam's coder walks every object)."""
+    ids: list[str]
+    origins: list[str]
+    rejected: list  # the first per-example filter rejecting each row: (index, reason), or None
+    projections: dict[int, dict[str, list]]  # deciding step -> field -> values (None: not reached)
+    spill: str | None  # the file holding the batch's rows, in this order (when the keys pass spills)
 
 
 class Streamed:
@@ -76,19 +90,23 @@ class Streamed:
         return [beam.pvalue.AsSingleton(self.states[i]) for i in self.deciding() if before is None or i < before]
 
 
-class _Keys(beam.DoFn):
-    """Rows -> batches of keys, by column (`_key_batch`): per row its (id, origin), the
-    first per-example filter rejecting it as (index, reason) or None, and its projection
-    for each deciding step it reaches. By column, a batch crosses a stage at a tenth of
-    the cost of a list of per-row tuples and dicts (Beam's coder walks every object).
+class _Keys(ReadFile):
+    """FileTasks -> KeyBatches (main output): per row its (id, origin), the first
+    per-example filter rejecting it and its projection for each deciding step it
+    reaches; the read's dead letters (tagged DEAD) and each file's count of examples
+    (tagged EXAMPLES). It reads the files itself, so no row crosses from one step to the
+    next as an element of its own (Beam's cost per element and step is a microsecond or
+    more).
 
-    With `spill` (a staging folder and the output schema) it also writes the rows, with
-    that first rejection, to Arrow files of up to SPILL_ROWS rows under staging/SPILL
-    (attempt names: only the files a committed bundle names are read) and yields each
-    file's path, tagged SPILLED: the write pass reads those instead of the inputs."""
+    With `spill` (a staging folder and the output schema) it also writes each batch's
+    rows to an Arrow file under staging/SPILL (attempt names: only the files a committed
+    bundle names are read), named by the batch: the write pass reads those instead of
+    the inputs."""
 
-    def __init__(self, steps, spill: tuple[str, pa.Schema] | None = None):
+    def __init__(self, steps, progress_dir: str | None, spill: tuple[str, pa.Schema] | None = None):
+        super().__init__(progress_dir)
         self.steps, self.spill = steps, spill
+        self.batch_rows = BATCH if spill is None else SPILL_ROWS
 
     def setup(self):
         for step, _ in self.steps:
@@ -96,54 +114,58 @@ class _Keys(beam.DoFn):
                 step.setup()
 
     def start_bundle(self):
-        self._held: list[tuple[dict, tuple[int, str] | None]] = []  # rows to spill
-        self._keys: list[tuple] = []
+        self._new_batch()
 
-    def process(self, record):
-        rejected = _first_rejection(self.steps, record)
-        projections = {i: _bare(step.project(record)) for i, (step, _) in enumerate(self.steps)
-                       if not step.per_example and (rejected is None or i < rejected[0])}
-        self._keys.append((record["id"], record["origin"], rejected, projections))
-        if len(self._keys) >= BATCH:
-            yield _key_batch(self._keys)
-            self._keys = []
-        if self.spill is not None:
-            self._held.append((record, rejected))
-            if len(self._held) >= SPILL_ROWS:
-                yield beam.pvalue.TaggedOutput(SPILLED, self._write())
+    def _new_batch(self):
+        self._ids, self._origins, self._rejected = [], [], []
+        # deciding step -> field -> values; the projection leaves out the id and origin the
+        # batch already carries (the keys pass holds every batch until the last state)
+        self._columns: dict[int, dict[str, list]] = {i: {} for i, (step, _) in enumerate(self.steps)
+                                                     if not step.per_example}
+        self._rows: list[dict] = []  # to spill
+
+    def process(self, task):
+        examples = 0
+        for record, dead in self.rows(task):
+            if dead is not None:
+                yield beam.pvalue.TaggedOutput(DEAD, dead)
+                continue
+            examples += 1
+            rejected = _first_rejection(self.steps, record)
+            n = len(self._ids)
+            self._ids.append(record["id"])
+            self._origins.append(record["origin"])
+            self._rejected.append(rejected)
+            for i, columns in self._columns.items():
+                if rejected is not None and rejected[0] < i:  # the row does not reach step i
+                    for values in columns.values():
+                        values.append(None)
+                    continue
+                for name, value in self.steps[i][0].project(record).items():
+                    if name != "id" and name != "origin":
+                        values = columns.get(name)
+                        if values is None:
+                            values = columns[name] = [None] * n
+                        values.append(value)
+            if self.spill is not None:
+                self._rows.append(record)
+            if len(self._ids) >= self.batch_rows:
+                yield self._batch()
+        yield beam.pvalue.TaggedOutput(EXAMPLES, examples)
 
     def finish_bundle(self):
-        if self._keys:
-            yield GlobalWindows.windowed_value(_key_batch(self._keys))
-        if self.spill is not None and self._held:
-            yield beam.pvalue.TaggedOutput(SPILLED, GlobalWindows.windowed_value(self._write()))
+        if self._ids:
+            yield GlobalWindows.windowed_value(self._batch())
 
-    def _write(self) -> str:
-        staging, schema = self.spill
-        rows = [record for record, _ in self._held]
-        table = pa.Table.from_batches([to_batch(rows, schema)]).append_column(
-            REJECT_AT, pa.array([None if r is None else r[0] for _, r in self._held], pa.int32())).append_column(
-            REJECT_WHY, pa.array([None if r is None else r[1] for _, r in self._held], pa.string()))
-        self._held = []
-        return write_table(FileSystems.join(staging, SPILL, attempt_name("spill.arrow")), table)
-
-
-# The keys pass holds every row's element until the last state is decided, so its
-# projections leave out the id and origin the element already carries (a third of it).
-def _bare(projection: dict) -> dict:
-    return {k: v for k, v in projection.items() if k not in ("id", "origin")}
-
-
-def _key_batch(rows: list[tuple]) -> tuple:
-    """(id, origin, rejected, {step: bare projection}) per row -> (ids, origins, rejected,
-    {step: {field: values}}): a row that does not reach a step has None in its fields."""
-    projections: dict[int, dict[str, list]] = {}
-    for n, (_, _, _, bare) in enumerate(rows):
-        for i, fields in bare.items():
-            columns = projections.setdefault(i, {})
-            for name, value in fields.items():
-                columns.setdefault(name, [None] * len(rows))[n] = value
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], projections
+    def _batch(self) -> KeyBatch:
+        spill = None
+        if self.spill is not None:
+            staging, schema = self.spill
+            spill = write_table(FileSystems.join(staging, SPILL, attempt_name("spill.arrow")),
+                                pa.Table.from_batches([to_batch(self._rows, schema)]))
+        batch = KeyBatch(self._ids, self._origins, self._rejected, self._columns, spill)
+        self._new_batch()
+        return batch
 
 
 def _unbatch(columns: dict[str, list]) -> Iterator[dict]:
@@ -178,46 +200,60 @@ def _fate(steps, rejected, rows: dict, states: dict, until: int | None = None):
     return None, None, columns
 
 
-class _RouteSpilled(beam.DoFn):
-    """The write pass over the keys pass's spill files (`_Keys`): each file's rows routed
-    as `_Route` routes them, a file at a time, as Arrow tables: its kept rows (main output)
-    and its rejected rows with reject_stage and reject_reason (tagged REJECTED), in the
-    kept and rejected schemas. Only (id, origin) become Python objects: the states route
-    by them (`route`'s contract), and each step's added columns are set on the table."""
+class _Fates(beam.DoFn):
+    """KeyBatch -> (rows kept, rows rejected, its spill file, its fates file), by the
+    states (side inputs). With a spill file, the fates go to a file beside it for the
+    write pass (`_ApplyFates`): per row the index of the step that rejects it (AT, null
+    when kept) and why, and the columns the steps it reached add (those the output
+    schema has). Written, not carried: the fates never sit in memory between stages."""
 
-    def __init__(self, steps, deciding: list[int], schema: pa.Schema, rejected_schema: pa.Schema):
-        self.steps, self.deciding = steps, deciding
-        self.schema, self.rejected_schema = schema, rejected_schema
+    def __init__(self, steps, deciding: list[int], schema: pa.Schema):
+        self.steps, self.deciding, self.schema = steps, deciding, schema
 
-    def process(self, path: str, *states) -> Iterator[Any]:
-        table = read_table(path)
+    def process(self, batch: KeyBatch, *states):
         states = dict(zip(self.deciding, states))
-        n = table.num_rows
-        kept, rejected, stages, reasons = [], [], [], []
-        added: dict[str, list] = {}
-        for j, (id_, origin, at, why) in enumerate(zip(*(table.column(c).to_pylist()
-                                                         for c in ("id", "origin", REJECT_AT, REJECT_WHY)))):
-            row = {"id": id_, "origin": origin}
-            i, reason, columns = _fate(self.steps, None if at is None else (at, why),
-                                       dict.fromkeys(self.deciding, row), states)
+        n = len(batch.ids)
+        at, reasons, added = [], [], {}
+        for j, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
+            row = {"id": id_, "origin": origin}  # what route reads (its contract)
+            i, reason, columns = _fate(self.steps, rejected_by, dict.fromkeys(self.deciding, row), states)
+            at.append(i)
+            reasons.append(reason)
             for name, value in columns.items():
                 added.setdefault(name, [None] * n)[j] = value
-            if i is None:
-                kept.append(j)
-            else:
-                rejected.append(j)
-                stages.append(self.steps[i][1])
-                reasons.append(reason)
-        for name, values in added.items():
-            if name in self.schema.names:  # what the sink would write of a row's columns
-                where = table.schema.get_field_index(name)
-                table = table.set_column(where, name, pa.array(values, self.schema.field(name).type))
-        if kept:
-            yield table.take(kept).select(self.schema.names)
-        if rejected:
-            out = table.take(rejected).select(self.schema.names)
-            out = out.append_column("reject_stage", pa.array(stages, pa.string())).append_column(
-                "reject_reason", pa.array(reasons, pa.string()))
+        kept = at.count(None)
+        fates = None
+        if batch.spill is not None:
+            table = pa.table({AT: pa.array(at, pa.int32()), "reject_reason": pa.array(reasons, pa.string()),
+                              **{name: pa.array(values, self.schema.field(name).type)
+                                 for name, values in added.items() if name in self.schema.names}})
+            fates = write_table(FileSystems.join(FileSystems.split(batch.spill)[0], attempt_name("fates.arrow")), table)
+        yield kept, n - kept, batch.spill, fates
+
+
+class _ApplyFates(beam.DoFn):
+    """(kept, rejected, spill file, fates file) -> the spill's rows as Arrow tables, by
+    their fates (`_Fates`): the kept rows (main output) and the rejected ones with
+    reject_stage and reject_reason (tagged REJECTED), in the kept and rejected schemas,
+    the steps' added columns set. No row becomes a Python object."""
+
+    def __init__(self, stages: list[str], schema: pa.Schema, rejected_schema: pa.Schema):
+        self.stages, self.schema, self.rejected_schema = stages, schema, rejected_schema
+
+    def process(self, decided) -> Iterator[Any]:
+        kept_n, rejected_n, spill, fates = decided
+        table, fates = read_table(spill), read_table(fates)
+        for name in fates.column_names[2:]:
+            table = table.set_column(table.schema.get_field_index(name), name, fates.column(name))
+        kept = pc.is_null(fates.column(AT))
+        if kept_n:
+            yield table.filter(kept).select(self.schema.names)
+        if rejected_n:
+            rejected = pc.invert(kept)
+            at = fates.column(AT).filter(rejected)
+            out = table.filter(rejected).select(self.schema.names).append_column(
+                "reject_stage", pa.array(self.stages).take(at)).append_column(
+                "reject_reason", fates.column("reject_reason").filter(rejected))
             yield beam.pvalue.TaggedOutput(REJECTED, out.select(self.rejected_schema.names))
 
 
@@ -245,26 +281,20 @@ class _Route(beam.DoFn):
                                                       "reject_reason": reason})
 
 
-def _read_valid(p: beam.Pipeline, plan: Plan, read_label: str, valid_label: str,
-                progress_dir: str | None = None, spread: bool = True):
-    """Read the plan's inputs and validate them: (the read's outputs, the validation's:
-    `.records` and `[DEAD]`)."""
-    read = p | read_label >> ReadInputs(plan.tasks, progress_dir, spread=spread)
-    return read, read["records"] | valid_label >> beam.ParDo(
-        Validate(plan.job.validate.max_chars)).with_outputs(DEAD, main="records")
-
-
 def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None,
                     spill_to: str | None = None):
-    """The keys pass and the deciding steps' states (`streamed.states`); returns the counts
-    of the rows the prefix keeps and rejects, a PCollection of one dict, and the keys
-    pass's read: its examples, its dead letters and (with `spill_to`, a staging folder)
-    the paths of the files it spilled the rows to."""
-    read, valid = _read_valid(p, plan, "KeysRead", "KeysValidate", progress_dir, spread=False)
+    """The keys pass, the deciding steps' states (`streamed.states`) and each key batch's
+    fates; returns the counts of the rows the prefix keeps and rejects, a PCollection of
+    one dict; the number of examples (one int); the read's dead letters; and each batch's fates
+    (`_Fates`: with `spill_to`, a staging folder, the spill and fates files the write
+    pass reads)."""
     spill = None if spill_to is None else (spill_to, plan.schema)
     # the keys cross to a stage for each deciding step and for the counts, in batches
-    out = valid.records | "Keys" >> beam.ParDo(_Keys(streamed.steps, spill)).with_outputs(SPILLED, main="keys")
-    keys = out.keys
+    read = (p
+            | "KeysFiles" >> beam.Create(plan.tasks)
+            | "KeysRead" >> beam.ParDo(_Keys(streamed.steps, progress_dir, spill)).with_outputs(
+                DEAD, EXAMPLES, main="keys"))
+    keys = read.keys
     steps, deciding = streamed.steps, streamed.deciding()
     for i in deciding:
         step, _ = steps[i]
@@ -273,10 +303,9 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
             """The projections, by column, of the batch's rows that reach step i: the
             earlier steps route by (id, origin) alone."""
             states = dict(zip(deciding, states))
-            ids, origins, rejected, projections = batch
-            fields = projections.get(i, {})
+            fields = batch.projections.get(i, {})
             reaching = {"id": [], "origin": [], **{name: [] for name in fields}}
-            for n, (id_, origin, rejected_by) in enumerate(zip(ids, origins, rejected)):
+            for n, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
                 row = {"id": id_, "origin": origin}
                 if _fate(steps, rejected_by, dict.fromkeys(deciding, row), states, until=i)[0] is None:
                     for name, values in reaching.items():
@@ -285,7 +314,7 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
                 yield reaching
 
         def rows_again(i=i):
-            return _read_valid(p, plan, f"ReadAgain{i}", f"ValidAgain{i}", spread=False)[1].records
+            return (p | f"ReadAgain{i}" >> ReadInputs(plan.tasks, spread=False))["records"]
 
         # a stage boundary (a reshuffle of the projections) before the step: Beam's local
         # runner never runs a step fused with the one that made its side input's input
@@ -295,37 +324,34 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
                               | f"Reaching{i}" >> Spread(unbatch=_unbatch)
                               | streamed.labels[i] >> step.decide(rows_again))
 
-    def fates(batch, *states):
-        states = dict(zip(deciding, states))
-        ids, origins, rejected, _ = batch
-        kept = sum(_fate(steps, rejected_by, dict.fromkeys(deciding, {"id": id_, "origin": origin}), states)[0]
-                   is None for id_, origin, rejected_by in zip(ids, origins, rejected))
-        return [(KEPT, kept), (REJECTED, len(ids) - kept)]
-
-    counts = (keys
-              | "Fates" >> beam.FlatMap(fates, *streamed.side_inputs())
+    decided = keys | "Fates" >> beam.ParDo(_Fates(steps, deciding, plan.schema), *streamed.side_inputs())
+    counts = (decided
+              | "KeptAndRejected" >> beam.FlatMap(lambda fates: [(KEPT, fates[0]), (REJECTED, fates[1])])
               | "CountFates" >> beam.CombinePerKey(sum)
               | "FateCounts" >> beam.combiners.ToDict())
-    return counts, valid.records, [read[DEAD], valid[DEAD]], out[SPILLED]
+    examples = read[EXAMPLES] | "KeysExamples" >> beam.CombineGlobally(sum)
+    return counts, examples, read[DEAD], decided
 
 
-def route_spilled(plan: Plan, streamed: Streamed, spilled):
-    """The write pass of a job whose steps all streamed: the spill files routed (in
-    tables, `_RouteSpilled`), spread over the workers: (kept tables, [rejected tables])."""
-    routed = (spilled
-              | "SpillFiles" >> beam.Reshuffle()
-              | "RouteSpilled" >> beam.ParDo(
-                  _RouteSpilled(streamed.steps, streamed.deciding(), plan.schema, plan.rejected_schema),
-                  *streamed.side_inputs()).with_outputs(REJECTED, main="kept"))
+def apply_fates(plan: Plan, streamed: Streamed, decided):
+    """The write pass of a job whose steps all streamed: each spill file's fates applied
+    (`_ApplyFates`), spread over the workers: (kept tables, [rejected tables])."""
+    stages = [stage for _, stage in streamed.steps]
+    # a stage boundary: the sinks' side input (the counts) comes from the fates
+    routed = (decided
+              | "FatesFiles" >> beam.Reshuffle()
+              | "ApplyFates" >> beam.ParDo(_ApplyFates(stages, plan.schema, plan.rejected_schema)).with_outputs(
+                  REJECTED, main="kept"))
     return routed.kept, [routed[REJECTED]]
 
 
 def read_and_route(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_dir: str | None = None,
                    spread: bool = True):
-    """Read, validate and route every row through the streamed steps: (the examples, i.e.
-    the valid records; the rows that never became examples; the rows every streamed step
-    kept; the rejected rows)."""
-    read, valid = _read_valid(p, plan, "ReadInputs", "Validate", progress_dir, spread)
-    routed = valid.records | "Route" >> beam.ParDo(
+    """Read, validate and route every row through the streamed steps: (the number of
+    examples, i.e. valid records, a PCollection of one int; the rows that never became
+    examples; the rows every streamed step kept; the rejected rows)."""
+    read = p | "ReadInputs" >> ReadInputs(plan.tasks, progress_dir, spread)
+    routed = read["records"] | "Route" >> beam.ParDo(
         _Route(streamed.steps, streamed.deciding()), *streamed.side_inputs()).with_outputs(REJECTED, main="kept")
-    return valid.records, [read[DEAD], valid[DEAD]], routed.kept, [routed[REJECTED]]
+    examples = read["records"] | "CountExamples" >> beam.combiners.Count.Globally()
+    return examples, read[DEAD], routed.kept, [routed[REJECTED]]
