@@ -183,17 +183,18 @@ def _first_rejection(steps, record) -> tuple[int, str] | None:
     return None
 
 
-def _fate(steps, rejected, rows: dict, states: dict, until: int | None = None):
+def _fate(steps, rejected, row: dict, states: dict, until: int | None = None):
     """(index of the first step before `until` that rejects the row, or None; its reason;
-    the columns the steps the row reached added). `rows`: what each deciding step routes,
-    the row's projection or the record itself."""
+    the columns the steps the row reached added). `rejected`: the first per-example
+    filter rejecting the row, as (index, reason), or None; `row`: what the deciding steps
+    route, the record or just its (id, origin)."""
     columns = {}
     for i, (step, _) in enumerate(steps[:until]):
         if step.per_example:
             if rejected is not None and rejected[0] == i:
                 return i, rejected[1], columns
             continue
-        reason, cols = step.route(rows[i], states[i])
+        reason, cols = step.route(row, states[i])
         columns.update(cols)
         if reason is not None:
             return i, reason, columns
@@ -216,7 +217,7 @@ class _Fates(beam.DoFn):
         at, reasons, added = [], [], {}
         for j, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
             row = {"id": id_, "origin": origin}  # what route reads (its contract)
-            i, reason, columns = _fate(self.steps, rejected_by, dict.fromkeys(self.deciding, row), states)
+            i, reason, columns = _fate(self.steps, rejected_by, row, states)
             at.append(i)
             reasons.append(reason)
             for name, value in columns.items():
@@ -270,8 +271,7 @@ class _Route(beam.DoFn):
                 step.setup()
 
     def process(self, record, *states) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
-        rows = dict.fromkeys(self.deciding, record)
-        i, reason, columns = _fate(self.steps, _first_rejection(self.steps, record), rows,
+        i, reason, columns = _fate(self.steps, _first_rejection(self.steps, record), record,
                                    dict(zip(self.deciding, states)))
         record = {**record, **columns}
         if i is None:
@@ -307,7 +307,7 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
             reaching = {"id": [], "origin": [], **{name: [] for name in fields}}
             for n, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
                 row = {"id": id_, "origin": origin}
-                if _fate(steps, rejected_by, dict.fromkeys(deciding, row), states, until=i)[0] is None:
+                if _fate(steps, rejected_by, row, states, until=i)[0] is None:
                     for name, values in reaching.items():
                         values.append(row[name] if name in row else fields[name][n])
             if reaching["id"]:
