@@ -107,7 +107,7 @@ class _HashingWriter:
         self.fh, self.digest, self.closed = fh, hashlib.sha256(), False
 
     def write(self, data) -> int:
-        data = bytes(data)
+        data = memoryview(data)  # Arrow hands over its buffers: hashed and written without a copy
         self.digest.update(data)
         self.fh.write(data)
         return len(data)
