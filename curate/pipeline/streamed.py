@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, NamedTuple
 
+import pickle
+
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,7 +89,26 @@ class Streamed:
         return [i for i, (s, _) in enumerate(self.steps) if not s.per_example]
 
     def side_inputs(self, before: int | None = None) -> list:
+        """The states (pickled: `_Unpickled`) of the deciding steps before `before`."""
         return [beam.pvalue.AsSingleton(self.states[i]) for i in self.deciding() if before is None or i < before]
+
+
+class _Unpickled:
+    """The deciding steps' states from their side inputs, {step index: state}. A state
+    travels pickled, as one bytes object: Beam's cache of side inputs weighs a value
+    object by object (about 1 us each, on every bundle that loads it: 0.5 s for the
+    100k duplicates of 1M rows), a bytes object at once. Unpickled once a bundle."""
+
+    def __init__(self, deciding: list[int]):
+        self.deciding = deciding
+        self._pickled: dict[int, bytes] = {}
+        self._states: dict[int, Any] = {}
+
+    def __call__(self, pickled: tuple) -> dict[int, Any]:
+        for i, data in zip(self.deciding, pickled):
+            if self._pickled.get(i) is not data:
+                self._pickled[i], self._states[i] = data, pickle.loads(data)
+        return self._states
 
 
 class _Keys(ReadFile):
@@ -209,10 +230,11 @@ class _Fates(beam.DoFn):
     schema has). Written, not carried: the fates never sit in memory between stages."""
 
     def __init__(self, steps, deciding: list[int], schema: pa.Schema):
-        self.steps, self.deciding, self.schema = steps, deciding, schema
+        self.steps, self.schema = steps, schema
+        self.states = _Unpickled(deciding)
 
-    def process(self, batch: KeyBatch, *states):
-        states = dict(zip(self.deciding, states))
+    def process(self, batch: KeyBatch, *pickled):
+        states = self.states(pickled)
         n = len(batch.ids)
         at, reasons, added = [], [], {}
         for j, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
@@ -263,16 +285,16 @@ class _Route(beam.DoFn):
     reason, by the per-example filters (run again) and the states (side inputs)."""
 
     def __init__(self, steps, deciding: list[int]):
-        self.steps, self.deciding = steps, deciding
+        self.steps = steps
+        self.states = _Unpickled(deciding)
 
     def setup(self):
         for step, _ in self.steps:
             if step.per_example:
                 step.setup()
 
-    def process(self, record, *states) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
-        i, reason, columns = _fate(self.steps, _first_rejection(self.steps, record), record,
-                                   dict(zip(self.deciding, states)))
+    def process(self, record, *pickled) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
+        i, reason, columns = _fate(self.steps, _first_rejection(self.steps, record), record, self.states(pickled))
         record = {**record, **columns}
         if i is None:
             yield record
@@ -299,10 +321,10 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
     for i in deciding:
         step, _ = steps[i]
 
-        def reaches(batch, *states, i=i):
+        def reaches(batch, *pickled, i=i, unpickled=_Unpickled(deciding[:deciding.index(i)])):
             """The projections, by column, of the batch's rows that reach step i: the
             earlier steps route by (id, origin) alone."""
-            states = dict(zip(deciding, states))
+            states = unpickled(pickled)
             fields = batch.projections.get(i, {})
             reaching = {"id": [], "origin": [], **{name: [] for name in fields}}
             for n, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
@@ -322,7 +344,8 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
                               | f"Reaching{i}" >> Spread(unbatch=_unbatch)
-                              | streamed.labels[i] >> step.decide(rows_again))
+                              | streamed.labels[i] >> step.decide(rows_again)
+                              | f"Pickled{i}" >> beam.Map(pickle.dumps))
 
     decided = keys | "Fates" >> beam.ParDo(_Fates(steps, deciding, plan.schema), *streamed.side_inputs())
     counts = (decided
