@@ -34,9 +34,8 @@ cross a stage here while they can be read again instead:
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
-
 import pickle
+from typing import Any, Iterator, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -307,9 +306,9 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
                     spill_to: str | None = None):
     """The keys pass, the deciding steps' states (`streamed.states`) and each key batch's
     fates; returns the counts of the rows the prefix keeps and rejects, a PCollection of
-    one dict; the number of examples (one int); the read's dead letters; and each batch's fates
-    (`_Fates`: with `spill_to`, a staging folder, the spill and fates files the write
-    pass reads)."""
+    one dict; the number of examples (one int); the read's dead letters; and each batch's
+    fates (`_Fates`: with `spill_to`, a staging folder, the spill and fates files the
+    write pass reads)."""
     spill = None if spill_to is None else (spill_to, plan.schema)
     # the keys cross to a stage for each deciding step and for the counts, in batches
     read = (p
