@@ -70,10 +70,11 @@ class Step:
     # A streamed step (curate.pipeline.streamed) decides from a small projection of each
     # row, so the pipeline streams the rows instead of holding them: `project(record)` ->
     # the few fields read (id and origin included), `decide(rows_again)` -> a PTransform
-    # from the projections to one state element (a set of duplicates, a cut-off; a call
-    # to `rows_again()` reads the rows once more), `route(row, state)` -> (reject reason
-    # or None, the step's columns), reading only the fields both the record and its
-    # projection carry. None: whole rows needed.
+    # from batches of projections, by column ({field: [values]}: a row per element would
+    # cost Beam microseconds a step), to one state element (a set of duplicates, a
+    # cut-off; a call to `rows_again()` reads the rows once more), `route(row, state)` ->
+    # (reject reason or None, the step's columns), reading only the fields both the record
+    # and its projection carry. None: whole rows needed.
     project: ClassVar[Any] = None
     title: ClassVar[str] = ""
     report_section: ClassVar[str | None] = None

@@ -22,6 +22,9 @@ from curate.steps import Step
 REJECTED = "rejected"
 
 
+PROJECTION_BATCH = 1000  # projections a batch given to `decide` holds
+
+
 class ApplyDecisions(beam.PTransform):
     """A streamed step (`project` a row to a few fields, `decide` one state from the
     projections, `route` a row by it: curate.pipeline.streamed) applied to rows held
@@ -34,7 +37,11 @@ class ApplyDecisions(beam.PTransform):
 
     def expand(self, rows):
         step = self.step
-        state = rows | "Project" >> beam.Map(step.project) | "Decide" >> step.decide(lambda: rows)
+        state = (rows
+                 | "Project" >> beam.Map(step.project)
+                 | "Batch" >> beam.BatchElements(min_batch_size=PROJECTION_BATCH, max_batch_size=PROJECTION_BATCH)
+                 | "Columns" >> beam.Map(lambda batch: {name: [p[name] for p in batch] for name in batch[0]})
+                 | "Decide" >> step.decide(lambda: rows))
 
         def split(record, state) -> Iterator[Any]:  # rows or TaggedOutputs: not a type Beam can check
             reason, columns = step.route(record, state)

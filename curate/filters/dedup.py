@@ -40,9 +40,11 @@ class _Buckets(beam.DoFn):
         self._held: dict[bytes, list] = {}
         self._rows = 0
 
-    def process(self, row):
-        self._held.setdefault(row["key"], []).append((row["id"], row["origin"]))
-        self._rows += 1
+    def process(self, batch):
+        held = self._held
+        for key, id_, origin in zip(batch["key"], batch["id"], batch["origin"]):
+            held.setdefault(key, []).append((id_, origin))
+        self._rows += len(batch["id"])
         if self._rows >= HOLD:
             yield from self._buckets()
 

@@ -27,8 +27,8 @@
    and their (estimated or exact) Jaccard.
 
 Streamed (curate.pipeline.streamed): rows never travel, only their projections (id, origin
-and the 16 64-bit hashes of the signature's bands, 128 bytes). Per block of ROW_BLOCK
-rows, each band becomes one array of hashes beside the rows' 64-bit refs (a hash of id
+and the 16 64-bit hashes of the signature's bands, 128 bytes). Per batch of projections,
+each band becomes one array of hashes beside the rows' 64-bit refs (a hash of id
 and origin); the arrays are grouped by band, sorted, and every run of equal hashes gives
 its pairs (a hash collision only adds a candidate, which verification removes). The rows
 are then read again (`rows_again`): only the candidates, the rows in a pair, are shingled
@@ -208,7 +208,7 @@ def resolve(pairs: np.ndarray, blocks: list, threshold: float, keep: str) -> dic
     return drop
 
 
-ROW_BLOCK = 4096  # projections per block of band arrays
+ROW_BLOCK = 4096  # rows read again per block of candidates
 
 
 class NearDedup(Step, beam.PTransform):
@@ -270,9 +270,11 @@ class NearDedup(Step, beam.PTransform):
         step = self
 
         def bands(batch):
-            live = [p for p in batch if p["bands"]]
-            refs = np.fromiter((row_ref(p["id"], p["origin"]) for p in live), dtype=np.uint64, count=len(live))
-            hashes = np.frombuffer(b"".join(p["bands"] for p in live), dtype=np.uint64).reshape(len(live), step.bands)
+            live = [k for k, b in enumerate(batch["bands"]) if b]
+            ids, origins = batch["id"], batch["origin"]
+            refs = np.fromiter((row_ref(ids[k], origins[k]) for k in live), dtype=np.uint64, count=len(live))
+            hashes = np.frombuffer(b"".join(batch["bands"][k] for k in live),
+                                   dtype=np.uint64).reshape(len(live), step.bands)
             for j in range(step.bands):
                 yield j, (np.ascontiguousarray(hashes[:, j]), refs)
 
@@ -293,7 +295,6 @@ class NearDedup(Step, beam.PTransform):
         class Decide(beam.PTransform):
             def expand(self, projections):
                 pairs = (projections
-                         | "Blocks" >> beam.BatchElements(min_batch_size=ROW_BLOCK, max_batch_size=ROW_BLOCK)
                          | "Bands" >> beam.FlatMap(bands)
                          | "Buckets" >> beam.GroupByKey()
                          | "Pairs" >> beam.Map(pairs_of)

@@ -53,17 +53,13 @@ class Spread(beam.PTransform):
     """`beam.Reshuffle` in batches: the same fusion break and spread over workers, at a
     quarter of its CPU (it wraps each element's timestamp and window on its own: 23
     against 6 microseconds an element, measured on the local runner). Order is not kept;
-    no step depends on it. `unbatch`: the input is batches already, and this function
-    makes a batch its rows."""
-
-    def __init__(self, unbatch=None):
-        super().__init__()
-        self.unbatch = unbatch
+    no step depends on it."""
 
     def expand(self, pcoll):
-        if self.unbatch is None:
-            pcoll = pcoll | "Batch" >> in_batches()
-        return pcoll | "Reshuffle" >> beam.Reshuffle() | "Unbatch" >> beam.FlatMap(self.unbatch or (lambda batch: batch))
+        return (pcoll
+                | "Batch" >> in_batches()
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Unbatch" >> beam.FlatMap(lambda batch: batch))
 
 
 class ReadInputs(beam.PTransform):

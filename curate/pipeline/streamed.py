@@ -7,8 +7,8 @@ cross a stage here while they can be read again instead:
 
 - The *streamed* steps, a prefix of the job's steps, are the per-example filters and
   the steps that decide from a small projection of each row: `project(record)` -> a few
-  fields, `decide(rows_again)` -> a PTransform from the projections to one state (the
-  set of duplicates, a cut-off), `route(row, state)` -> (reject reason or None, the
+  fields, `decide(rows_again)` -> a PTransform from batches of projections, by column
+  ({field: [values]}), to one state (the set of duplicates, a cut-off), `route(row, state)` -> (reject reason or None, the
   columns the step adds), where `row` is the record or its projection: route reads only
   the fields both carry (id, origin), so the write pass never projects again.
   `rows_again()` reads the rows once more, for a step that needs more of a few rows
@@ -45,7 +45,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from curate.filters.base import REJECTED
 from curate.pipeline.plan import Plan
-from curate.pipeline.readers import BATCH, DEAD, ReadFile, ReadInputs, Spread
+from curate.pipeline.readers import BATCH, DEAD, ReadFile, ReadInputs
 from curate.pipeline.sink import attempt_name, read_table, to_batch, write_table
 
 KEPT = "kept"
@@ -186,13 +186,6 @@ class _Keys(ReadFile):
         batch = KeyBatch(self._ids, self._origins, self._rejected, self._columns, spill)
         self._new_batch()
         return batch
-
-
-def _unbatch(columns: dict[str, list]) -> Iterator[dict]:
-    """{field: values} -> one dict per row."""
-    names = list(columns)
-    for values in zip(*columns.values()):
-        yield dict(zip(names, values))
 
 
 def _first_rejection(steps, record) -> tuple[int, str] | None:
@@ -342,7 +335,7 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
         # (`A total of N watermark-pending bundles did not execute`)
         streamed.states[i] = (keys
                               | f"Reach{i}" >> beam.FlatMap(reaches, *streamed.side_inputs(before=i))
-                              | f"Reaching{i}" >> Spread(unbatch=_unbatch)
+                              | f"Reaching{i}" >> beam.Reshuffle()
                               | streamed.labels[i] >> step.decide(rows_again)
                               | f"Pickled{i}" >> beam.Map(pickle.dumps))
 

@@ -50,7 +50,10 @@ class RandomSelector(Selector):
         return {"id": record["id"], "origin": record["origin"]}
 
     def decide(self, rows_again) -> beam.PTransform:
-        return "Keys" >> beam.Map(self.key) | Cutoff(self.budget)
+        def keys(batch):
+            return [self.key({"id": id_, "origin": origin}) for id_, origin in zip(batch["id"], batch["origin"])]
+
+        return "Keys" >> beam.FlatMap(keys) | Cutoff(self.budget)
 
     def route(self, row: dict, cutoff: dict) -> tuple[str | None, dict]:
         k = self.key(row)
