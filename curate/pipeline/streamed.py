@@ -235,7 +235,10 @@ class _Fates(beam.DoFn):
             at.append(i)
             reasons.append(reason)
             for name, value in columns.items():
-                added.setdefault(name, [None] * n)[j] = value
+                values = added.get(name)
+                if values is None:  # not setdefault: its default would be a new list every row
+                    values = added[name] = [None] * n
+                values[j] = value
         kept = at.count(None)
         fates = None
         if batch.spill is not None:
