@@ -37,6 +37,7 @@ import uuid
 from typing import Iterable
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
@@ -211,11 +212,15 @@ class _WriteRuns(beam.DoFn):
 
     def process(self, item, n):
         if self.tables:
-            shards: dict[int, list[int]] = {}
-            for j, key in enumerate(zip(item.column("origin").to_pylist(), item.column("id").to_pylist())):
-                shards.setdefault(_shard_of_key(*key, n), []).append(j)
-            for i, rows in shards.items():
-                self._held.setdefault(i, []).append(item.take(rows))
+            # the rows gathered by shard in one take, each shard's a slice of it
+            shards = np.fromiter((_shard_of_key(origin, id_, n) for origin, id_ in
+                                  zip(item.column("origin").to_pylist(), item.column("id").to_pylist())),
+                                 dtype=np.int64, count=item.num_rows)
+            order = np.argsort(shards, kind="stable")
+            by_shard = item.take(order)
+            present, starts, counts = np.unique(shards[order], return_index=True, return_counts=True)
+            for i, start, count in zip(present.tolist(), starts.tolist(), counts.tolist()):
+                self._held.setdefault(i, []).append(by_shard.slice(start, count))
             self._count += item.num_rows
         else:
             self._held.setdefault(shard_of(item, n), []).append(item)
