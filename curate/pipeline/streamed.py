@@ -320,15 +320,12 @@ def decide_streamed(p: beam.Pipeline, plan: Plan, streamed: Streamed, progress_d
             """The projections, by column, of the batch's rows that reach step i: the
             earlier steps route by (id, origin) alone."""
             states = unpickled(pickled)
-            fields = batch.projections.get(i, {})
-            reaching = {"id": [], "origin": [], **{name: [] for name in fields}}
-            for n, (id_, origin, rejected_by) in enumerate(zip(batch.ids, batch.origins, batch.rejected)):
-                row = {"id": id_, "origin": origin}
-                if _fate(steps, rejected_by, row, states, until=i)[0] is None:
-                    for name, values in reaching.items():
-                        values.append(row[name] if name in row else fields[name][n])
-            if reaching["id"]:
-                yield reaching
+            ids, origins = batch.ids, batch.origins
+            reach = [n for n, (id_, origin, rejected_by) in enumerate(zip(ids, origins, batch.rejected))
+                     if _fate(steps, rejected_by, {"id": id_, "origin": origin}, states, until=i)[0] is None]
+            if reach:
+                columns = {"id": ids, "origin": origins, **batch.projections.get(i, {})}
+                yield {name: [values[n] for n in reach] for name, values in columns.items()}
 
         def rows_again(i=i):
             return (p | f"ReadAgain{i}" >> ReadInputs(plan.tasks, spread=False))["records"]
