@@ -31,10 +31,10 @@ HOLD = 50_000  # projections a worker gathers before it sends them on
 
 
 class _Buckets(beam.DoFn):
-    """Projections -> (bucket, {key: [(id, origin), ...]}): a bundle's rows (HOLD at a
-    time) grouped by key, in BUCKETS buckets. The grouping then moves a few hundred
-    elements per bundle, not one per row (each element crossing a stage costs Beam
-    microseconds: at 100k rows this was a third of the step's CPU)."""
+    """Batches of projections -> (bucket, {key: [(id, origin), ...]}): a bundle's rows
+    (HOLD at a time) grouped by key, in BUCKETS buckets. The grouping then moves a few
+    hundred elements per bundle, not one per row (each element crossing a stage costs
+    Beam microseconds)."""
 
     def start_bundle(self):
         self._held: dict[bytes, list] = {}
@@ -100,7 +100,8 @@ class ExactDedup(Step, beam.PTransform):
                 "key": hashlib.blake2b(text, digest_size=16).digest()}
 
     def decide(self, rows_again) -> beam.PTransform:
-        """Projections -> {(id, origin): reason} of every row but the first of its text."""
+        """Batches of projections -> {(id, origin): reason} of every row but the first of
+        its text."""
 
         return ("Buckets" >> beam.ParDo(_Buckets())
                 | "Group" >> beam.GroupByKey()

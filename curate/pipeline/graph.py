@@ -48,9 +48,10 @@ def _front(p: beam.Pipeline, plan: Plan, progress_dir: str | None, spill_to: str
     """The streamed prefix (keys pass if it decides anything, then the write pass) and
     the filters that did not stream, run on the held rows: (the number of examples (one
     int), the rows that never became examples, rows for what follows, rejected
-    PCollections, the streamed prefix, the prefix's fate counts or None). With `spill_to` (a staging folder), a job whose steps all stream has its
-    write pass read the rows the keys pass spilled there, not the inputs again: the
-    rows for what follows and the rejected rows are then Arrow tables, for the sinks."""
+    PCollections, the streamed prefix, the prefix's fate counts or None). With
+    `spill_to` (a staging folder), a job whose steps all stream has its write pass read
+    the rows the keys pass spilled there, not the inputs again: the rows for what
+    follows and the rejected rows are then Arrow tables, for the sinks."""
     streamed = Streamed(plan)
     held = streamed.rest > 0  # rows go on to steps that hold them: spread them over the workers
     if spill_to is not None and not held:
