@@ -86,6 +86,23 @@ def tiny_lm_dir(tmp_path_factory, tiny_lm):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT encoder with the tiny tokenizer, saved as a model directory."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                        pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")

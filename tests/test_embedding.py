@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer
 from curate.records import make_record
 from curate.scorers import make_scorer
 from curate.scorers.embedding import EmbeddingScorer
@@ -19,21 +18,6 @@ TEXTS = [
     "Hi",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    tokenizer = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                        pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def hand_mean_pool(model, tokenizer, text, max_length=256):
