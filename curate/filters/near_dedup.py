@@ -151,13 +151,27 @@ def signature_similarity(sigs: np.ndarray, chunk: int = 65536):
     return similarity
 
 
-def shingle_similarity(sets: list[np.ndarray]):
-    """Pairs of row indices -> the Jaccard of their shingle sets (sorted unique values)."""
+def packed_sets(sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Shingle sets as one array and the offsets of each set in it (set k is
+    values[offsets[k]:offsets[k + 1]]): one object per block of rows instead of one per
+    row, which is what the candidates cost in memory when they are gathered."""
+    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in sets], out=offsets[1:])
+    values = np.concatenate(sets) if sets else np.empty(0, dtype=np.uint32)
+    return values, offsets
+
+
+def shingle_similarity(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+    """Pairs of row indices -> the Jaccard of their shingle sets (sorted unique values);
+    row i's set is packed set rows[i] of (values, offsets)."""
+    starts, ends = offsets[:-1][rows], offsets[1:][rows]
+
     def similarity(ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
         out = np.empty(len(ia))
         for k, (a, b) in enumerate(zip(ia.tolist(), ib.tolist())):
-            both = len(np.intersect1d(sets[a], sets[b], assume_unique=True))
-            union = len(sets[a]) + len(sets[b]) - both
+            sa, sb = values[starts[a]:ends[a]], values[starts[b]:ends[b]]
+            both = len(np.intersect1d(sa, sb, assume_unique=True))
+            union = len(sa) + len(sb) - both
             out[k] = both / union if union else 0.0
         return out
     return similarity
@@ -172,26 +186,32 @@ def verified_pairs(pairs: np.ndarray, refs: np.ndarray, similarity, threshold: f
     return np.stack([ia[hit], ib[hit]], axis=1), sims[hit]
 
 
-def resolve(pairs: np.ndarray, blocks: list, threshold: float, keep: str) -> dict:
-    """Candidate pairs and the candidates' (refs, keys, lengths, signatures or shingle
-    sets) blocks -> {rejected (id, origin): (kept (id, origin), Jaccard)}: exact when the
-    blocks carry shingle sets, else estimated."""
-    if not blocks:
+def resolve(pairs: np.ndarray, blocks, threshold: float, keep: str) -> dict:
+    """Candidate pairs and the candidates' (refs, keys, lengths, signatures or packed
+    shingle sets) blocks, an iterable read once -> {rejected (id, origin): (kept (id,
+    origin), Jaccard)}: exact when the blocks carry shingle sets, else estimated."""
+    refs, keys, lengths, measures = [], [], [], []
+    for block in blocks:
+        refs.append(block[0])
+        keys.extend(block[1])
+        lengths.append(block[2])
+        measures.append(block[3])
+    if not refs:
         return {}
-    refs = np.concatenate([b[0] for b in blocks])
-    keys = [k for b in blocks for k in b[1]]
-    lengths = np.concatenate([b[2] for b in blocks])
+    refs, lengths = np.concatenate(refs), np.concatenate(lengths)
     order = np.argsort(refs, kind="stable")
     refs, lengths, keys = refs[order], lengths[order], [keys[i] for i in order]
     same = np.flatnonzero(refs[1:] == refs[:-1])
     if same.size:  # two rows with one 64-bit ref: p ~ rows^2 / 2^65
         raise RuntimeError(f"near_dedup: rows {keys[same[0]]} and {keys[same[0] + 1]} share a 64-bit reference; "
                            "rerun with another seed")
-    if isinstance(blocks[0][3], list):
-        sets = [s for b in blocks for s in b[3]]
-        similarity = shingle_similarity([sets[i] for i in order])
+    if isinstance(measures[0], tuple):  # packed shingle sets: join the blocks' packings
+        shifts = np.cumsum([0] + [len(values) for values, _ in measures[:-1]])
+        offsets = np.concatenate([offs[:-1] + shift for (_, offs), shift in zip(measures, shifts)]
+                                 + [[sum(len(values) for values, _ in measures)]])
+        similarity = shingle_similarity(np.concatenate([values for values, _ in measures]), offsets, order)
     else:
-        similarity = signature_similarity(np.concatenate([b[3] for b in blocks])[order])
+        similarity = signature_similarity(np.concatenate(measures)[order])
     edges, _ = verified_pairs(pairs, refs, similarity, threshold)
     root = components(edges.tolist(), np.unique(edges).tolist())
     groups: dict = {}
@@ -249,7 +269,7 @@ class NearDedup(Step, beam.PTransform):
 
     def candidate_block(self, records: list[dict], members: np.ndarray):
         """A batch of rows read again -> the candidates' (refs, keys, lengths, signatures
-        or shingle sets) among them, `members` the candidates' sorted refs; or None."""
+        or packed shingle sets) among them, `members` the candidates' sorted refs; or None."""
         refs = np.fromiter((row_ref(r["id"], r["origin"]) for r in records), dtype=np.uint64, count=len(records))
         pos = np.minimum(np.searchsorted(members, refs), max(len(members) - 1, 0))
         hit = np.flatnonzero(members[pos] == refs) if len(members) else np.empty(0, dtype=np.int64)
@@ -258,7 +278,7 @@ class NearDedup(Step, beam.PTransform):
         rows = [records[k] for k in hit.tolist()]
         values = [self.values(r) for r in rows]
         if self.verify == "exact":  # values are < 2^31
-            verify = [np.unique(v).astype(np.uint32) for v in values]
+            verify = packed_sets([np.unique(v).astype(np.uint32) for v in values])
         else:
             verify = np.stack([signature(v, *self._perms) for v in values])
         lengths = np.fromiter((len(r["response"]) for r in rows), dtype=np.int64, count=len(rows))
@@ -303,10 +323,11 @@ class NearDedup(Step, beam.PTransform):
                 members = (rows_again()
                            | "CandidateBlocks" >> beam.BatchElements(min_batch_size=ROW_BLOCK,
                                                                      max_batch_size=ROW_BLOCK)
-                           | "Candidates" >> beam.FlatMap(candidates, beam.pvalue.AsSingleton(pairs))
-                           | "AllCandidates" >> beam.combiners.ToList())
+                           | "Candidates" >> beam.FlatMap(candidates, beam.pvalue.AsSingleton(pairs)))
+                # the blocks as an iterable side input, not gathered into one list first
+                # (ToList): the local runner held that list encoded and decoded several times
                 return pairs | "Resolve" >> beam.Map(lambda p, m: resolve(p[0], m, step.threshold, step.keep),
-                                                     beam.pvalue.AsSingleton(members))
+                                                     beam.pvalue.AsIter(members))
 
         return Decide()
 
