@@ -80,7 +80,7 @@ def run_curate(path: str, with_step: bool = True) -> set:
     out_dir = tempfile.mkdtemp()
     with beam.Pipeline(options=pipeline_options([])) as p:
         recs = (p | ReadInputs(plan_inputs([InputConfig(path=path)], 10**9)))["records"]
-        kept = (recs | NearDedup(threshold=0.8, seed=0))["rejected"] if with_step else recs
+        kept = (recs | NearDedup(threshold=0.8, seed=0, verify="estimate"))["rejected"] if with_step else recs
         # the keys go to files: a matcher or closure would only see a pickled copy of a set
         _ = (kept | beam.Map(lambda r: json.dumps([r["id"], r["origin"]]))
              | beam.io.WriteToText(os.path.join(out_dir, "keys")))
