@@ -209,10 +209,9 @@ def resolve(pairs: np.ndarray, blocks, threshold: float, keep: str) -> dict:
     if same.size:  # two rows with one 64-bit ref: p ~ rows^2 / 2^65
         raise RuntimeError(f"near_dedup: rows {keys[same[0]]} and {keys[same[0] + 1]} share a 64-bit reference; "
                            "rerun with another seed")
-    if isinstance(measures[0], tuple):  # packed shingle sets: join the blocks' packings
-        shifts = np.cumsum([0] + [len(values) for values, _ in measures[:-1]])
-        offsets = np.concatenate([offs[:-1] + shift for (_, offs), shift in zip(measures, shifts)]
-                                 + [[sum(len(values) for values, _ in measures)]])
+    if isinstance(measures[0], tuple):  # packed shingle sets: one packing of all the blocks'
+        sizes = np.concatenate([np.diff(offsets) for _, offsets in measures])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         similarity = shingle_similarity(np.concatenate([values for values, _ in measures]), offsets, order)
     else:
         similarity = signature_similarity(np.concatenate(measures)[order])
