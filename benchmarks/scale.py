@@ -44,8 +44,9 @@ is not started unless --ignore-memory. Each job's output is removed once scored
    curate-exact  `curate run`: length (chars, 10..20000), dedup, random budget 0.1 seed 0
    curate-near   the same with near_dedup after dedup (jobs/near_dedup.yaml's settings:
                  threshold 0.8, 5-word shingles, 128 permutations, 16 bands, keep longest)
-   curate-near-exact  the same with `verify: exact` (pairs verified by the Jaccard of their
-                 shingle sets, not the estimate from the signatures)
+                 and `verify: estimate` (the Jaccard estimated from the signatures)
+   curate-near-exact  the same with `verify: exact`, near_dedup's default (pairs verified
+                 by the Jaccard of their shingle sets)
    datasets      plain `datasets`: load_dataset("json"), the same length filter as one
                  batched filter, exact dedup on curate's normalisation (lower case,
                  whitespace runs to one space, stripped; per message) keeping the FIRST
@@ -779,9 +780,9 @@ def render(results: dict) -> str:
           "measured, the quality definitions). Each size's runs name their command, machine and commit.", "",
           f"Jobs: **curate-exact** length (chars 10-20000) + exact dedup + random 10% (seed 0); **curate-near** "
           f"the same + near_dedup (threshold {near['threshold']}, {near['shingle']}-word shingles, "
-          f"{near['num_perm']} permutations in {near['bands']} bands, keep {near['keep']}); **curate-near-exact** "
-          "the same with `verify: exact` (a candidate pair's Jaccard from its shingle sets, not estimated from "
-          "the signatures); **datasets** the "
+          f"{near['num_perm']} permutations in {near['bands']} bands, keep {near['keep']}, `verify: estimate`: "
+          "the Jaccard estimated from the signatures); **curate-near-exact** the same with `verify: exact`, "
+          "near_dedup's default (a candidate pair's Jaccard from its shingle sets); **datasets** the "
           "exact job in plain `datasets` (batched map/filter, keeps the first occurrence); **datatrove** "
           f"DataTrove MinHash, 4 stages, {near['shingle']}-grams, {near['bands']} buckets x "
           f"{near['num_perm'] // near['bands']} hashes, spaCy word tokenizer (its English default), no "
