@@ -95,7 +95,7 @@ from benchmarks.corruptions import CORRUPTIONS  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
 # the stage clock with its ETA and the caches' helpers are `curate compare`'s
 from curate import compare  # noqa: E402
-from curate.compare import Clock, digest, read_json, write_json  # noqa: E402
+from curate.stage_clock import Clock, digest, read_json, write_json  # noqa: E402
 
 log = logging.getLogger("selection_quality")
 

@@ -13,16 +13,18 @@ Every stage is cached under `output:` (scores by content, selections by the sele
 the scores they came from, training runs by their config and rows, evaluations by the
 model and the evaluation rows), so a rerun after a crash or an added method computes only
 what is missing; each stage prints the elapsed time and an ETA. The scoring and the
-selections take Beam options after `--` (the local runner's workers, say); everything
-runs on this machine, since training reads the selections from `output:`. Not yet on
-Dataflow: there, score with `curate score` (a gs:// output) and select with `curate
-select`, then train on copies of the selections.
+selections take the pool's `beam_args` (the selections `select_beam_args` when given, as
+in a job with `scores:`) and Beam options after `--`. With `store:` (a gs:// path) they
+write there, so they can run on Dataflow with the same spec (jobs/compare/dataflow.yaml):
+each selection is copied into `output:` (its kept rows only) and the training and
+evaluation run on this machine.
 
 Writes OUTPUT/compare.{md,json,csv}, OUTPUT/compare.png and OUTPUT/report.html.
 
     name: compare-mixed
     output: runs/compare-mixed
-    pool:                         # a job's inputs, validate, filters and scorers
+    store: gs://bucket/compare    # optional: the scores and selections (default: output)
+    pool:                         # a job's inputs, validate, filters, scorers and beam options
       inputs: [{path: a.jsonl, source: a}, {path: b.jsonl, source: b}]
       filters: [{type: dedup}]
       scorers: [{type: ifd, model: default, max_length: 256}]
@@ -44,26 +46,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
-import hashlib
 import inspect
-import json
 import logging
-import os
 import pathlib
 import shutil
 import statistics
-import time
 from dataclasses import dataclass, field
 
-from curate import steps
+from curate import dataflow, steps
 from curate.config import (ConfigError, InputConfig, JobConfig, expand_vars, parse_budget, parse_job,
                            read_yaml, resolve_budget)
+from curate.export import copy_kept
 from curate.inputs.files import read_records
+from curate.inputs.formats import arrow_batches
+from curate.paths import canonical_path, is_remote
 from curate.pipeline.output import read_manifest
 from curate.pipeline.plan import Plan
-from curate.pipeline.run import score_once, select_from_scores
+from curate.pipeline.run import pipeline_options, score_once, select_from_scores
 from curate.report.compare_page import RANDOM, write_outputs
+from curate.stage_clock import Clock, digest, read_json, write_json
 from curate.train import TrainConfig, evaluate_loss, load_model, train
 from curate.train.loading import resolve_device_dtype
 
@@ -85,6 +86,7 @@ class CompareSpec:
     validation_sets: dict[str, dict] = field(default_factory=dict)
     grid: list[tuple[int, float]] = field(default_factory=list)
     source_file: str | None = None
+    store: str | None = None  # where the scores and selections are written, when not `output`
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -113,7 +115,8 @@ def parse_compare(data, source_file: str | None = None) -> CompareSpec:
     where = source_file or "compare spec"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the spec must be a mapping")
-    known = {"name", "output", "pool", "budgets", "methods", "random_seeds", "eval", "validation", "train"}
+    known = {"name", "output", "store", "pool", "budgets", "methods", "random_seeds", "eval", "validation",
+             "train"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -122,13 +125,16 @@ def parse_compare(data, source_file: str | None = None) -> CompareSpec:
             raise ConfigError(f"{where}: '{key}' is required")
     name = str(data.get("name") or pathlib.Path(source_file or "compare").stem)
     output = expand_vars(str(data.get("output") or f"runs/compare-{name}"))
+    store = expand_vars(str(data["store"])).rstrip("/") if data.get("store") else None
+    if store and canonical_path(store) == canonical_path(output):
+        store = None
     if not isinstance(data["pool"], dict):
         raise ConfigError(f"{where}: pool: a job's inputs, filters and scorers")
-    extra = sorted(set(data["pool"]) - {"inputs", "validate", "filters", "scorers", "beam_args"})
+    extra = sorted(set(data["pool"]) - {"inputs", "validate", "filters", "scorers", "beam_args", "select_beam_args"})
     if extra:
         raise ConfigError(f"{where}: pool: {', '.join(extra)} not allowed (the pool is inputs, validate, "
-                          f"filters, scorers and beam_args; the methods go under 'methods')")
-    pool = parse_job({**data["pool"], "output": os.path.join(output, "scores"), "name": f"{name}-pool"},
+                          f"filters, scorers, beam_args and select_beam_args; the methods go under 'methods')")
+    pool = parse_job({**data["pool"], "output": under(store or output, "scores"), "name": f"{name}-pool"},
                      f"{where}: pool")
     budgets = data["budgets"] if isinstance(data["budgets"], list) else [data["budgets"]]
     for b in budgets:
@@ -169,105 +175,11 @@ def parse_compare(data, source_file: str | None = None) -> CompareSpec:
                        eval_sets=_sets(data["eval"], f"{where}: eval"), train=dict(data["train"]),
                        random_seeds=list(seeds),
                        validation_sets=_sets(validation["sets"], f"{where}: validation.sets") if validation else {},
-                       grid=grid, source_file=source_file)
+                       grid=grid, source_file=source_file, store=store)
 
 
 def load_compare(path: str) -> CompareSpec:
     return parse_compare(read_yaml(path, "compare spec"), path)
-
-
-# ---------------------------------------------------------------------------- stages
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: pathlib.Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class Clock:
-    """Prints each stage with the elapsed time of the whole run and an ETA, and records
-    its duration.
-
-    A stage found in the cache takes ~0 s in this run; the seconds it took when it was
-    computed are kept in `times_file`, so a report shows both. The ETA is the stages
-    still expected (`expect`) times the mean computed duration of their kind: this run's
-    first, then the times file's, then a rough default."""
-
-    DEFAULT_S = {"data": 30, "prune": 60, "eval": 60, "score": 400, "select": 20, "train": 180}
-
-    def __init__(self, times_file: pathlib.Path | None = None, quiet: bool = False):
-        self.start = time.perf_counter()
-        self.stages: list[dict] = []
-        self.times_file = times_file
-        self.quiet = quiet
-        self.computed: dict = (read_json(times_file) or {}) if times_file else {}
-        self.expected: collections.Counter = collections.Counter()
-        self.done: collections.Counter = collections.Counter()
-        self.durations: dict[str, list[float]] = collections.defaultdict(list)
-
-    def expect(self, kind: str, n: int = 1) -> None:
-        self.expected[kind] += n
-
-    def mean_seconds(self, kind: str) -> float:
-        if self.durations[kind]:
-            return statistics.fmean(self.durations[kind])
-        past = [v["seconds"] for v in self.computed.values() if v.get("kind") == kind]
-        return statistics.fmean(past) if past else self.DEFAULT_S.get(kind, 60)
-
-    def eta(self) -> float:
-        return sum(max(n - self.done[k], 0) * self.mean_seconds(k) for k, n in self.expected.items())
-
-    def say(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"[{_hms(time.perf_counter() - self.start)}] {msg}", flush=True)
-
-    def stage(self, name: str, kind: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                self.note = ""
-                self.cached = False
-                total, done = sum(clock.expected.values()), sum(clock.done.values())
-                where = f" (stage {done + 1} of ~{total}, ETA {_hms(clock.eta())})" if total else ""
-                clock.say(f"{name} ...{where}")
-                return self
-
-            def __exit__(self, exc_type, exc, tb):
-                dt = time.perf_counter() - self.t0
-                if exc_type is None:
-                    clock.done[kind] += 1
-                    if not self.cached:
-                        clock.durations[kind].append(dt)
-                        clock.computed[name] = {"seconds": round(dt, 1), "note": self.note, "kind": kind,
-                                                "at": datetime.datetime.now().isoformat(timespec="seconds")}
-                        if clock.times_file:
-                            write_json(clock.times_file, clock.computed)
-                    first = clock.computed.get(name, {})
-                    clock.stages.append({"stage": name, "kind": kind, "seconds": round(dt, 1),
-                                         "cached": self.cached, "computed_seconds": first.get("seconds"),
-                                         "note": self.note if not self.cached else first.get("note", self.note)})
-                    clock.say(f"{name}: done in {dt:.1f} s{' (' + self.note + ')' if self.note else ''}")
-                return False
-
-        return _Stage()
 
 
 # ---------------------------------------------------------------------------- the work
@@ -286,16 +198,48 @@ def read_set(item: dict) -> list[dict]:
     return records
 
 
-def select_into(scores: pathlib.Path, selector: dict, out: pathlib.Path, beam_args, progress: bool) -> tuple[dict, bool]:
-    """`curate select` from the scored pool into `out`, unless `out` already holds this
-    selector's pick from these scores."""
-    scoring = read_manifest(str(scores)) or {}
-    previous = read_manifest(str(out))
+def under(root: str, *parts: str) -> str:
+    """A path under a local or a remote (gs://) directory."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def check_store(spec: CompareSpec, beam_args: list[str] | None) -> None:
+    """Dataflow's workers write the scores and selections: not to this machine's disk."""
+    for args in (spec.pool.beam_args, spec.pool.select_beam_args or []):
+        if dataflow.is_dataflow(pipeline_options([*args, *(beam_args or [])]).get_all_options()) \
+                and not is_remote(spec.store or ""):
+            raise ConfigError(f"{spec.source_file or 'compare spec'}: the pool runs on Dataflow, whose workers "
+                              f"cannot write to {spec.store or spec.output} on this machine: set store: to a gs:// "
+                              f"path (each selection is copied into output: for training)")
+
+
+def select_into(scores, selector: dict, out, beam_args, progress: bool,
+                pool: JobConfig | None = None) -> tuple[dict, bool]:
+    """`curate select` from the scored pool into `out` (local or remote), unless `out`
+    already holds this selector's pick from these scores; with the options of the `pool`
+    job that scored them (its `select_beam_args`, else its `beam_args`)."""
+    scores, out = str(scores), str(out)
+    scoring = read_manifest(scores) or {}
+    previous = read_manifest(out)
     if (previous and previous.get("scores_key") == scoring.get("scores_key")
             and previous.get("job", {}).get("selectors") == [selector]):
         return previous, True
-    job = JobConfig(inputs=[], output=str(out), name=f"select-{selector['type']}", selectors=[selector])
-    return select_from_scores(job, str(scores), beam_args, scoring=scoring, overwrite=True, progress=progress), False
+    job = JobConfig(inputs=[], output=out, name=f"select-{selector['type']}", selectors=[selector],
+                    **({"beam_args": pool.beam_args, "select_beam_args": pool.select_beam_args} if pool else {}))
+    return select_from_scores(job, scores, beam_args, scoring=scoring, overwrite=True, progress=progress), False
+
+
+def _select(spec: CompareSpec, selector: dict, parts: tuple[str, ...], beam_args,
+            progress: bool) -> tuple[dict, bool, pathlib.Path]:
+    """select_into `parts` under the store; returns (its manifest, whether it was there,
+    the local dataset the trainer reads: with a `store:`, its kept rows copied under
+    `output:`)."""
+    root = spec.store or spec.output
+    manifest, cached = select_into(spec.pool.output, selector, under(root, *parts), beam_args, progress, spec.pool)
+    local = pathlib.Path(spec.output, *parts)
+    if spec.store:
+        copy_kept(under(root, *parts), str(local))
+    return manifest, cached, local
 
 
 def evaluate(cfg, eval_sets: dict[str, list[dict]], weights: str | None) -> dict:
@@ -361,6 +305,7 @@ def has_budget(selector: dict) -> bool:
 # ---------------------------------------------------------------------------- the run
 def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress: bool = True) -> dict:
     """Score, select, train and evaluate (module docstring); returns the results."""
+    check_store(spec, beam_args)
     work = pathlib.Path(spec.output)
     work.mkdir(parents=True, exist_ok=True)
     clock = Clock(work / "stage_times.json", quiet=not progress)
@@ -375,9 +320,9 @@ def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress:
     clock.expect("train", n_subsets + len(spec.grid))
     clock.expect("eval")
 
-    scores = work / "scores"
+    scores = spec.pool.output
     with clock.stage("pool: read, filter, score", "score") as st:
-        scoring, st.cached = score_once(spec.pool, str(scores), beam_args, overwrite=True, progress=progress)
+        scoring, st.cached = score_once(spec.pool, scores, beam_args, overwrite=True, progress=progress)
         n_pool = scoring["counts"]["kept"]
         st.note = f"{n_pool} rows"
     eval_sets = {name: read_set(item) for name, item in spec.eval_sets.items()}
@@ -393,12 +338,11 @@ def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress:
         val_sets = {name: read_set(item) for name, item in spec.validation_sets.items()}
         subset = {"type": RANDOM, "budget": b, "seed": 1000}
         with clock.stage(f"settings: random subset of {b} rows", "select") as st:
-            _, st.cached = select_into(scores, subset, work / "settings" / "subset", beam_args, progress)
+            _, st.cached, picked = _select(spec, subset, ("settings", "subset"), beam_args, progress)
         for epochs, lr in spec.grid:
             cfg = dataclasses.replace(base, epochs=epochs, lr=lr)
             with clock.stage(f"settings: train {epochs} epoch(s) at lr {lr:g} + validate", "train") as st:
-                run = train_and_evaluate(cfg, work / "settings" / "subset", work / "settings" / f"e{epochs}-lr{lr:g}",
-                                         val_sets)
+                run = train_and_evaluate(cfg, picked, work / "settings" / f"e{epochs}-lr{lr:g}", val_sets)
                 loss = statistics.fmean(v["loss"] for v in run["eval"].values())
                 st.cached, st.note = run["cached"], f"validation mean loss {loss:.4f}"
             tried.append({"epochs": epochs, "lr": lr, "val_loss": loss})
@@ -424,15 +368,14 @@ def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress:
                     for mname, m in spec.methods.items()]
         for mname, seed, selector in subsets:
             label = mname if seed is None else f"{mname}-s{seed}"
-            out = work / f"b{b}" / label
             with clock.stage(f"budget {b}: select [{label}]", "select") as st:
-                sel, st.cached = select_into(scores, selector, out / "selection", beam_args, progress)
+                sel, st.cached, picked = _select(spec, selector, (f"b{b}", label, "selection"), beam_args, progress)
                 st.note = f"{sel['counts']['kept']} rows"
             with clock.stage(f"budget {b}: train + evaluate [{label}] on {sel['counts']['kept']} rows", "train") as st:
-                run = train_and_evaluate(base, out / "selection", out / "train", eval_sets)
+                run = train_and_evaluate(base, picked, work / f"b{b}" / label / "train", eval_sets)
                 st.cached = run["cached"]
                 st.note = f"mean loss {statistics.fmean(v['loss'] for v in run['eval'].values()):.4f}"
-            rows.append(_row(b, mname, seed, out / "selection", run))
+            rows.append(_row(b, mname, seed, picked, run))
     results = {"name": spec.name, "spec": spec.source_file, "pool_rows": n_pool,
                "scores_key": scoring.get("scores_key"), "eval_sets": list(eval_sets),
                "eval_overlap": overlap, "settings": {"epochs": base.epochs, "lr": base.learning_rate},
@@ -444,10 +387,8 @@ def run_compare(spec: CompareSpec, beam_args: list[str] | None = None, progress:
     return results
 
 
-def _overlap(scores: pathlib.Path, eval_sets: dict) -> dict:
-    import datasets
-
-    pool = set(datasets.load_from_disk(str(scores))["prompt_id"])
+def _overlap(scores: str, eval_sets: dict) -> dict:
+    pool = {p for batch in arrow_batches(scores, ["prompt_id"]) for p in batch.column(0).to_pylist()}
     return {k: n for k, v in eval_sets.items() if (n := sum(r["prompt_id"] in pool for r in v))}
 
 

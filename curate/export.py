@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 from typing import Iterator, Sequence
 
@@ -280,3 +281,31 @@ def remove_stale_temporaries(to: str) -> None:
         pid = name.partition(TMP_MARK)[2].partition("-")[0]
         if name.startswith(tuple(f".{part}." for part in PARTS)) and pid.isdigit() and not pid_alive(pid):
             os.remove(os.path.join(to, name))
+
+
+def copy_kept(out: str, to: str) -> bool:
+    """The kept rows of the curate output `out` (a selection on gs://, say) as a local
+    dataset at `to` that `datasets.load_from_disk` and the trainer read: its shards,
+    state.json, dataset_info.json and manifest.json, nothing of rejected/. Nothing is
+    copied when `to` already holds the same manifest; returns whether it copied. The copy
+    is made beside `to` and renamed into place, so `to` is never half a copy."""
+    token = manifest_token(out)
+    with _open(FileSystems.join(out, "manifest.json")) as fh:
+        manifest = fh.read()
+    final = os.path.abspath(to)
+    if os.path.isfile(os.path.join(final, "manifest.json")):
+        with open(os.path.join(final, "manifest.json"), "rb") as fh:
+            if fh.read() == manifest:
+                return False
+    tmp = f"{final}{TMP_MARK}copy"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for src in [*shard_paths(out), FileSystems.join(out, "state.json"), FileSystems.join(out, "dataset_info.json")]:
+        with _open(src) as fh, open(os.path.join(tmp, FileSystems.split(src)[1]), "wb") as dst:
+            shutil.copyfileobj(fh, dst)
+    check_unchanged(out, token)  # all from the one published output
+    with open(os.path.join(tmp, "manifest.json"), "wb") as fh:
+        fh.write(manifest)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return True

@@ -9,8 +9,12 @@ import pytest
 import yaml
 
 from curate.cli import main
-from curate.compare import load_compare, parse_compare, run_compare, verdict
+from curate import dataflow
+from curate.compare import check_store, load_compare, parse_compare, run_compare, verdict
 from curate.config import ConfigError
+from curate.pipeline.run import pipeline_options
+from curate.scorers import make_scorer
+from memfs import store  # noqa: F401 (a fixture: the in-memory object store, memgs://)
 
 
 def test_verdict_is_outside_randoms_seed_spread_or_a_tie():
@@ -102,6 +106,41 @@ def test_compare_end_to_end_then_a_rerun_from_the_cache(tmp_path, tiny_lm_dir, m
     assert sorted(map(len, picked)) == sorted(len(r) for r in pool["response"])[:6]
 
 
+def test_scores_and_selections_in_a_store_on_an_object_store(tmp_path, tiny_lm_dir, store, monkeypatch):
+    """`store:` (gs:// on Dataflow; memgs://, Beam's FileSystems, here): the scores and
+    selections are written there, each selection's kept rows are copied under `output:`
+    byte for byte for the trainer, and a rerun copies and trains nothing."""
+    spec = {**spec_dict(tmp_path, tiny_lm_dir), "store": "memgs://bucket/compare/"}
+    spec.pop("validation")
+    results = run_compare(parse_compare(spec), progress=False)
+    out = tmp_path / "compare"
+    assert not (out / "scores").exists() and "memgs://bucket/compare/scores/manifest.json" in store
+    labels = ["longest", "longest_by_source", "random-s0", "random-s1", "random-s2"]
+    for label in labels:
+        local, remote = out / "b6" / label / "selection", f"memgs://bucket/compare/b6/{label}/selection/"
+        assert sorted(f.name for f in local.iterdir()) == [
+            "data-00000-of-00001.arrow", "dataset_info.json", "manifest.json", "state.json"]
+        assert all(f.read_bytes() == store[remote + f.name] for f in local.iterdir())
+        assert f"{remote}rejected/state.json" in store  # the rejected rows stay in the store
+    # longest: the pool's 6 longest responses, sorted by hand from the stored scores
+    pool = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    pool += [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    longest = sorted((len(r["output"]) for r in pool), reverse=True)[:6]
+    picked = datasets.load_from_disk(str(out / "b6" / "longest" / "selection"))["response"]
+    assert sorted(map(len, picked), reverse=True) == longest
+    assert results["rows"][-1]["source_mix"] == {"a": 3, "b": 3}
+
+    copies = {label: (out / "b6" / label / "selection").stat().st_ino for label in labels}
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the run is cached")
+
+    monkeypatch.setattr("curate.compare.train", no_training)
+    again = run_compare(parse_compare(spec), progress=False)
+    assert all(s["cached"] for s in again["stages"])
+    assert copies == {label: (out / "b6" / label / "selection").stat().st_ino for label in labels}
+
+
 def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
     good = spec_dict(tmp_path, tiny_lm_dir)
     with pytest.raises(ConfigError, match="random_seeds: at least 3"):
@@ -114,6 +153,10 @@ def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
         parse_compare({**good, "evals": good["eval"]})
     with pytest.raises(ConfigError, match="pool: selectors not allowed"):
         parse_compare({**good, "pool": {**good["pool"], "selectors": [{"type": "random", "budget": 2}]}})
+    # on Dataflow the workers cannot write to this machine's disk: a store on gs:// first
+    dataflow = {**good, "pool": {**good["pool"], "select_beam_args": ["--runner=DataflowRunner"]}}
+    with pytest.raises(ConfigError, match=r"cannot write to .*compare on this machine: set store: to a gs://"):
+        run_compare(parse_compare(dataflow), progress=False)
     # a method reading a column no scorer writes: found before any scoring
     spec = parse_compare({**good, "methods": {"ifd": {"type": "top", "column": "ifd"}}})
     with pytest.raises(ConfigError, match="methods.ifd: .*needs the column 'ifd'"):
@@ -121,15 +164,26 @@ def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
     assert not (tmp_path / "compare" / "scores").exists()
 
 
-def test_the_shipped_spec_holds_its_evaluation_rows_out_of_the_pool():
+@pytest.mark.parametrize("name", ["mixed", "dataflow"])
+def test_the_shipped_specs_hold_their_evaluation_rows_out_of_the_pool(name, monkeypatch):
     import pathlib
 
-    spec = load_compare(str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "compare" / "mixed.yaml"))
+    for var in ("CURATE_BUCKET", "CURATE_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    spec = load_compare(str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "compare" / f"{name}.yaml"))
     limits = {i.path: i.limit for i in spec.pool.inputs}
     assert len(spec.random_seeds) >= 3 and spec.methods
-    for name, item in spec.eval_sets.items():
+    for set_name, item in spec.eval_sets.items():
         if item["path"] in limits:  # rows of a pool file: only past the ones the pool reads
-            assert item.get("skip", 0) >= limits[item["path"]], name
+            assert item.get("skip", 0) >= limits[item["path"]], set_name
+    check_store(spec, [])  # Dataflow writes to a gs:// store; locally the store is `output:`
+    if name == "dataflow":  # the scorer on GPU workers, the selections on CPU workers
+        assert spec.store.startswith("gs://YOUR_BUCKET/") and spec.pool.output == spec.store + "/scores"
+        scoring = pipeline_options(spec.pool.beam_args).get_all_options()
+        dataflow.check_worker_resources([make_scorer(dict(s)) for s in spec.pool.scorers], scoring)
+        selecting = pipeline_options(spec.pool.select_beam_args).get_all_options()
+        assert dataflow.is_dataflow(selecting) and not selecting["dataflow_service_options"]
+        assert selecting["sdk_container_image"].endswith("/curate/worker-cpu:0.2")
 
 
 def test_a_bad_spec_is_one_line_and_status_2(tmp_path, capsys):
