@@ -30,6 +30,7 @@ Variants:
     recovery-*  PASER's own setting: a pruned copy of the model (Wanda 50%; 8 decoder
                 blocks dropped) is fine-tuned on PASER's pick and on random subsets;
                 recovery = share of the pruning's loss increase that training won back
+                (run with paser unless --variants leaves out `recovery`)
     grape       one response per alpaca_eval instruction (10 generators' answers, repeats
                 dropped by the dedup) by GRAPE, by a random generator (the seeds) and by
                 the longest; evaluated on held-out instructions against the gpt4 gold
@@ -157,7 +158,7 @@ class Scale:
     grape_max_length: int = 256            # GRAPE likelihood scoring
     noise: float = 0.2                     # the noisy variant's corrupted share
     heavy_noise: float = 0.6               # the heavy variant's
-    variants: tuple = ("clean", "noisy", "heavy")
+    variants: tuple = ("clean", "noisy", "heavy", "recovery")  # recovery: PASER's, when it runs
     eval_batch_tokens: int = 4096
 
 
@@ -896,13 +897,13 @@ def expect_stages(opts: Options, clock: Clock) -> None:
         clock.expect("train", len(opts.scale.hp_grid))
     if any(m in POOL_METHODS for m in opts.methods):
         clock.expect("eval", 1)
-        for v in opts.scale.variants:
+        for v in (v for v in opts.scale.variants if v != "recovery"):  # recovery: counted below
             plan = pool_methods(opts, v)
             clock.expect("data", 1)
             clock.expect("score", len({SCORER_SET[m] for m, _ in plan if SCORER_SET[m]}))
             clock.expect("select", sum(m != "full" for m, _ in plan))
             clock.expect("train", len(plan))
-    if paser:
+    if paser and "recovery" in opts.scale.variants:
         clock.expect("data", 2)
         clock.expect("score", 2)            # the Wanda copy's (cached) and the layer-drop copy's
         clock.expect("eval", 2)
@@ -956,7 +957,7 @@ def run(opts: Options) -> dict:
             parts[v] = [result_row(v, m, s, rows, None, data["corrupted"][v],
                                    extra={"note": "selected, not trained yet"}) for m, s, rows in picks]
             report()
-        if "paser" in opts.methods:
+        if "paser" in opts.methods and "recovery" in opts.scale.variants:
             for name in PRUNED:
                 parts[f"recovery-{name}"] = run_recovery_variant(opts, name, data, clock, pruned, base_eval)
                 report()
@@ -993,7 +994,8 @@ def parse_args(argv=None) -> Options:
                     help="train with these settings instead of choosing them on validation (e.g. the "
                          "ones an earlier run chose, to add methods to its table)")
     ap.add_argument("--variants", default=None, type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
-                    help="pool variants, a comma list of clean,noisy,heavy (default: all three)")
+                    help="variants, a comma list of clean,noisy,heavy,recovery (default: all; "
+                         "recovery runs with paser)")
     for name, typ in (("rows_per_source", int), ("eval_rows", int), ("val_rows", int), ("budget", float),
                       ("max_length", int), ("batch_size", int), ("grad_accum", int), ("s2l_checkpoints", int),
                       ("s2l_k", int), ("grape_instructions", int), ("grape_eval", int)):
@@ -1007,9 +1009,9 @@ def parse_args(argv=None) -> Options:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(scale, f.name, value)
-    if set(scale.variants) - {"clean", *NOISE}:
-        ap.error(f"unknown variant(s) {sorted(set(scale.variants) - {'clean', *NOISE})}; choose from clean, "
-                 + ", ".join(NOISE))
+    if set(scale.variants) - {"clean", *NOISE, "recovery"}:
+        ap.error(f"unknown variant(s) {sorted(set(scale.variants) - {'clean', *NOISE, 'recovery'})}; choose from "
+                 f"clean, {', '.join(NOISE)}, recovery")
     methods = tuple(m.strip() for m in (args.methods or "").split(",") if m.strip()) or METHODS
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -228,7 +228,7 @@ def settings_lines(opts, tried: list[dict]) -> list[str]:
         f"the last kept), LoRA lr {sc.s2l_proxy_lr}, {sc.s2l_proxy_epochs} epoch(s) over the pool, batch "
         f"{sc.s2l_proxy_batch}, T={sc.s2l_checkpoints} checkpoints, k={sc.s2l_k} (paper: Pythia-70M proxy "
         f"fully fine-tuned for 3 epochs, T=12, k=100, for Pythia-410M/1B targets)",
-        f"- pool variants: {', '.join(sc.variants)}; corrupted: noisy {sc.noise:.0%} and heavy {sc.heavy_noise:.0%} "
+        f"- variants: {', '.join(sc.variants)}; corrupted: noisy {sc.noise:.0%} and heavy {sc.heavy_noise:.0%} "
         f"of the rows (swapped, truncated, wrong final answer, a third each); full pool: "
         f"{'on' if 'full' in opts.methods else 'off'} (clean only)",
         f"- GRAPE: {sc.grape_instructions} alpaca_eval instructions x all candidates (an answer equal to "

@@ -72,7 +72,7 @@ def test_selection_quality_tiny(tmp_path, tiny_lm_dir, one_thread):
     out, work, summary_md = tmp_path / "results", tmp_path / "work", tmp_path / "RESULTS.md"
     argv = ["--scale", "tiny", "--model", str(tiny_lm_dir), "--seeds", "0,1", "--dtype", "float32",
             "--threads", str(one_thread), "--device", "cpu", "--data", str(data), "--out", str(out),
-            "--work-dir", str(work), "--summary", str(summary_md), "--variants", "clean,noisy"]
+            "--work-dir", str(work), "--summary", str(summary_md), "--variants", "clean,noisy,recovery"]
     result = sq.main(argv)
     rows = result["rows"]
 
