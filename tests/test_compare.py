@@ -154,9 +154,9 @@ def test_spec_mistakes_are_one_clear_error(tmp_path, tiny_lm_dir):
     with pytest.raises(ConfigError, match="pool: selectors not allowed"):
         parse_compare({**good, "pool": {**good["pool"], "selectors": [{"type": "random", "budget": 2}]}})
     # on Dataflow the workers cannot write to this machine's disk: a store on gs:// first
-    dataflow = {**good, "pool": {**good["pool"], "select_beam_args": ["--runner=DataflowRunner"]}}
+    on_dataflow = {**good, "pool": {**good["pool"], "select_beam_args": ["--runner=DataflowRunner"]}}
     with pytest.raises(ConfigError, match=r"cannot write to .*compare on this machine: set store: to a gs://"):
-        run_compare(parse_compare(dataflow), progress=False)
+        run_compare(parse_compare(on_dataflow), progress=False)
     # a method reading a column no scorer writes: found before any scoring
     spec = parse_compare({**good, "methods": {"ifd": {"type": "top", "column": "ifd"}}})
     with pytest.raises(ConfigError, match="methods.ifd: .*needs the column 'ifd'"):
