@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import os
 
+from curate.errors import ConfigError
+
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+def check_client(path: str, what: str) -> None:
+    """A ConfigError for a gs:// path when Beam's Cloud Storage client is not installed
+    (the `dataflow` extra): without it Beam fails only at the first read or write, with a
+    traceback."""
+    if path.startswith("gs://"):
+        from apache_beam.io.gcp import gcsio
+
+        if getattr(gcsio, "storage", None) is None:
+            raise ConfigError(f"{what} {path}: gs:// paths need the Google Cloud Storage client, which is not "
+                              f"installed here: pip install -e '.[dataflow]' (jobs/dataflow/README.md)")
 
 
 def canonical_path(path: str) -> str:

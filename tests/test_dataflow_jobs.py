@@ -680,3 +680,22 @@ def test_the_selection_from_stored_scores_takes_its_own_options(tmp_path, monkey
                      "select_beam_args": ["--direct_running_mode=in_memory"]})
     run_job(job)
     assert seen == [["--direct_num_workers=1"], ["--direct_running_mode=in_memory"]]
+
+
+def test_gs_paths_without_the_cloud_storage_client_are_one_clear_error(tmp_path, monkeypatch):
+    """Without the `dataflow` extra Beam fails at the first gs:// read or write with a
+    traceback; curate says what to install before anything runs."""
+    from apache_beam.io.gcp import gcsio
+
+    from curate.paths import check_client
+
+    monkeypatch.setattr(gcsio, "storage", None, raising=False)  # as without google-cloud-storage
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
+    with pytest.raises(ConfigError, match=r"output gs://b/out: gs:// paths need .*pip install -e '\.\[dataflow\]'"):
+        run_job(parse_job({"inputs": [str(src)], "output": "gs://b/out"}))
+    with pytest.raises(ConfigError, match=r"input gs://b/data/\*\.jsonl: gs:// paths need"):
+        run_job(parse_job({"inputs": ["gs://b/data/*.jsonl"], "output": str(tmp_path / "out")}))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(gcsio, "storage", object())  # installed: nothing to say
+    check_client("gs://b/out", "output")

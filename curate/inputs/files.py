@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from curate import records
 from curate.config import ConfigError, InputConfig, ValidateConfig
+from curate.paths import check_client
 from curate.inputs.formats import HF_PREFIX, FileDamaged, basename, describe_error, format_rows
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def _expand(spec: InputConfig) -> list[str]:
 def plan_inputs(specs: list[InputConfig], max_chars: int) -> InputPlan:
     planned: dict[str, tuple[InputConfig, str]] = {}  # file -> (first spec naming it, path)
     for spec in specs:
+        check_client(spec.path, "input")
         for path in _expand(spec):
             if any("\udc80" <= c <= "\udcff" for c in path):
                 # a name the file system holds as bytes that are not UTF-8 (Python keeps them as

@@ -37,6 +37,7 @@ from curate.pipeline.output import (check_output, list_tree, publish, read_manif
                                     remove_tree, staging_dir)
 from curate.pipeline.plan import Plan
 from curate.inputs.files import plan_inputs
+from curate.paths import check_client
 from curate.pipeline.model_stages import run_model_stages
 from curate.progress import PROGRESS_DIR, ProgressDisplay
 from curate.published import check_unchanged, manifest_token
@@ -231,6 +232,7 @@ def run_pipeline(job: JobConfig, beam_args: list[str] | None = None, extra: dict
     Scorers resume from the work a failed run saved (curate.pipeline.saved_work) unless
     `fresh`."""
     t0 = time.time()
+    check_client(job.output, "output")  # the inputs': plan_inputs
     plan = Plan(job)
     inputs = [t.path for t in plan.tasks]
     remove_stale_staging(job.output)  # first: a killed publish's old output may be put back
