@@ -234,11 +234,10 @@ def _select(spec: CompareSpec, selector: dict, parts: tuple[str, ...], beam_args
     """select_into `parts` under the store; returns (its manifest, whether it was there,
     the local dataset the trainer reads: with a `store:`, its kept rows copied under
     `output:`)."""
-    root = spec.store or spec.output
-    manifest, cached = select_into(spec.pool.output, selector, under(root, *parts), beam_args, progress, spec.pool)
-    local = pathlib.Path(spec.output, *parts)
+    out, local = under(spec.store or spec.output, *parts), pathlib.Path(spec.output, *parts)
+    manifest, cached = select_into(spec.pool.output, selector, out, beam_args, progress, spec.pool)
     if spec.store:
-        copy_kept(under(root, *parts), str(local))
+        copy_kept(out, str(local))
     return manifest, cached, local
 
 
