@@ -94,7 +94,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.corruptions import CORRUPTIONS  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
-# the stage clock with its ETA and the caches' helpers are `curate compare`'s
+# `curate compare`'s selection and evaluation, and the stage clock and cache helpers it shares
 from curate import compare  # noqa: E402
 from curate.stage_clock import Clock, digest, read_json, write_json  # noqa: E402
 
@@ -1009,9 +1009,9 @@ def parse_args(argv=None) -> Options:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(scale, f.name, value)
-    if set(scale.variants) - {"clean", *NOISE, "recovery"}:
-        ap.error(f"unknown variant(s) {sorted(set(scale.variants) - {'clean', *NOISE, 'recovery'})}; choose from "
-                 f"clean, {', '.join(NOISE)}, recovery")
+    known = ("clean", *NOISE, "recovery")
+    if set(scale.variants) - set(known):
+        ap.error(f"unknown variant(s) {sorted(set(scale.variants) - set(known))}; choose from {', '.join(known)}")
     methods = tuple(m.strip() for m in (args.methods or "").split(",") if m.strip()) or METHODS
     bad = [m for m in methods if m not in METHODS]
     if bad:
